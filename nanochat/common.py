@@ -1,0 +1,144 @@
+"""Shared utilities: directories, errors, logging, distributed/device setup."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem with the user's input (flag, file, key, value). Scripts print it without a traceback."""
+
+
+def get_base_dir() -> str:
+    """Cache directory for tokenizer, datasets and checkpoints: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_data_dir() -> str | None:
+    """$NANOCHAT_DATA_DIR: local copies of the datasets in their upstream formats (None when unset)."""
+    return os.environ.get("NANOCHAT_DATA_DIR") or None
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_commit() -> str:
+    """Commit of the code that produced a result ('unknown' outside a git checkout); '+dirty' if modified."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("+dirty" if sha and dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed
+
+def dist_info() -> tuple[bool, int, int, int]:
+    """(is_ddp, rank, local_rank, world_size) from the torchrun environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_master() -> bool:
+    return dist_info()[1] == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_init(device_type: str = "auto"):
+    """Set up the device and (under torchrun) the process group: NCCL on CUDA, gloo on the CPU.
+
+    Returns (device_type, device, is_ddp, rank, local_rank, world_size).
+    """
+    if device_type == "auto":
+        device_type = autodetect_device_type()
+    if device_type not in ("cuda", "cpu"):
+        raise UserError(f"--device-type must be one of auto, cuda, cpu (got {device_type!r})")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type cuda was asked for but no CUDA device is available")
+    is_ddp, rank, local_rank, world_size = dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if is_ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return device_type, device, is_ddp, rank, local_rank, world_size
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_ctx(device_type: str, dtype: str):
+    """bf16 autocast on request (default on CUDA); fp32 means no autocast."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logging
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (the default) or on non-master ranks."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run_name: str, project: str, config: dict, master: bool):
+    """wandb only when asked for (run name other than 'dummy'); never prompts for a login."""
+    if run_name == "dummy" or not master or os.environ.get("WANDB_MODE") == "disabled":
+        return DummyWandb()
+    import wandb
+    try:
+        return wandb.init(project=project, name=run_name, config=config)
+    except Exception as e:  # noqa: BLE001 -- wandb raises many types; a missing key must not kill training
+        raise UserError(f"wandb could not start for --run {run_name!r}: {e}. Set WANDB_MODE=offline to log "
+                        f"locally, or use --run dummy to disable wandb.") from e
+
+
+def append_jsonl(path: str, record: dict):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_main(main):
+    """Run a script's main(); a UserError prints one clear line (no traceback) and exits with status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

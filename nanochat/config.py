@@ -1,0 +1,190 @@
+"""Run configuration: dataclasses hold every default; a named config file and CLI flags override them.
+
+Precedence: dataclass default < config file (`--config NAME` = configs/NAME.toml, or a path) < explicit flags.
+Flags are the field names in kebab-case; config files use the field names (snake_case or kebab-case).
+Unknown keys and ill-typed values fail with a message that names the key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+
+from nanochat.common import UserError, repo_root
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class TrainConfig:
+    # logging / runtime
+    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)")
+    model_tag: str = _f("", "name of the checkpoint and results folder (default: the run name, or d<depth>)")
+    device_type: str = _f("auto", "auto | cuda | cpu")
+    dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
+    compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false")
+    seed: int = _f(42, "random seed (model init and data order)")
+    # model: one dial (depth) derives width and heads
+    depth: int = _f(12, "number of transformer layers; width = depth * aspect_ratio rounded to head_dim")
+    aspect_ratio: int = _f(64, "model width per layer")
+    head_dim: int = _f(128, "attention head dimension (tiny presets use 64)")
+    num_kv_heads: int = _f(0, "key/value heads for grouped-query attention (0 = as many as query heads)")
+    max_seq_len: int = _f(1024, "context length in tokens")
+    # data
+    data_source: str = _f("fineweb", "fineweb (FineWeb-Edu shards) | local (train splits under $NANOCHAT_DATA_DIR)")
+    # batch and horizon
+    device_batch_size: int = _f(32, "sequences per device per micro-step")
+    total_batch_size: int = _f(524288, "tokens per optimizer step (gradient accumulation fills the gap)")
+    num_iterations: int = _f(-1, "optimizer steps (-1: derive from --target-param-data-ratio)")
+    target_param_data_ratio: float = _f(20.0, "tokens per parameter when --num-iterations is -1 (Chinchilla)")
+    # optimizer (nanochat's tuned d12 values)
+    embedding_lr: float = _f(0.2, "AdamW LR for the token embedding (scaled by 1/sqrt(width/768))")
+    unembedding_lr: float = _f(0.004, "AdamW LR for the lm_head (scaled by 1/sqrt(width/768))")
+    matrix_lr: float = _f(0.02, "Muon LR for hidden matrices")
+    scalar_lr: float = _f(0.5, "AdamW LR for scalar parameters (scaled by 1/sqrt(width/768))")
+    weight_decay: float = _f(0.0, "decoupled weight decay on the Muon matrices")
+    warmup_ratio: float = _f(0.0, "fraction of steps of linear LR warmup")
+    warmdown_ratio: float = _f(0.2, "fraction of steps of linear LR warmdown at the end")
+    final_lr_frac: float = _f(0.0, "LR at the end of warmdown, as a fraction of the peak")
+    grad_clip: float = _f(0.0, "clip the global grad norm to this value (0 = off; the norm is logged anyway)")
+    # evaluation, checkpoints
+    eval_every: int = _f(250, "evaluate val bpb every N steps (-1 = only at the end)")
+    eval_tokens: int = _f(10 * 524288, "validation tokens per bpb evaluation")
+    save_every: int = _f(1000, "save a checkpoint every N steps (-1 = only at the end)")
+    keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
+    resume: bool = _f(False, "continue from the newest checkpoint of this model tag")
+    log_every: int = _f(1, "print a step line every N steps")
+    results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<model_tag>/")
+
+    def validate(self):
+        positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
+                    "eval_tokens", "keep_checkpoints", "log_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
+                       compile=("auto", "true", "false"), data_source=("fineweb", "local"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                                f"(got {getattr(self, name)!r})")
+        if self.num_iterations == 0 or self.num_iterations < -1:
+            raise UserError(f"--num-iterations must be > 0 or -1 (got {self.num_iterations})")
+        if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
+            raise UserError(f"--target-param-data-ratio must be > 0 (got {self.target_param_data_ratio})")
+        for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(self, name)})")
+        if self.warmup_ratio + self.warmdown_ratio > 1.0:
+            raise UserError("--warmup-ratio + --warmdown-ratio must be <= 1")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.num_kv_heads < 0:
+            raise UserError(f"--num-kv-heads must be >= 0 (got {self.num_kv_heads})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataclass <-> argparse / TOML
+
+def _coerce(cls, key: str, value, source: str):
+    """Check a config-file value against the field's type; ints are accepted for float fields."""
+    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[ftype]
+    if isinstance(value, bool) and ftype != "bool" or not isinstance(value, expected):
+        raise UserError(f"{source}: key {key!r} expects a {ftype} (got {value!r})")
+    return float(value) if ftype == "float" else value
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """`baseline` -> configs/baseline.toml; anything with a slash or a .toml suffix is a path."""
+    if os.sep in name_or_path or name_or_path.endswith(".toml"):
+        path = name_or_path
+    else:
+        path = os.path.join(repo_root(), "configs", name_or_path + ".toml")
+    if not os.path.isfile(path):
+        named = sorted(f[:-5] for f in os.listdir(os.path.join(repo_root(), "configs")) if f.endswith(".toml"))
+        raise UserError(f"--config {name_or_path!r}: no such file {path} (named configs: {', '.join(named)})")
+    return path
+
+
+def load_config_file(cls, path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from e
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UserError(f"config file {path}: unknown key {key!r}")
+        out[name] = _coerce(cls, name, value, f"config file {path}")
+    return out
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls):
+    """One flag per field, kebab-case, help and default taken from the dataclass (so docs cannot drift)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
+                                default=argparse.SUPPRESS, help=help_text)
+
+
+def build_config(cls, argv, description: str, extra_args=None):
+    """Parse argv into an instance of `cls`. Returns (config, parsed_namespace)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None,
+                        help="named config in configs/ (e.g. baseline, tiny_cpu) or a path to a .toml file")
+    if extra_args:
+        extra_args(parser)
+    add_dataclass_args(parser, cls)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # torchrun ... -m scripts.X -- --flag: the separator reaches us
+        argv = argv[1:]
+    args = parser.parse_args(argv)  # unknown flags: argparse prints the flag and exits with status 2
+    values = {}
+    if args.config:
+        values.update(load_config_file(cls, resolve_config_path(args.config)))
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in field_names})
+    config = cls(**values)
+    config.validate()
+    return config, args
+
+
+@dataclass
+class EvalConfig:
+    model_tag: str = _f("", "model tag whose checkpoint to evaluate (see scripts.base_train --model-tag)")
+    checkpoint: str = _f("", "path to a checkpoint directory (overrides --model-tag/--step)")
+    step: int = _f(-1, "checkpoint step to evaluate (-1 = the newest)")
+    tasks: str = _f("bpb", "comma-separated tasks: bpb")
+    device_type: str = _f("auto", "auto | cuda | cpu")
+    dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
+    device_batch_size: int = _f(8, "sequences per device per forward pass")
+    eval_tokens: int = _f(10 * 524288, "validation tokens for bpb (per split)")
+    results_dir: str = _f("results", "eval.json goes to <results_dir>/<model_tag>/")
+
+    def validate(self):
+        if not self.model_tag and not self.checkpoint:
+            raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to evaluate")
+        for name in ("device_batch_size", "eval_tokens"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        known = {"bpb"}
+        unknown = [t for t in self.tasks.split(",") if t.strip() not in known]
+        if unknown:
+            raise UserError(f"--tasks: unknown task(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"--dtype must be one of auto, float32, bfloat16 (got {self.dtype!r})")

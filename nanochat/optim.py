@@ -1,0 +1,102 @@
+"""Optimizers and schedules: Muon for hidden 2-D matrices, AdamW for embeddings, head and scalars (nanochat)."""
+from __future__ import annotations
+
+import torch
+
+from nanochat.newton_schulz import QUINTIC, zeropower_via_newtonschulz
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton–Schulz (Keller Jordan).
+
+    Per 2-D parameter: Nesterov momentum, then the update is orthogonalised by Newton–Schulz, scaled by
+    sqrt(max(1, rows/cols)) so tall and wide matrices get the same RMS update, with decoupled weight decay.
+    Parameters of equal shape are stacked and orthogonalised in one batched NS call.
+    Every rank holds the full state (DDP averages the gradients first); issue 3 adds the sharded variant.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+                 ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16):
+        params = list(params)
+        if any(p.ndim != 2 for p in params):
+            raise ValueError("Muon only takes 2-D parameters; put embeddings, heads and scalars in AdamW")
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_coeffs=ns_coeffs, ns_steps=ns_steps, ns_dtype=ns_dtype)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = torch.stack([p.grad for p in params])                          # [N, m, n]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            momentum = group["momentum"]
+            buf = torch.stack(bufs)
+            buf.lerp_(grads, 1 - momentum)                                         # EMA of gradients
+            update = grads.lerp(buf, momentum) if group["nesterov"] else buf
+            update = zeropower_via_newtonschulz(update, group["ns_coeffs"], group["ns_steps"], group["ns_dtype"])
+            m, n = params[0].shape
+            scale = max(1.0, m / n) ** 0.5
+            lr, wd = group["lr"], group["weight_decay"]
+            for i, p in enumerate(params):
+                bufs[i].copy_(buf[i])
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update[i].to(p.dtype), alpha=-lr * scale)
+
+
+def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_lr, weight_decay,
+                     adam_betas=(0.8, 0.95), ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16):
+    """Returns [adamw, muon]. AdamW LRs are scaled by 1/sqrt(width/768), nanochat's muP-like rule, so the
+    tuned d12 rates transfer across depths; Muon's shape scaling already makes its LR width-independent."""
+    n_embd = model.config.n_embd
+    embed = list(model.transformer.wte.parameters())
+    head = list(model.lm_head.parameters())
+    embed_ids = {id(p) for p in embed + head}
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in embed_ids]
+    scalars = [p for n, p in model.named_parameters() if p.ndim < 2]
+    dmodel_lr_scale = (n_embd / 768) ** -0.5
+    adam_groups = [
+        dict(params=head, lr=unembedding_lr * dmodel_lr_scale),
+        dict(params=embed, lr=embedding_lr * dmodel_lr_scale),
+    ]
+    if scalars:
+        adam_groups.append(dict(params=scalars, lr=scalar_lr * dmodel_lr_scale))
+    fused = next(model.parameters()).device.type == "cuda"
+    # weight decay is applied to the matrices (Muon); embeddings and head are not decayed, as in nanochat
+    adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
+    muon = Muon(matrices, lr=matrix_lr, weight_decay=weight_decay, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+                ns_dtype=ns_dtype)
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                  final_lr_frac: float) -> float:
+    """Linear warmup, constant, then linear warmdown to final_lr_frac (nanochat's trapezoid)."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps: int = 300) -> float:
+    """Muon momentum ramps from start to end over the first ramp_steps (modded-nanogpt/nanochat)."""
+    frac = min(step / ramp_steps, 1.0) if ramp_steps > 0 else 1.0
+    return (1 - frac) * start + frac * end

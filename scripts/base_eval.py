@@ -1,0 +1,74 @@
+"""Evaluate a base checkpoint. For now: bits per byte on the train and validation splits.
+
+    python -m scripts.base_eval --model-tag d4 --eval-tokens 65536
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --model-tag d12
+
+Writes <results_dir>/<model_tag>/eval.json with the scores, the checkpoint, its step and the git commit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch.distributed as dist
+
+from nanochat.checkpoint import load_model, resolve_checkpoint
+from nanochat.common import UserError, autocast_ctx, compute_cleanup, compute_init, git_commit, print0, run_main
+from nanochat.config import EvalConfig, build_config
+from nanochat.dataloader import PackedLoader
+from nanochat.dataset import pretokenize, tokenized_dir
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_tokenizer
+
+
+def main(argv=None):
+    cfg, _ = build_config(EvalConfig, argv, description=__doc__.split("\n")[0])
+    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    ctx = autocast_ctx(device_type, dtype)
+
+    path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
+    model, meta = load_model(path, device)
+    model_tag = cfg.model_tag or meta.get("run_config", {}).get("model_tag") or os.path.basename(path)
+    tokenizer = get_tokenizer()
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, but the tokenizer in "
+                        f"the base dir is {tokenizer.fingerprint}")
+    token_bytes = tokenizer.token_bytes().to(device)
+    run_train = meta.get("run_config", {}).get("train", {})
+    data_source = run_train.get("data_source", "fineweb")
+    seq_len = model.config.sequence_len
+    print0(f"evaluating {path} (step {meta['step']}) on {data_source} data")
+
+    results = {}
+    if "bpb" in cfg.tasks.split(","):
+        if rank == 0:
+            pretokenize(data_source, tokenizer)
+        if is_ddp:
+            dist.barrier()
+        token_dir = tokenized_dir(data_source, tokenizer)
+        tokens_per_batch = cfg.device_batch_size * seq_len * world_size
+        num_batches = max(1, cfg.eval_tokens // tokens_per_batch)
+        bpb = {}
+        for split in ("train", "val"):
+            loader = PackedLoader(token_dir, split, cfg.device_batch_size, seq_len, rank=rank,
+                                  world_size=world_size, device=device, seed=run_train.get("seed", 0))
+            bpb[f"{split}_bpb"] = evaluate_bpb(model, (loader.next_batch() for _ in range(num_batches)),
+                                               token_bytes, ctx)
+            print0(f"{split} bpb: {bpb[f'{split}_bpb']:.4f}")
+        results["bpb"] = {**bpb, "tokens": num_batches * tokens_per_batch}
+
+    if rank == 0:
+        out_dir = os.path.join(cfg.results_dir, model_tag)
+        os.makedirs(out_dir, exist_ok=True)
+        record = dict(checkpoint=path, step=meta["step"], results=results, eval_config=dataclasses.asdict(cfg),
+                      git_commit=git_commit(), dtype=dtype, world_size=world_size)
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        print0(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,304 @@
+"""Pretrain a base GPT.
+
+    python -m scripts.base_train --config tiny_cpu                     # one process (CPU or one GPU)
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --config baseline
+    python -m scripts.base_train --config tiny_cpu --resume            # continue exactly where it stopped
+
+Every flag is a TrainConfig field (nanochat/config.py); `--help` lists them with their defaults.
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit (130/143); `--resume` picks it up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanochat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from nanochat.common import (UserError, append_jsonl, autocast_ctx, compute_cleanup, compute_init, git_commit,
+                             init_wandb, print0, run_main)
+from nanochat.config import TrainConfig, build_config
+from nanochat.dataloader import PackedLoader
+from nanochat.dataset import pretokenize, tokenized_dir
+from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
+from nanochat.tokenizer import get_tokenizer
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, for MFU
+
+
+def peak_flops(device_type: str) -> float | None:
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    n_embd, n_head = model_dims_from_depth(cfg.depth, cfg.aspect_ratio, cfg.head_dim)
+    n_kv_head = cfg.num_kv_heads or n_head
+    if n_head % n_kv_head:
+        raise UserError(f"--num-kv-heads {n_kv_head} must divide the number of query heads {n_head}")
+    return GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth, n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=n_embd)
+
+
+def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: str, path: str):
+    saved = meta["model_config"]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in dataclasses.asdict(model_config).items()
+             if saved.get(k) != v]
+    if diffs:
+        raise UserError(f"cannot resume from {path}: the model config differs ({'; '.join(diffs)})")
+    if meta.get("tokenizer") not in (None, tokenizer_fp):
+        raise UserError(f"cannot resume from {path}: it was trained with tokenizer {meta['tokenizer']}, "
+                        f"the current one is {tokenizer_fp}")
+
+
+def truncate_metrics(path: str, step: int):
+    """On resume, drop records logged after the checkpoint (and its val eval, which is redone) so the curves
+    have no duplicated steps."""
+    if not os.path.exists(path):
+        return
+
+    def keep(rec: dict) -> bool:
+        return rec["step"] < step or (rec["step"] == step and "val_bpb" not in rec)
+
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and keep(json.loads(line))]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary instead of dying mid-step."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nreceived signal {signum}: saving a checkpoint after this step", flush=True)
+
+    def synced(self, device) -> int:
+        """All ranks agree (max) so that they save and exit at the same step."""
+        if not dist.is_initialized():
+            return self.signum
+        t = torch.tensor([self.signum], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+def main(argv=None):
+    cfg, _ = build_config(TrainConfig, argv, description=__doc__.split("\n")[1])
+    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
+    master = rank == 0
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    ctx = autocast_ctx(device_type, dtype)
+
+    # batch arithmetic: micro-batches of device_batch_size x max_seq_len on every rank, accumulated
+    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.total_batch_size % tokens_per_micro:
+        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not divisible by --device-batch-size "
+                        f"{cfg.device_batch_size} x --max-seq-len {cfg.max_seq_len} x world size {world_size} "
+                        f"= {tokens_per_micro}")
+    grad_accum = cfg.total_batch_size // tokens_per_micro
+
+    tokenizer = get_tokenizer()
+    token_bytes = tokenizer.token_bytes().to(device)
+    model_config = build_model_config(cfg, tokenizer.vocab_size)
+    model_tag = cfg.model_tag or (cfg.run if cfg.run != "dummy" else f"d{cfg.depth}")
+    ckpt_root = checkpoint_root(model_tag)
+    results_dir = os.path.join(cfg.results_dir, model_tag)
+    metrics_path = os.path.join(results_dir, "metrics.jsonl")
+
+    resume_path = latest_checkpoint(ckpt_root)
+    if resume_path and not cfg.resume:
+        raise UserError(f"checkpoints already exist in {ckpt_root}: pass --resume to continue that run, or "
+                        f"choose another --model-tag (or delete the folder to start over)")
+    if cfg.resume and not resume_path:
+        print0(f"--resume: no checkpoint in {ckpt_root} yet, starting from scratch")
+
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops_per_token()
+    num_iterations = cfg.num_iterations
+    if num_iterations == -1:
+        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+
+    optimizers = setup_optimizers(
+        model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr,
+        scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay,
+        ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+
+    # data: rank 0 pretokenizes once (a no-op when the cache is complete), the others wait for it
+    if master:
+        pretokenize(cfg.data_source, tokenizer)
+    if is_ddp:
+        dist.barrier()
+    token_dir = tokenized_dir(cfg.data_source, tokenizer)
+    train_loader = PackedLoader(token_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=rank,
+                                world_size=world_size, device=device, seed=cfg.seed)
+
+    step = 0
+    if resume_path and cfg.resume:
+        weights, optim_payload, meta = load_checkpoint(resume_path, device=device)
+        check_resume_compatible(meta, model_config, tokenizer.fingerprint, resume_path)
+        model.load_state_dict(weights)
+        for opt, state in zip(optimizers, optim_payload["optimizers"]):
+            opt.load_state_dict(state)
+        train_loader.load_state_dict(meta["loader_state"])
+        rng = optim_payload.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and device_type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        step = meta["step"]
+        if master:
+            truncate_metrics(metrics_path, step)
+        print0(f"resumed from {resume_path} at step {step}")
+
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    if is_ddp:
+        train_model = DDP(train_model, device_ids=[device.index] if device_type == "cuda" else None)
+
+    run_config = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_config), model_tag=model_tag,
+                      num_iterations=num_iterations, grad_accum=grad_accum, world_size=world_size, dtype=dtype,
+                      compile=use_compile, device_type=device_type, num_params=num_params,
+                      flops_per_token=flops_per_token, tokenizer=tokenizer.fingerprint, git_commit=git_commit(),
+                      seed=cfg.seed)
+    if master:
+        os.makedirs(results_dir, exist_ok=True)
+        with open(os.path.join(results_dir, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=2)
+    wandb_run = init_wandb(cfg.run, "nanochat-mhc", run_config, master)
+
+    print0(f"model: {num_params:,} params | {model_config.n_layer} layers, width {model_config.n_embd}, "
+           f"{model_config.n_head} heads | {flops_per_token:.3e} FLOPs/token")
+    print0(f"batch: {cfg.total_batch_size:,} tokens/step = {cfg.device_batch_size} seqs x {cfg.max_seq_len} "
+           f"x {world_size} ranks x {grad_accum} accumulation | {num_iterations} steps | {dtype} on {device_type}"
+           f"{' (compiled)' if use_compile else ''}")
+
+    def eval_val_bpb() -> float:
+        val_loader = PackedLoader(token_dir, "val", cfg.device_batch_size, cfg.max_seq_len, rank=rank,
+                                  world_size=world_size, device=device, seed=cfg.seed)
+        num_batches = max(1, cfg.eval_tokens // tokens_per_micro)
+        model.eval()
+        bpb = evaluate_bpb(model, (val_loader.next_batch() for _ in range(num_batches)), token_bytes, ctx)
+        model.train()
+        return bpb
+
+    def save(at_step: int) -> str:
+        rng = {"torch": torch.get_rng_state()}
+        if device_type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        meta = dict(model_config=dataclasses.asdict(model_config), run_config=run_config,
+                    loader_state=train_loader.state_dict(), tokenizer=tokenizer.fingerprint, seed=cfg.seed,
+                    git_commit=run_config["git_commit"])
+        path = save_checkpoint(ckpt_root, at_step, model, optimizers, meta, keep=cfg.keep_checkpoints,
+                               rng_state=rng)
+        print0(f"saved checkpoint {path}")
+        return path
+
+    stop = StopFlag()
+    peak = peak_flops(device_type)
+    step_times = []
+    start_step = step
+    val_bpb = None
+    while True:
+        last_step = step == num_iterations
+        if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+            val_bpb = eval_val_bpb()
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            if master:
+                append_jsonl(metrics_path, {"step": step, "val_bpb": val_bpb})
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+        signum = stop.synced(device)
+        periodic = cfg.save_every > 0 and step % cfg.save_every == 0 and step != start_step
+        if master and (last_step or periodic or signum):
+            save(step)
+        if is_ddp:
+            dist.barrier()  # nobody exits or trains on while rank 0 is still writing
+        if last_step or signum:
+            break
+
+        # one optimizer step: grad_accum micro-batches per rank
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = train_loader.next_batch()
+            sync = not is_ddp or micro == grad_accum - 1
+            with nullcontext() if sync else train_model.no_sync():
+                with ctx:
+                    loss = train_model(x, y)
+                (loss / grad_accum).backward()  # DDP all-reduces the gradients on the last micro-batch only
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in optimizers[1].param_groups:
+            group["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = loss_sum / grad_accum
+        if is_ddp:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss = train_loss.item()  # also synchronises the device, so dt below is real
+        if not math.isfinite(train_loss):
+            raise UserError(f"training diverged at step {step}: loss is {train_loss}. Lower the learning rates "
+                            f"or resume from the last checkpoint in {ckpt_root}")
+        dt = time.perf_counter() - t0
+        step += 1
+
+        step_times.append(dt)
+        tok_per_sec = cfg.total_batch_size / dt
+        timed = step_times[min(5, len(step_times) - 1):]  # the first steps include compilation and warm-up
+        eta = (num_iterations - step) * sum(timed) / len(timed)
+        record = {"step": step, "loss": train_loss, "lrm": lrm, "grad_norm": grad_norm.item(), "dt": dt,
+                  "tok_per_sec": tok_per_sec}
+        mfu = ""
+        if peak:
+            record["mfu"] = flops_per_token * tok_per_sec / (peak * world_size)
+            mfu = f" | mfu {100 * record['mfu']:.1f}%"
+        if master:
+            append_jsonl(metrics_path, record)
+        wandb_run.log({"step": step, **{f"train/{k}": v for k, v in record.items() if k != "step"}})
+        if step % cfg.log_every == 0 or step == num_iterations:
+            print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.2f} | "
+                   f"grad norm {record['grad_norm']:.3f} | dt {1000 * dt:.0f} ms | tok/s {tok_per_sec:,.0f}{mfu} | "
+                   f"eta {eta / 60:.1f} min")
+
+    if device_type == "cuda":
+        print0(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if val_bpb is not None:
+        print0(f"final val bpb: {val_bpb:.4f}")
+    wandb_run.finish()
+    compute_cleanup()
+    if signum:
+        print0(f"stopped by signal {signum} at step {step}; continue with --resume")
+        sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    run_main(main)

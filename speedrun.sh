@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline training -> bpb evaluation.
+#
+#   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
+#   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
+#   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
+#   SKIP=data,tokenizer bash speedrun.sh
+#
+# Each stage leaves a marker in $NANOCHAT_BASE_DIR/speedrun/; training stages run with --resume, so an
+# interrupted run (Ctrl-C, preemption) picks up from its last checkpoint when the script is started again.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$repo"
+source scripts/setup_env.sh
+
+preset="${PRESET:-auto}"
+if [ "$preset" = auto ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then preset=gpu; else preset=tiny; fi
+fi
+case "$preset" in
+  gpu)
+    ngpu="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"
+    export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+    source_name=fineweb; vocab=32768; train_config=baseline; tag=baseline
+    launch=(torchrun --standalone --nproc_per_node="$ngpu" -m)
+    sep=(--)
+    data_args=(-n "${NUM_SHARDS:-240}")
+    eval_args=(--eval-tokens 10485760 --device-batch-size 32)
+    ;;
+  tiny)
+    export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-tiny}"
+    export NANOCHAT_DATA_DIR="${NANOCHAT_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+    source_name=local; vocab=4096; train_config=tiny_cpu; tag=tiny_baseline
+    launch=(python -m)
+    sep=()
+    data_args=()
+    eval_args=(--eval-tokens 65536 --device-batch-size 8)
+    ;;
+  *) echo "PRESET must be gpu, tiny or auto (got $preset)" >&2; exit 2 ;;
+esac
+export WANDB_MODE="${WANDB_MODE:-disabled}"
+run_name="${WANDB_RUN:-dummy}"
+markers="$NANOCHAT_BASE_DIR/speedrun"
+mkdir -p "$markers"
+echo "[speedrun] preset=$preset base_dir=$NANOCHAT_BASE_DIR"
+
+stage() {  # stage NAME command...: run once, skip when done (FORCE=1 redoes, SKIP=a,b skips)
+    local name="$1"; shift
+    if [[ ",${SKIP:-}," == *",$name,"* ]]; then echo "[speedrun] $name: skipped (SKIP)"; return; fi
+    if [ -f "$markers/$name.done" ] && [ -z "${FORCE:-}" ]; then echo "[speedrun] $name: already done"; return; fi
+    echo "[speedrun] $name: $*"
+    local t0=$SECONDS
+    "$@"
+    echo "[speedrun] $name: done in $((SECONDS - t0)) s"
+    touch "$markers/$name.done"
+}
+
+stage data python -m nanochat.dataset --source "$source_name" "${data_args[@]}"
+stage tokenizer python -m scripts.tok_train --source "$source_name" --vocab-size "$vocab"
+stage pretokenize python -m nanochat.dataset --source "$source_name" --pretokenize
+stage train_baseline "${launch[@]}" scripts.base_train "${sep[@]}" --config "$train_config" --model-tag "$tag" \
+    --run "$run_name" --resume
+stage eval_baseline "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" "${eval_args[@]}"
+echo "[speedrun] finished: results in $repo/results/$tag"

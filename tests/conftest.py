@@ -1,0 +1,58 @@
+"""Shared pytest fixtures. Data fixtures: `shared_data_dir`, `tiny_base_dir` (a built local source, a small
+tokenizer and its pretokenized shards in a temporary NANOCHAT_BASE_DIR)."""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TINY_VOCAB_SIZE = 1024  # small enough to train in well under a second, big enough to merge common words
+TINY_TOKENIZER_DOCS = 3000  # subset of the train docs used to train the test tokenizer
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """Local data copies: $NANOCHAT_DATA_DIR, else <repo>/../shared/data; skip the test if neither exists."""
+    env = os.environ.get("NANOCHAT_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (path / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip(f"shared data not found at {path} (set NANOCHAT_DATA_DIR)")
+    return path
+
+
+@dataclass
+class TinyBase:
+    base_dir: Path  # NANOCHAT_BASE_DIR used while the fixture is alive
+    data_dir: Path
+    tokenizer_dir: Path
+    token_dir: Path  # pretokenized local source
+    tokenizer: object
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, shared_data_dir):
+    """Build the local source, train a vocab-1024 tokenizer on a subset, pretokenize; restore the env afterwards."""
+    from nanochat.dataset import build_local, iter_documents, pretokenize, tokenized_dir
+    from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+
+    base = tmp_path_factory.mktemp("nanochat_base")
+    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATA_DIR")}
+    os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    os.environ["NANOCHAT_DATA_DIR"] = str(shared_data_dir)
+    try:
+        build_local(seed=0, val_fraction=0.05)
+        docs = itertools.islice(iter_documents("local", "train"), TINY_TOKENIZER_DOCS)
+        tok = Tokenizer.train(docs, TINY_VOCAB_SIZE)
+        tok.save(get_tokenizer_dir())
+        pretokenize("local", tok, num_workers=2)
+        yield TinyBase(base_dir=base, data_dir=shared_data_dir, tokenizer_dir=Path(get_tokenizer_dir()),
+                       token_dir=Path(tokenized_dir("local", tok)), tokenizer=tok)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

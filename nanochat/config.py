@@ -144,7 +144,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls):
 
 def build_config(cls, argv, description: str, extra_args=None):
     """Parse argv into an instance of `cls`. Returns (config, parsed_namespace)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # a typo must not match a prefix
     parser.add_argument("--config", default=None,
                         help="named config in configs/ (e.g. baseline, tiny_cpu) or a path to a .toml file")
     if extra_args:

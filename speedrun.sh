@@ -5,6 +5,8 @@
 #   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
 #   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
 #   SKIP=data,tokenizer bash speedrun.sh
+#   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
+#   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #
 # Each stage leaves a marker in $NANOCHAT_BASE_DIR/speedrun/; training stages run with --resume, so an
 # interrupted run (Ctrl-C, preemption) picks up from its last checkpoint when the script is started again.
@@ -40,6 +42,9 @@ case "$preset" in
   *) echo "PRESET must be gpu, tiny or auto (got $preset)" >&2; exit 2 ;;
 esac
 export WANDB_MODE="${WANDB_MODE:-disabled}"
+read -ra extra_train <<< "${EXTRA_TRAIN_ARGS:-}"
+read -ra extra_eval <<< "${EXTRA_EVAL_ARGS:-}"
+results_dir="${RESULTS_DIR:-$repo/results}"
 run_name="${WANDB_RUN:-dummy}"
 markers="$NANOCHAT_BASE_DIR/speedrun"
 mkdir -p "$markers"
@@ -60,6 +65,7 @@ stage data python -m nanochat.dataset --source "$source_name" "${data_args[@]}"
 stage tokenizer python -m scripts.tok_train --source "$source_name" --vocab-size "$vocab"
 stage pretokenize python -m nanochat.dataset --source "$source_name" --pretokenize
 stage train_baseline "${launch[@]}" scripts.base_train "${sep[@]}" --config "$train_config" --model-tag "$tag" \
-    --run "$run_name" --resume
-stage eval_baseline "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" "${eval_args[@]}"
-echo "[speedrun] finished: results in $repo/results/$tag"
+    --run "$run_name" --resume --results-dir "$results_dir" "${extra_train[@]}"
+stage eval_baseline "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
+    "${eval_args[@]}" "${extra_eval[@]}"
+echo "[speedrun] finished: results in $results_dir/$tag"

@@ -1,0 +1,28 @@
+"""The tiny CPU preset of speedrun.sh, end to end (a shortened smoke version to fit CI time)."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
+    env = {**os.environ, "PRESET": "tiny", "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
+           "NANOCHAT_DATA_DIR": str(shared_data_dir), "RESULTS_DIR": str(tmp_path / "results"),
+           "EXTRA_TRAIN_ARGS": "--depth 2 --num-iterations 6 --eval-every 3 --eval-tokens 4096 --save-every 3",
+           "EXTRA_EVAL_ARGS": "--eval-tokens 4096"}
+    out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    for stage in ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline"):
+        assert (tmp_path / "base" / "speedrun" / f"{stage}.done").exists(), stage
+    metrics = [json.loads(l) for l in open(tmp_path / "results" / "tiny_baseline" / "metrics.jsonl")]
+    vals = [m["val_bpb"] for m in metrics if "val_bpb" in m]
+    assert len(vals) == 3 and vals[-1] < vals[0]  # steps 0, 3, 6: the model learned something
+    record = json.loads((tmp_path / "results" / "tiny_baseline" / "eval.json").read_text())
+    assert record["step"] == 6 and record["results"]["bpb"]["val_bpb"] > 0
+
+    # a second run skips every finished stage
+    again = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert again.stdout.count("already done") == 5

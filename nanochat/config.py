@@ -14,6 +14,9 @@ import tomllib
 from dataclasses import dataclass, field
 
 from nanochat.common import UserError, repo_root
+from nanochat.gpt import GPTConfig
+
+_MHC = GPTConfig()  # the mHC defaults live in GPTConfig; the flags below only mirror them
 
 
 def _f(default, help: str, **kw):
@@ -35,6 +38,20 @@ class TrainConfig:
     head_dim: int = _f(128, "attention head dimension (tiny presets use 64)")
     num_kv_heads: int = _f(0, "key/value heads for grouped-query attention (0 = as many as query heads)")
     max_seq_len: int = _f(1024, "context length in tokens")
+    # Dynamic mHC (nanochat/mhc.py; defaults from GPTConfig)
+    mhc_enabled: bool = _f(_MHC.mhc_enabled, "wrap attention and MLP in Dynamic mHC connections")
+    mhc_num_streams: int = _f(_MHC.mhc_num_streams, "mHC: residual streams n (expansion rate)")
+    mhc_sinkhorn_iters: int = _f(_MHC.mhc_sinkhorn_iters, "mHC: Sinkhorn-Knopp iterations for H_res")
+    mhc_sinkhorn_tau: float = _f(_MHC.mhc_sinkhorn_tau, "mHC: Sinkhorn temperature (the paper uses none, i.e. 1)")
+    mhc_constraint: str = _f(_MHC.mhc_constraint, "mHC: H_res manifold, sinkhorn | orthostochastic")
+    mhc_ns_coeffs: str = _f(_MHC.mhc_ns_coeffs, "mHC: NS preset or literal for the orthostochastic projection")
+    mhc_dynamic: bool = _f(_MHC.mhc_dynamic, "mHC: per-token (dynamic) matrices; --no-mhc-dynamic = static")
+    mhc_alpha_init: float = _f(_MHC.mhc_alpha_init, "mHC: initial alpha_pre/post/res (paper: 0.01)")
+    mhc_res_init_diag: float = _f(_MHC.mhc_res_init_diag, "mHC: diagonal of H_res at init")
+    mhc_gate_init: float = _f(_MHC.mhc_gate_init, "mHC: initial gate g in H_res := (1-g) I + g H_res")
+    mhc_gate_learnable: bool = _f(_MHC.mhc_gate_learnable, "mHC: learn the gate (else fixed at --mhc-gate-init)")
+    mhc_gate_noise: float = _f(_MHC.mhc_gate_noise, "mHC: training-time gate noise a, g *= U[1-a, 1+a], in [0,1]")
+    mhc_stream_embed_std: float = _f(_MHC.mhc_stream_embed_std, "mHC: init std of the stream embedding")
     # data
     data_source: str = _f("fineweb", "fineweb (FineWeb-Edu shards) | local (train splits under $NANOCHAT_DATA_DIR)")
     # batch and horizon
@@ -47,6 +64,7 @@ class TrainConfig:
     unembedding_lr: float = _f(0.004, "AdamW LR for the lm_head (scaled by 1/sqrt(width/768))")
     matrix_lr: float = _f(0.02, "Muon LR for hidden matrices")
     scalar_lr: float = _f(0.5, "AdamW LR for scalar parameters (scaled by 1/sqrt(width/768))")
+    mhc_lr: float = _f(0.01, "AdamW LR for the mHC parameters (phi, alpha, biases, gates, stream embedding)")
     weight_decay: float = _f(0.0, "decoupled weight decay on the Muon matrices")
     warmup_ratio: float = _f(0.0, "fraction of steps of linear LR warmup")
     warmdown_ratio: float = _f(0.2, "fraction of steps of linear LR warmdown at the end")
@@ -82,7 +100,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(self, name)})")
         if self.warmup_ratio + self.warmdown_ratio > 1.0:
             raise UserError("--warmup-ratio + --warmdown-ratio must be <= 1")
-        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "grad_clip"):
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "mhc_lr", "weight_decay",
+                     "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.num_kv_heads < 0:

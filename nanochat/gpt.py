@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import UserError
+from nanochat.mhc import DynamicMHC, check_gate_value, validate_mhc_args
+from nanochat.newton_schulz import resolve_ns_coeffs
 
 
 @dataclass
@@ -29,6 +31,23 @@ class GPTConfig:
     n_embd: int = 768
     logit_softcap: float = 15.0   # tanh softcap on the logits, as nanochat (0 disables)
     rope_base: float = 10000.0
+    out_proj_init_scale: float = 0.01  # output projections start at 1% of the hidden-matrix init: each block is
+                                       # near the identity (as nanochat's zero init) but every upstream weight,
+                                       # mHC's H_pre/H_post included, gets a gradient at step 0
+    # Dynamic mHC (nanochat/mhc.py); off = the plain residual baseline
+    mhc_enabled: bool = False
+    mhc_num_streams: int = 4          # n, the expansion rate (paper: 4)
+    mhc_sinkhorn_iters: int = 20      # paper: t_max = 20
+    mhc_sinkhorn_tau: float = 1.0     # the paper uses no temperature (tau = 1)
+    mhc_constraint: str = "sinkhorn"  # sinkhorn | orthostochastic
+    mhc_ns_coeffs: str = "handover8"  # NS schedule of the orthostochastic projection (a preset name or literal)
+    mhc_dynamic: bool = True          # False: static mHC (biases only) for ablations
+    mhc_alpha_init: float = 0.01      # paper: gating factors alpha start at 0.01
+    mhc_res_init_diag: float = 0.95   # diagonal of H_res at init (near identity, not saturated)
+    mhc_gate_init: float = 0.9        # initial gate g: H_res := (1 - g) I + g H_res
+    mhc_gate_learnable: bool = True   # learn g = sigmoid(theta); False fixes g = mhc_gate_init
+    mhc_gate_noise: float = 0.0       # training-time multiplicative gate noise U[1-a, 1+a], clamped to [0, 1]
+    mhc_stream_embed_std: float = 1.0  # breaks the symmetry of the replicated streams (x has unit RMS too)
 
     def validate(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -42,6 +61,14 @@ class GPTConfig:
             raise UserError(f"head dim {self.n_embd // self.n_head} must be even for rotary embeddings")
         if self.logit_softcap < 0:
             raise UserError(f"logit_softcap must be >= 0 (got {self.logit_softcap})")
+        if self.mhc_enabled:
+            validate_mhc_args(self.mhc_num_streams, self.mhc_sinkhorn_iters, self.mhc_sinkhorn_tau,
+                              self.mhc_constraint, self.mhc_res_init_diag, self.mhc_gate_init,
+                              self.mhc_gate_learnable, self.mhc_gate_noise)
+            if self.mhc_constraint == "orthostochastic":
+                resolve_ns_coeffs(self.mhc_ns_coeffs)
+            if self.mhc_stream_embed_std < 0:
+                raise UserError(f"mhc_stream_embed_std must be >= 0 (got {self.mhc_stream_embed_std})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -119,13 +146,29 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
+def make_mhc(config: GPTConfig, sublayer_idx: int) -> DynamicMHC:
+    return DynamicMHC(
+        config.n_embd, num_streams=config.mhc_num_streams, sinkhorn_iters=config.mhc_sinkhorn_iters,
+        sinkhorn_tau=config.mhc_sinkhorn_tau, layer_idx=sublayer_idx, constraint=config.mhc_constraint,
+        ns_coeffs=config.mhc_ns_coeffs, dynamic=config.mhc_dynamic, alpha_init=config.mhc_alpha_init,
+        res_init_diag=config.mhc_res_init_diag, gate_init=config.mhc_gate_init,
+        gate_learnable=config.mhc_gate_learnable, gate_noise=config.mhc_gate_noise)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
+        self.mhc_enabled = config.mhc_enabled
+        if config.mhc_enabled:  # attention and MLP are two mHC sub-layers (2i, 2i + 1), as in the paper
+            self.mhc_attn = make_mhc(config, 2 * layer_idx)
+            self.mhc_mlp = make_mhc(config, 2 * layer_idx + 1)
 
     def forward(self, x, cos_sin, kv_cache=None):
+        if self.mhc_enabled:  # x: [B, T, n*C]
+            x = self.mhc_attn(x, lambda h: self.attn(norm(h), cos_sin, kv_cache))
+            return self.mhc_mlp(x, lambda h: self.mlp(norm(h)))
         x = x + self.attn(norm(x), cos_sin, kv_cache)
         x = x + self.mlp(norm(x))
         return x
@@ -141,6 +184,8 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.mhc_enabled and config.mhc_num_streams > 1:  # one stream needs no symmetry breaking
+            self.stream_embed = nn.Parameter(torch.empty(config.mhc_num_streams, config.n_embd))
         cos, sin = self._rotary_tables(config.sequence_len * ROTARY_HEADROOM)
         self.register_buffer("cos", cos, persistent=False)  # not saved: derived from the config
         self.register_buffer("sin", sin, persistent=False)
@@ -154,8 +199,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """nanochat init: unit-normal embedding, tiny lm_head, uniform hidden matrices, zero output projections
-        (so each block starts as the identity and the residual stream carries the embedding)."""
+        """nanochat init: unit-normal embedding, tiny lm_head, uniform hidden matrices; output projections at
+        `out_proj_init_scale` of that (nanochat uses exactly 0), so each block starts near the identity."""
         C = self.config.n_embd
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -163,8 +208,14 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(lin.weight, -bound, bound)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            for lin in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.uniform_(lin.weight, -bound * self.config.out_proj_init_scale,
+                                 bound * self.config.out_proj_init_scale)
+            if block.mhc_enabled:
+                block.mhc_attn.reset_parameters()
+                block.mhc_mlp.reset_parameters()
+        if hasattr(self, "stream_embed"):
+            nn.init.normal_(self.stream_embed, std=self.config.mhc_stream_embed_std)
         cos, sin = self._rotary_tables(self.cos.size(1), device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -178,8 +229,14 @@ class GPT(nn.Module):
         matmul) plus the attention score/value products, 12 * L * H * D * T (as nanochat/PaLM)."""
         cfg = self.config
         matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        if hasattr(self, "stream_embed"):
+            matmul_params -= self.stream_embed.numel()  # an addition, not a matmul
         head_dim = cfg.n_embd // cfg.n_head
-        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        flops = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        if cfg.mhc_enabled:  # per sub-layer: H_res @ x (2 n^2 C), read-out and write-back (2 n C each), x3 for bwd
+            n = cfg.mhc_num_streams
+            flops += 2 * cfg.n_layer * 3 * (2 * n * n * cfg.n_embd + 4 * n * cfg.n_embd)
+        return flops
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -191,8 +248,17 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.cos.size(1)})")
         cos_sin = self.cos[:, t0:t0 + T].to(idx.device), self.sin[:, t0:t0 + T].to(idx.device)
         x = norm(self.transformer.wte(idx))  # [B, T, C]
+        if self.config.mhc_enabled:  # replicate into n streams (+ stream embedding): [B, T, n*C]
+            n = self.config.mhc_num_streams
+            x = x.unsqueeze(-2).expand(B, T, n, x.size(-1))
+            if hasattr(self, "stream_embed"):  # zero-mean over streams: it differentiates the streams but is
+                # invisible to a uniform read-out and to the final sum, so the mHC model starts as the baseline
+                x = x + (self.stream_embed - self.stream_embed.mean(dim=0)).to(x.dtype)
+            x = x.reshape(B, T, -1)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
+        if self.config.mhc_enabled:  # sum the streams before the final norm (as HC)
+            x = x.view(B, T, self.config.mhc_num_streams, -1).sum(dim=-2)
         x = norm(x)
         logits = self.lm_head(x).float()  # [B, T, V], softcap and loss in fp32
         if self.config.logit_softcap > 0:
@@ -203,3 +269,54 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    # -- mHC gates (the RL controller's knobs) and analysis -------------------------------------------------------
+    def mhc_modules(self) -> list:
+        """The 2L DynamicMHC modules in order: layer 0 attention, layer 0 MLP, layer 1 attention, ..."""
+        if not self.config.mhc_enabled:
+            raise UserError("this model has no mHC (mhc_enabled is false): there are no gates to set or read")
+        return [m for block in self.transformer.h for m in (block.mhc_attn, block.mhc_mlp)]
+
+    def set_mhc_gate(self, value: float):
+        """Override every sub-layer's gate with one value in [0, 1]."""
+        check_gate_value(value, "gate")
+        for m in self.mhc_modules():
+            m.set_gate(value)
+
+    def set_mhc_gates_per_layer(self, values):
+        """values[i] in [0, 1] overrides both sub-layers of layer i (length n_layer)."""
+        self._set_gates(values, self.config.n_layer, repeat=2)
+
+    def set_mhc_gates_per_sublayer(self, values):
+        """values[j] in [0, 1] overrides sub-layer j (length 2 * n_layer: attention, MLP, attention, ...)."""
+        self._set_gates(values, 2 * self.config.n_layer, repeat=1)
+
+    def _set_gates(self, values, expected: int, repeat: int):
+        modules = self.mhc_modules()
+        values = list(values)
+        if len(values) != expected:
+            raise UserError(f"expected {expected} gate values, got {len(values)}")
+        for i, v in enumerate(values):
+            check_gate_value(v, f"gate[{i}]")
+        for j, m in enumerate(modules):
+            m.set_gate(values[j // repeat])
+
+    def clear_mhc_gates(self):
+        """Drop the overrides: every gate returns to its learned (or fixed) value."""
+        for m in self.mhc_modules():
+            m.clear_gate()
+
+    def get_mhc_gates(self) -> list[float]:
+        """The effective gate of each of the 2L sub-layers."""
+        return [m.gate().item() for m in self.mhc_modules()]
+
+    def capture_mhc(self, enabled: bool = True):
+        """When on, every forward keeps each sub-layer's H_res/H_pre/H_post (detached) for analysis; off by
+        default, and then it costs nothing."""
+        for m in self.mhc_modules():
+            m.capture = enabled
+            m.captured = {}
+
+    def captured_mhc(self) -> list[dict]:
+        """The matrices of the last forward, one dict per sub-layer (see capture_mhc)."""
+        return [m.captured for m in self.mhc_modules()]

@@ -65,3 +65,28 @@ def zeropower_via_newtonschulz(G: torch.Tensor, coeffs: Coeffs | Sequence[Coeffs
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+# The 8-step per-step schedule from the user's handover note (seed 000); it calls it "NanoGPT-medium", but it is not
+# from modded-nanogpt, so it goes by a neutral name here.
+HANDOVER8: list[Coeffs] = [
+    (7.2086, -15.5131, 9.0178),
+    (3.9623, -2.5813, 0.4542),
+    (3.9466, -2.5765, 0.4544),
+    (3.8991, -2.5671, 0.4566),
+    (3.7186, -2.5308, 0.4653),
+    (3.1390, -2.3073, 0.4733),
+    (2.1715, -1.5246, 0.3885),
+    (1.8648, -1.2224, 0.3577),
+]
+PRESETS = {"quintic": QUINTIC, "cubic": (3.0, -3.2, 1.2), "handover8": HANDOVER8}
+
+
+def resolve_ns_coeffs(name_or_value):
+    """A preset name ('quintic', 'handover8', ...) or a literal triple / schedule -> the coefficients."""
+    if isinstance(name_or_value, str):
+        if name_or_value not in PRESETS:
+            raise UserError(f"unknown NS coefficient preset {name_or_value!r} (known: {', '.join(PRESETS)})")
+        return PRESETS[name_or_value]
+    _validate_coeffs(name_or_value, None)
+    return name_or_value

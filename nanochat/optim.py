@@ -54,16 +54,23 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update[i].to(p.dtype), alpha=-lr * scale)
 
 
-def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_lr, weight_decay,
+def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_lr, weight_decay, mhc_lr=0.01,
                      adam_betas=(0.8, 0.95), ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16):
     """Returns [adamw, muon]. AdamW LRs are scaled by 1/sqrt(width/768), nanochat's muP-like rule, so the
-    tuned d12 rates transfer across depths; Muon's shape scaling already makes its LR width-independent."""
+    tuned d12 rates transfer across depths; Muon's shape scaling already makes its LR width-independent.
+    mHC parameters (phi, alpha, biases, gates, stream embedding) all go to AdamW at mhc_lr, without weight decay
+    (as HC's static parts): phi is a thin [n*C, n^2+2n] read-out, not a hidden matrix for Muon."""
+    from nanochat.mhc import DynamicMHC  # local import: optim does not otherwise depend on the model code
+
     n_embd = model.config.n_embd
     embed = list(model.transformer.wte.parameters())
     head = list(model.lm_head.parameters())
-    embed_ids = {id(p) for p in embed + head}
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in embed_ids]
-    scalars = [p for n, p in model.named_parameters() if p.ndim < 2]
+    mhc = [p for m in model.modules() if isinstance(m, DynamicMHC) for p in m.parameters()]
+    if hasattr(model, "stream_embed"):
+        mhc.append(model.stream_embed)
+    special_ids = {id(p) for p in embed + head + mhc}
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in special_ids]
+    scalars = [p for n, p in model.named_parameters() if p.ndim < 2 and id(p) not in special_ids]
     dmodel_lr_scale = (n_embd / 768) ** -0.5
     adam_groups = [
         dict(params=head, lr=unembedding_lr * dmodel_lr_scale),
@@ -71,6 +78,8 @@ def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_l
     ]
     if scalars:
         adam_groups.append(dict(params=scalars, lr=scalar_lr * dmodel_lr_scale))
+    if mhc:
+        adam_groups.append(dict(params=mhc, lr=mhc_lr))
     fused = next(model.parameters()).device.type == "cuda"
     # weight decay is applied to the matrices (Muon); embeddings and head are not decayed, as in nanochat
     adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)

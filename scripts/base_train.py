@@ -48,8 +48,9 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     n_kv_head = cfg.num_kv_heads or n_head
     if n_head % n_kv_head:
         raise UserError(f"--num-kv-heads {n_kv_head} must divide the number of query heads {n_head}")
+    mhc = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name.startswith("mhc_")}
     return GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth, n_head=n_head,
-                     n_kv_head=n_kv_head, n_embd=n_embd)
+                     n_kv_head=n_kv_head, n_embd=n_embd, **mhc)
 
 
 def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: str, path: str):
@@ -145,7 +146,7 @@ def main(argv=None):
 
     optimizers = setup_optimizers(
         model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr,
-        scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay,
+        scalar_lr=cfg.scalar_lr, mhc_lr=cfg.mhc_lr, weight_decay=cfg.weight_decay,
         ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 
     # data: rank 0 pretokenizes once (a no-op when the cache is complete), the others wait for it

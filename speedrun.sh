@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline training -> bpb evaluation.
+# The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline and mHC training (identical data and
+# token budgets) -> bpb evaluation of both.
 #
 #   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
 #   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
@@ -23,7 +24,7 @@ case "$preset" in
   gpu)
     ngpu="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-    source_name=fineweb; vocab=32768; train_config=baseline; tag=baseline
+    source_name=fineweb; vocab=32768; base_config=baseline; mhc_config=dynamic_mhc; prefix=
     launch=(torchrun --standalone --nproc_per_node="$ngpu" -m)
     sep=(--)
     data_args=(-n "${NUM_SHARDS:-240}")
@@ -33,7 +34,7 @@ case "$preset" in
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-tiny}"
     export NANOCHAT_DATA_DIR="${NANOCHAT_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-    source_name=local; vocab=4096; train_config=tiny_cpu; tag=tiny_baseline
+    source_name=local; vocab=4096; base_config=tiny_cpu; mhc_config=tiny_cpu_mhc; prefix=tiny_
     launch=(python -m)
     sep=()
     data_args=()
@@ -64,8 +65,12 @@ stage() {  # stage NAME command...: run once, skip when done (FORCE=1 redoes, SK
 stage data python -m nanochat.dataset --source "$source_name" "${data_args[@]}"
 stage tokenizer python -m scripts.tok_train --source "$source_name" --vocab-size "$vocab"
 stage pretokenize python -m nanochat.dataset --source "$source_name" --pretokenize
-stage train_baseline "${launch[@]}" scripts.base_train "${sep[@]}" --config "$train_config" --model-tag "$tag" \
-    --run "$run_name" --resume --results-dir "$results_dir" "${extra_train[@]}"
-stage eval_baseline "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
-    "${eval_args[@]}" "${extra_eval[@]}"
-echo "[speedrun] finished: results in $results_dir/$tag"
+for model in baseline mhc; do
+    config=$base_config; [ "$model" = mhc ] && config=$mhc_config
+    tag="${prefix}${model}"
+    stage "train_$model" "${launch[@]}" scripts.base_train "${sep[@]}" --config "$config" --model-tag "$tag" \
+        --run "$run_name" --resume --results-dir "$results_dir" "${extra_train[@]}"
+    stage "eval_$model" "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
+        "${eval_args[@]}" "${extra_eval[@]}"
+done
+echo "[speedrun] finished: results in $results_dir/${prefix}baseline and $results_dir/${prefix}mhc"

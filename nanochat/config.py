@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from nanochat.common import UserError, repo_root
 from nanochat.gpt import GPTConfig
+from nanochat.newton_schulz import ns_schedule, resolve_ns_coeffs
 
 _MHC = GPTConfig()  # the mHC defaults live in GPTConfig; the flags below only mirror them
 
@@ -66,6 +67,10 @@ class TrainConfig:
     scalar_lr: float = _f(0.5, "AdamW LR for scalar parameters (scaled by 1/sqrt(width/768))")
     mhc_lr: float = _f(0.01, "AdamW LR for the mHC parameters (phi, alpha, biases, gates, stream embedding)")
     weight_decay: float = _f(0.0, "decoupled weight decay on the Muon matrices")
+    muon_ns_coeffs: str = _f("quintic", "Muon's Newton-Schulz coefficients: a preset (quintic, cubic, polar_express5, "
+                             "handover8) or a literal 'a,b,c' / JSON list of triples (nanochat/newton_schulz.py)")
+    muon_ns_steps: int = _f(0, "Muon's Newton-Schulz steps; 0 = the default: 5 for one triple, the whole schedule "
+                            "for a schedule (any other value must then equal its length)")
     warmup_ratio: float = _f(0.0, "fraction of steps of linear LR warmup")
     warmdown_ratio: float = _f(0.2, "fraction of steps of linear LR warmdown at the end")
     final_lr_frac: float = _f(0.0, "LR at the end of warmdown, as a fraction of the peak")
@@ -106,6 +111,12 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.num_kv_heads < 0:
             raise UserError(f"--num-kv-heads must be >= 0 (got {self.num_kv_heads})")
+        if self.muon_ns_steps < 0:
+            raise UserError(f"--muon-ns-steps must be >= 0 (0 = default; got {self.muon_ns_steps})")
+        try:
+            ns_schedule(resolve_ns_coeffs(self.muon_ns_coeffs), self.muon_ns_steps or None)
+        except UserError as e:
+            raise UserError(f"--muon-ns-coeffs {self.muon_ns_coeffs!r} / --muon-ns-steps {self.muon_ns_steps}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,14 +143,21 @@ def resolve_config_path(name_or_path: str) -> str:
     return path
 
 
-def load_config_file(cls, path: str) -> dict:
+def load_config_file(cls, path: str, _seen: tuple = ()) -> dict:
+    """Read a TOML config. `extends = "NAME"` first loads that named config (its keys are overridden here)."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from e
-    known = {f.name for f in dataclasses.fields(cls)}
     out = {}
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        parent_path = resolve_config_path(str(parent))
+        if os.path.realpath(parent_path) in _seen + (os.path.realpath(path),):
+            raise UserError(f"config file {path}: 'extends' forms a cycle through {parent_path}")
+        out.update(load_config_file(cls, parent_path, _seen + (os.path.realpath(path),)))
+    known = {f.name for f in dataclasses.fields(cls)}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:

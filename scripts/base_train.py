@@ -30,6 +30,7 @@ from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
 
@@ -147,6 +148,7 @@ def main(argv=None):
     optimizers = setup_optimizers(
         model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr,
         scalar_lr=cfg.scalar_lr, mhc_lr=cfg.mhc_lr, weight_decay=cfg.weight_decay,
+        ns_coeffs=resolve_ns_coeffs(cfg.muon_ns_coeffs), ns_steps=cfg.muon_ns_steps or None,
         ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 
     # data: rank 0 pretokenizes once (a no-op when the cache is complete), the others wait for it

@@ -14,15 +14,22 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
            "EXTRA_EVAL_ARGS": "--eval-tokens 4096"}
     out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    for stage in ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline"):
+    stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc")
+    for stage in stages:
         assert (tmp_path / "base" / "speedrun" / f"{stage}.done").exists(), stage
-    metrics = [json.loads(l) for l in open(tmp_path / "results" / "tiny_baseline" / "metrics.jsonl")]
-    vals = [m["val_bpb"] for m in metrics if "val_bpb" in m]
-    assert len(vals) == 3 and vals[-1] < vals[0]  # steps 0, 3, 6: the model learned something
-    record = json.loads((tmp_path / "results" / "tiny_baseline" / "eval.json").read_text())
-    assert record["step"] == 6 and record["results"]["bpb"]["val_bpb"] > 0
+    tokens = {}
+    for tag in ("tiny_baseline", "tiny_mhc"):
+        metrics = [json.loads(l) for l in open(tmp_path / "results" / tag / "metrics.jsonl")]
+        vals = [m["val_bpb"] for m in metrics if "val_bpb" in m]
+        assert len(vals) == 3 and vals[-1] < vals[0]  # steps 0, 3, 6: the model learned something
+        record = json.loads((tmp_path / "results" / tag / "eval.json").read_text())
+        assert record["step"] == 6 and record["results"]["bpb"]["val_bpb"] > 0
+        config = json.loads((tmp_path / "results" / tag / "config.json").read_text())
+        tokens[tag] = (config["train"]["total_batch_size"] * config["num_iterations"], config["tokenizer"])
+        assert config["model"]["mhc_enabled"] == (tag == "tiny_mhc")
+    assert tokens["tiny_baseline"] == tokens["tiny_mhc"]  # identical token budgets and tokenizer
 
     # a second run skips every finished stage
     again = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
-    assert again.stdout.count("already done") == 5
+    assert again.stdout.count("already done") == len(stages)

@@ -108,24 +108,27 @@ def test_sigterm_saves_and_resume_continues(tiny_base_dir, tmp_path):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
-def test_ddp_two_ranks_equal_gradient_accumulation(tiny_base_dir, tmp_path):
+@pytest.mark.parametrize("mhc", [False, True], ids=["baseline", "mhc"])
+def test_ddp_two_ranks_equal_gradient_accumulation(tiny_base_dir, tmp_path, mhc):
     """torchrun with 2 gloo ranks (accumulation 1) gives the losses of 1 process with accumulation 2."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = tmp_path / "results"
     args = TINY + ["--num-iterations", "5", "--total-batch-size", "512", "--results-dir", str(results)]
-    subprocess.run([sys.executable, "-m", "scripts.base_train"] + args + ["--model-tag", "single"], cwd=REPO,
+    args += ["--mhc-enabled"] if mhc else []
+    single_tag, ddp_tag = ("single_mhc", "ddp_mhc") if mhc else ("single", "ddp")  # checkpoints share a base dir
+    subprocess.run([sys.executable, "-m", "scripts.base_train"] + args + ["--model-tag", single_tag], cwd=REPO,
                    env=env, check=True, capture_output=True)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "scripts.base_train", "--"] + args + ["--model-tag", "ddp"], cwd=REPO, env=env,
+                          "scripts.base_train", "--"] + args + ["--model-tag", ddp_tag], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     assert "2 ranks x 1 accumulation" in ddp.stdout
-    single, double = train_losses(results, "single"), train_losses(results, "ddp")
+    single, double = train_losses(results, single_tag), train_losses(results, ddp_tag)
     assert sorted(single) == sorted(double) == [1, 2, 3, 4, 5]
     for step in single:
         assert double[step] == pytest.approx(single[step], abs=1e-5), step
-    vals = [r["val_bpb"] for r in read_metrics(results, "ddp") if "val_bpb" in r]
-    ref_vals = [r["val_bpb"] for r in read_metrics(results, "single") if "val_bpb" in r]
+    vals = [r["val_bpb"] for r in read_metrics(results, ddp_tag) if "val_bpb" in r]
+    ref_vals = [r["val_bpb"] for r in read_metrics(results, single_tag) if "val_bpb" in r]
     assert vals == pytest.approx(ref_vals, abs=1e-5)
 
 
@@ -194,7 +197,11 @@ def test_named_configs_load():
     from nanochat.gpt import model_dims_from_depth
     assert model_dims_from_depth(cfg.depth, cfg.aspect_ratio, cfg.head_dim) == (768, 6)
     cfg, _ = build_config(TrainConfig, ["--config", "tiny_cpu"], "test")
-    assert (cfg.depth, cfg.max_seq_len, cfg.device_batch_size, cfg.num_iterations) == (4, 256, 8, 300)
+    assert (cfg.depth, cfg.max_seq_len, cfg.device_batch_size, cfg.num_iterations) == (4, 256, 8, 200)
+    cfg, _ = build_config(TrainConfig, ["--config", "dynamic_mhc"], "test")  # extends = "baseline"
+    assert cfg.mhc_enabled and cfg.mhc_num_streams == 4 and cfg.depth == 12 and cfg.total_batch_size == 524288
+    cfg, _ = build_config(TrainConfig, ["--config", "tiny_cpu_mhc", "--mhc-num-streams", "2"], "test")
+    assert cfg.mhc_enabled and cfg.mhc_num_streams == 2 and cfg.num_iterations == 200
 
 
 def test_existing_run_needs_resume_and_config_must_match(tiny_base_dir, tmp_path):

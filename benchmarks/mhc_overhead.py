@@ -1,0 +1,122 @@
+"""mHC overhead vs the baseline GPT: training-step time ratio (interleaved in one process, so machine noise hits
+both alike), peak-memory ratio and parameter overhead. Writes JSON.
+
+    python -m benchmarks.mhc_overhead                     # the tiny CPU config: depth 4, width 256, seq 256, batch 8
+    python -m benchmarks.mhc_overhead --depth 12 --head-dim 128 --seq-len 1024 --batch-size 16 --dtype bfloat16 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
+from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
+from nanochat.optim import setup_optimizers
+
+
+def build(args, mhc: bool, device):
+    n_embd, n_head = model_dims_from_depth(args.depth, args.aspect_ratio, args.head_dim)
+    cfg = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
+                    n_kv_head=n_head, n_embd=n_embd, mhc_enabled=mhc, mhc_num_streams=args.num_streams)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    model.init_weights()
+    opts = setup_optimizers(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
+                            weight_decay=0.0, ns_dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    return model, (torch.compile(model) if args.compile else model), opts
+
+
+def step(model, train_model, opts, x, y, ctx, device_type):
+    t0 = time.perf_counter()
+    with ctx:
+        loss = train_model(x, y)
+    loss.backward()
+    for o in opts:
+        o.step()
+    model.zero_grad(set_to_none=True)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def peak_memory(args, mhc: bool) -> float:
+    """Peak memory of a few training steps of one model, in MiB: CUDA max allocated, or the CPU peak RSS of a
+    fresh child process (so the two models do not share one high-water mark)."""
+    cmd = [sys.executable, "-m", "benchmarks.mhc_overhead", "--_memory-child", "mhc" if mhc else "base"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("compile", "out", "memory_child")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--num-streams", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model, interleaved")
+    p.add_argument("--out", default="results/bench/mhc_overhead.json")
+    p.add_argument("--_memory-child", dest="memory_child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device_type = autodetect_device_type()
+    device = torch.device(device_type)
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
+    y = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
+    ctx = autocast_ctx(device_type, args.dtype)
+
+    if args.memory_child:  # child process: a few steps of one model, print its peak memory in MiB
+        model, train_model, opts = build(args, args.memory_child == "mhc", device)
+        for _ in range(2):
+            step(model, train_model, opts, x, y, ctx, device_type)
+        if device_type == "cuda":
+            print(torch.cuda.max_memory_allocated() / 2**20)
+        else:  # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's pages at fork time)
+            with open("/proc/self/status") as f:
+                print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024)
+        return
+
+    models = {name: build(args, name == "mhc", device) for name in ("baseline", "mhc")}
+    times = {name: [] for name in models}
+    for i in range(args.warmup + args.steps):
+        for name, (model, train_model, opts) in models.items():  # interleaved: noise hits both
+            dt = step(model, train_model, opts, x, y, ctx, device_type)
+            if i >= args.warmup:
+                times[name].append(dt)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    params = {name: m[0].num_params() for name, m in models.items()}
+    del models
+    memory = {name: peak_memory(args, name == "mhc") for name in ("baseline", "mhc")}
+    results = dict(
+        median_step_s=med, step_times_s=times, step_time_ratio=med["mhc"] / med["baseline"],
+        tok_per_sec={k: args.batch_size * args.seq_len / v for k, v in med.items()},
+        peak_memory_mib=memory, peak_memory_ratio=memory["mhc"] / memory["baseline"], num_params=params,
+        param_overhead_pct=100 * (params["mhc"] - params["baseline"]) / params["baseline"])
+    print(f"step time: baseline {1000 * med['baseline']:.0f} ms, mHC {1000 * med['mhc']:.0f} ms "
+          f"-> ratio {results['step_time_ratio']:.3f}")
+    print(f"peak memory: baseline {memory['baseline']:.0f} MiB, mHC {memory['mhc']:.0f} MiB "
+          f"-> ratio {results['peak_memory_ratio']:.3f}")
+    print(f"parameters: baseline {params['baseline']:,}, mHC {params['mhc']:,} "
+          f"(+{results['param_overhead_pct']:.2f}%)")
+    record = dict(benchmark="mhc_overhead", config=vars(args), device=device_type, torch=torch.__version__,
+                  threads=torch.get_num_threads(), git_commit=git_commit(), results=results)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

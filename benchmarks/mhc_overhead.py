@@ -12,10 +12,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from benchmarks.bench_utils import timed_train_step
 from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_optimizers
@@ -31,19 +31,6 @@ def build(args, mhc: bool, device):
     opts = setup_optimizers(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
                             weight_decay=0.0, ns_dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
     return model, (torch.compile(model) if args.compile else model), opts
-
-
-def step(model, train_model, opts, x, y, ctx, device_type):
-    t0 = time.perf_counter()
-    with ctx:
-        loss = train_model(x, y)
-    loss.backward()
-    for o in opts:
-        o.step()
-    model.zero_grad(set_to_none=True)
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def peak_memory(args, mhc: bool) -> float:
@@ -80,7 +67,7 @@ def main(argv=None):
     if args.memory_child:  # child process: a few steps of one model, print its peak memory in MiB
         model, train_model, opts = build(args, args.memory_child == "mhc", device)
         for _ in range(2):
-            step(model, train_model, opts, x, y, ctx, device_type)
+            timed_train_step(train_model, opts, x, y, ctx, device_type)
         if device_type == "cuda":
             print(torch.cuda.max_memory_allocated() / 2**20)
         else:  # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's pages at fork time)
@@ -92,7 +79,7 @@ def main(argv=None):
     times = {name: [] for name in models}
     for i in range(args.warmup + args.steps):
         for name, (model, train_model, opts) in models.items():  # interleaved: noise hits both
-            dt = step(model, train_model, opts, x, y, ctx, device_type)
+            dt = timed_train_step(train_model, opts, x, y, ctx, device_type)
             if i >= args.warmup:
                 times[name].append(dt)
     med = {name: statistics.median(t) for name, t in times.items()}

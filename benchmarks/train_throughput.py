@@ -12,30 +12,18 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 
+from benchmarks.bench_utils import timed_train_step
 from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_optimizers
 
 
 def time_steps(model, optimizers, x, y, ctx, warmup: int, steps: int, device_type: str) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        with ctx:
-            loss = model(x, y)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    times = [timed_train_step(model, optimizers, x, y, ctx, device_type) for _ in range(warmup + steps)]
+    return times[warmup:]
 
 
 def main(argv=None):

@@ -1,7 +1,6 @@
 """Checkpoint round trip, integrity checks, retention and atomicity."""
 import json
 import os
-import pickle
 
 import pytest
 import torch

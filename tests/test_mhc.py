@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.gpt import GPT, Block, GPTConfig, norm
+from nanochat.gpt import GPT, Block, GPTConfig
 from nanochat.mhc import DynamicMHC, orthostochastic_project, sinkhorn_log
 
 SMALL = dict(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)

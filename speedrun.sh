@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline and mHC training (identical data and
-# token budgets) -> bpb evaluation of both.
+# token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge).
 #
 #   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
 #   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
@@ -8,6 +8,7 @@
 #   SKIP=data,tokenizer bash speedrun.sh
 #   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
+#   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
 #
 # Each stage leaves a marker in $NANOCHAT_BASE_DIR/speedrun/; training stages run with --resume, so an
 # interrupted run (Ctrl-C, preemption) picks up from its last checkpoint when the script is started again.
@@ -17,6 +18,7 @@ cd "$repo"
 source scripts/setup_env.sh
 
 preset="${PRESET:-auto}"
+eval_tasks=bpb,gsm8k,gsm8k_8shot,hellaswag,arc_easy,arc_challenge
 if [ "$preset" = auto ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then preset=gpu; else preset=tiny; fi
 fi
@@ -28,7 +30,7 @@ case "$preset" in
     launch=(torchrun --standalone --nproc_per_node="$ngpu" -m)
     sep=(--)
     data_args=(-n "${NUM_SHARDS:-240}")
-    eval_args=(--eval-tokens 10485760 --device-batch-size 32)
+    eval_args=(--eval-tokens 10485760 --device-batch-size 32 --tasks "$eval_tasks")  # every example of every task
     ;;
   tiny)
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-tiny}"
@@ -38,7 +40,10 @@ case "$preset" in
     launch=(python -m)
     sep=()
     data_args=()
-    eval_args=(--eval-tokens 65536 --device-batch-size 8)
+    # a smoke-sized subset (~30 s per model on 2 cores): the tiny models score near chance anyway; the task data is
+    # the local copy (the hub is not tried, so an offline box does not wait on it)
+    eval_args=(--eval-tokens 65536 --device-batch-size 8 --tasks "$eval_tasks" --max-per-task 20
+               --max-new-tokens 48 --task-data local)
     ;;
   *) echo "PRESET must be gpu, tiny or auto (got $preset)" >&2; exit 2 ;;
 esac
@@ -73,4 +78,7 @@ for model in baseline mhc; do
     stage "eval_$model" "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
         "${eval_args[@]}" "${extra_eval[@]}"
 done
+if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablation inside Muon (scripts/ns_ablation.py)
+    stage ns_ablation python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
+fi
 echo "[speedrun] finished: results in $results_dir/${prefix}baseline and $results_dir/${prefix}mhc"

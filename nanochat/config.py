@@ -201,27 +201,46 @@ def build_config(cls, argv, description: str, extra_args=None):
     return config, args
 
 
+EVAL_TASKS = ("bpb", "gsm8k", "gsm8k_8shot", "hellaswag", "arc_easy", "arc_challenge")  # = evaluate.TASKS + bpb
+
+
 @dataclass
 class EvalConfig:
     model_tag: str = _f("", "model tag whose checkpoint to evaluate (see scripts.base_train --model-tag)")
     checkpoint: str = _f("", "path to a checkpoint directory (overrides --model-tag/--step)")
     step: int = _f(-1, "checkpoint step to evaluate (-1 = the newest)")
-    tasks: str = _f("bpb", "comma-separated tasks: bpb")
+    tasks: str = _f("bpb", f"comma-separated tasks: {', '.join(EVAL_TASKS)}, or all")
     device_type: str = _f("auto", "auto | cuda | cpu")
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
-    device_batch_size: int = _f(8, "sequences per device per forward pass")
+    device_batch_size: int = _f(8, "sequences per device per forward pass (bpb rows, choices, generated rows)")
     eval_tokens: int = _f(10 * 524288, "validation tokens for bpb (per split)")
-    results_dir: str = _f("results", "eval.json goes to <results_dir>/<model_tag>/")
+    max_per_task: int = _f(-1, "examples per downstream task: the first N after a seeded shuffle (-1 = all)")
+    seed: int = _f(42, "seed of the --max-per-task subsample")
+    max_new_tokens: int = _f(256, "GSM8K: generation limit per problem (greedy; lm-eval's default is 256)")
+    task_data: str = _f("auto", "task data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
+    strict: bool = _f(False, "fail on a malformed data row instead of counting and skipping it")
+    results_dir: str = _f("results", "eval.json and eval_examples.jsonl go to <results_dir>/<model_tag>/")
+
+    def task_list(self) -> list[str]:
+        names = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return list(EVAL_TASKS) if names == ["all"] else names
 
     def validate(self):
         if not self.model_tag and not self.checkpoint:
             raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to evaluate")
-        for name in ("device_batch_size", "eval_tokens"):
+        for name in ("device_batch_size", "eval_tokens", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        known = {"bpb"}
-        unknown = [t for t in self.tasks.split(",") if t.strip() not in known]
-        if unknown:
-            raise UserError(f"--tasks: unknown task(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if self.max_per_task == 0 or self.max_per_task < -1:
+            raise UserError(f"--max-per-task must be > 0 or -1 for all (got {self.max_per_task})")
+        names = self.task_list()
+        unknown = [t for t in names if t not in EVAL_TASKS]
+        if unknown or not names:
+            raise UserError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'} "
+                            f"(known: {', '.join(EVAL_TASKS)}, all)")
+        if len(set(names)) != len(names):
+            raise UserError(f"--tasks: a task is listed twice ({self.tasks})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"--dtype must be one of auto, float32, bfloat16 (got {self.dtype!r})")
+        if self.task_data not in ("auto", "hub", "local"):
+            raise UserError(f"--task-data must be one of auto, hub, local (got {self.task_data!r})")

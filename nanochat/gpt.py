@@ -122,15 +122,17 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H, T, D]
+        mask = None
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)                   # [B, Hkv, T_past + T, D]
+            mask = kv_cache.attn_mask(T)  # [B, 1, T, Tk] when batched prompts are left-padded (engine.py)
         Tk = k.size(2)
         enable_gqa = self.n_head != self.n_kv_head
-        if kv_cache is None or Tk == T:
+        if mask is None and Tk == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
         else:
-            # decoding with a cache: query i sits at absolute position Tk - T + i and sees keys up to there
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
+            if mask is None:  # decoding with a cache: query i sits at position Tk - T + i and sees keys up to there
+                mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)

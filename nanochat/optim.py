@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from nanochat.newton_schulz import QUINTIC, zeropower_via_newtonschulz
+from nanochat.newton_schulz import QUINTIC, ns_schedule, resolve_ns_coeffs, zeropower_via_newtonschulz
 
 
 class Muon(torch.optim.Optimizer):
@@ -11,23 +12,60 @@ class Muon(torch.optim.Optimizer):
 
     Per 2-D parameter: Nesterov momentum, then the update is orthogonalised by Newton–Schulz, scaled by
     sqrt(max(1, rows/cols)) so tall and wide matrices get the same RMS update, with decoupled weight decay.
-    Parameters of equal shape are stacked and orthogonalised in one batched NS call.
-    Every rank holds the full state (DDP averages the gradients first); issue 3 adds the sharded variant.
+    Parameters of equal shape form one group and are orthogonalised in one batched NS call.
+
+    Distributed (torch.distributed initialised with world size > 1, or distributed=True): the gradients are already
+    averaged (DDP), so every rank updates the momentum of every matrix (cheap, elementwise; it keeps the optimizer
+    state identical on all ranks, so rank 0's checkpoint is complete), but each rank orthogonalises only its share
+    of each shape group -- matrices r, r + W, r + 2W, ... (round-robin, as KellerJordan/Muon), zero-padded so every
+    rank does the same work -- and one all_gather per group hands every rank all the updates. The result equals the
+    single-process optimizer (tests/test_optim.py runs it on 2 gloo processes).
+
+    orthogonalizer: optional function [N, m, n] -> [N, m, n] replacing the NS call (the NS ablation uses it);
+    by default zeropower_via_newtonschulz(update, ns_coeffs, ns_steps, ns_dtype).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
-                 ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16):
+                 ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16, orthogonalizer=None, distributed=None):
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only takes 2-D parameters; put embeddings, heads and scalars in AdamW")
+        ns_coeffs = resolve_ns_coeffs(ns_coeffs)  # a preset name or a literal; fails here, not at the first step
+        ns_schedule(ns_coeffs, ns_steps)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_coeffs=ns_coeffs, ns_steps=ns_steps, ns_dtype=ns_dtype)
         super().__init__(groups, defaults)
+        self.orthogonalizer = orthogonalizer
+        self.distributed = distributed  # None: decide at each step from torch.distributed
+
+    def _orthogonalize(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        if self.orthogonalizer is not None:
+            return self.orthogonalizer(update)
+        return zeropower_via_newtonschulz(update, group["ns_coeffs"], group["ns_steps"], group["ns_dtype"])
+
+    def _orthogonalize_sharded(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        """Rank r orthogonalises update[r::W] (zero-padded to equal length on all ranks), then all_gather."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        n = update.size(0)
+        per_rank = -(-n // world)  # ceil: the padding makes every rank do the same work (NS of 0 is 0)
+        padded = torch.zeros(per_rank * world, *update.shape[1:], dtype=update.dtype, device=update.device)
+        padded[:n] = update
+        mine = self._orthogonalize(padded[rank::world].contiguous(), group)
+        gathered = torch.empty(world * per_rank, *update.shape[1:], dtype=mine.dtype, device=mine.device)
+        # all_gather_single is torch 2.13's name for all_gather_into_tensor (rank r's block at rows r*per_rank...)
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        all_gather(gathered, mine)
+        # gathered[r, k] is matrix k * world + r: transpose back to the round-robin order
+        gathered = gathered.view(world, per_rank, *update.shape[1:])
+        return gathered.transpose(0, 1).reshape(per_rank * world, *update.shape[1:])[:n]
 
     @torch.no_grad()
     def step(self):
+        distributed = self.distributed
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -43,7 +81,10 @@ class Muon(torch.optim.Optimizer):
             buf = torch.stack(bufs)
             buf.lerp_(grads, 1 - momentum)                                         # EMA of gradients
             update = grads.lerp(buf, momentum) if group["nesterov"] else buf
-            update = zeropower_via_newtonschulz(update, group["ns_coeffs"], group["ns_steps"], group["ns_dtype"])
+            if distributed:
+                update = self._orthogonalize_sharded(update, group)
+            else:
+                update = self._orthogonalize(update, group)
             m, n = params[0].shape
             scale = max(1.0, m / n) ** 0.5
             lr, wd = group["lr"], group["weight_decay"]
@@ -55,7 +96,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_lr, weight_decay, mhc_lr=0.01,
-                     adam_betas=(0.8, 0.95), ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16):
+                     adam_betas=(0.8, 0.95), ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16,
+                     orthogonalizer=None):
     """Returns [adamw, muon]. AdamW LRs are scaled by 1/sqrt(width/768), nanochat's muP-like rule, so the
     tuned d12 rates transfer across depths; Muon's shape scaling already makes its LR width-independent.
     mHC parameters (phi, alpha, biases, gates, stream embedding) all go to AdamW at mhc_lr, without weight decay
@@ -84,7 +126,7 @@ def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_l
     # weight decay is applied to the matrices (Muon); embeddings and head are not decayed, as in nanochat
     adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
     muon = Muon(matrices, lr=matrix_lr, weight_decay=weight_decay, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-                ns_dtype=ns_dtype)
+                ns_dtype=ns_dtype, orthogonalizer=orthogonalizer)
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

@@ -1,9 +1,14 @@
-"""Evaluate a base checkpoint. For now: bits per byte on the train and validation splits.
+"""Evaluate a base checkpoint: bits per byte, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge.
 
     python -m scripts.base_eval --model-tag d4 --eval-tokens 65536
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --model-tag d12
+    python -m scripts.base_eval --model-tag d4 --tasks all --max-per-task 50
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --model-tag d12 \
+        --tasks bpb,gsm8k,gsm8k_8shot,hellaswag,arc_easy,arc_challenge
 
-Writes <results_dir>/<model_tag>/eval.json with the scores, the checkpoint, its step and the git commit.
+Writes <results_dir>/<model_tag>/eval.json (per task: score, n, 95% CI, scoring style, malformed/skipped counts;
+plus the checkpoint, its step and the git commit) and eval_examples.jsonl (per example: task, id, prediction,
+correct and the details), so that two models can be compared example by example. Examples are sharded across
+ranks (nanochat/evaluate.py).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from nanochat.common import UserError, autocast_ctx, compute_cleanup, compute_in
 from nanochat.config import EvalConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
+from nanochat.evaluate import evaluate_task
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
 
@@ -41,8 +47,9 @@ def main(argv=None):
     seq_len = model.config.sequence_len
     print0(f"evaluating {path} (step {meta['step']}) on {data_source} data")
 
-    results = {}
-    if "bpb" in cfg.tasks.split(","):
+    results, examples = {}, []
+    tasks = cfg.task_list()
+    if "bpb" in tasks:
         if rank == 0:
             pretokenize(data_source, tokenizer)
         if is_ddp:
@@ -59,6 +66,19 @@ def main(argv=None):
             print0(f"{split} bpb: {bpb[f'{split}_bpb']:.4f}")
         results["bpb"] = {**bpb, "tokens": num_batches * tokens_per_batch}
 
+    for name in (t for t in tasks if t != "bpb"):
+        summary, records = evaluate_task(
+            name, model, tokenizer, autocast_ctx=ctx, batch_size=cfg.device_batch_size,
+            max_per_task=cfg.max_per_task, max_new_tokens=cfg.max_new_tokens, strict=cfg.strict,
+            task_data=cfg.task_data, seed=cfg.seed, rank=rank, world_size=world_size)
+        results[name] = summary
+        examples += records
+        lo, hi = summary["ci95"] if summary["n"] else (float("nan"), float("nan"))
+        score = f"{summary['score']:.4f}" if summary["n"] else "n/a"
+        print0(f"{name}: {summary['metric']} {score} [{lo:.3f}, {hi:.3f}] n={summary['n']} "
+               f"(malformed {summary['malformed']}, skipped {summary['skipped']}) "
+               f"{summary['examples_per_s']:.2f} examples/s from {summary['data_source']}")
+
     if rank == 0:
         out_dir = os.path.join(cfg.results_dir, model_tag)
         os.makedirs(out_dir, exist_ok=True)
@@ -66,6 +86,10 @@ def main(argv=None):
                       git_commit=git_commit(), dtype=dtype, world_size=world_size)
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(record, f, indent=2)
+        if examples:
+            with open(os.path.join(out_dir, "eval_examples.jsonl"), "w") as f:
+                for r in examples:
+                    f.write(json.dumps(r) + "\n")
         print0(f"wrote {os.path.join(out_dir, 'eval.json')}")
     compute_cleanup()
 

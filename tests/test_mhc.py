@@ -102,6 +102,11 @@ def test_mhc_model_moves_h_res_when_trained():
     model(fixed)
     moved = max((c["H_res"] - b).abs().max().item() for c, b in zip(model.captured_mhc(), before))
     assert moved > 1e-2
+    # once the streams differ, the gate's gradient is first order and the learned gates leave their init
+    x = torch.randint(0, 256, (4, 32))
+    model(x, torch.roll(x, 1, dims=1)).backward()
+    assert min(m.gate_logit.grad.abs().item() for m in model.mhc_modules()) > 1e-8
+    assert max(abs(g - 0.9) for g in model.get_mhc_gates()) > 1e-3
 
 
 # -- gates -------------------------------------------------------------------------------------------------------

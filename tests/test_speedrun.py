@@ -11,7 +11,7 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
     env = {**os.environ, "PRESET": "tiny", "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
            "NANOCHAT_DATA_DIR": str(shared_data_dir), "RESULTS_DIR": str(tmp_path / "results"),
            "EXTRA_TRAIN_ARGS": "--depth 2 --num-iterations 6 --eval-every 3 --eval-tokens 4096 --save-every 3",
-           "EXTRA_EVAL_ARGS": "--eval-tokens 4096"}
+           "EXTRA_EVAL_ARGS": "--eval-tokens 4096 --max-per-task 3 --max-new-tokens 8"}
     out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc")
@@ -24,6 +24,8 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
         assert len(vals) == 3 and vals[-1] < vals[0]  # steps 0, 3, 6: the model learned something
         record = json.loads((tmp_path / "results" / tag / "eval.json").read_text())
         assert record["step"] == 6 and record["results"]["bpb"]["val_bpb"] > 0
+        for task in ("gsm8k", "gsm8k_8shot", "hellaswag", "arc_easy", "arc_challenge"):
+            assert record["results"][task]["n"] == 3, task
         config = json.loads((tmp_path / "results" / tag / "config.json").read_text())
         tokens[tag] = (config["train"]["total_batch_size"] * config["num_iterations"], config["tokenizer"])
         assert config["model"]["mhc_enabled"] == (tag == "tiny_mhc")

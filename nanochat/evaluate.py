@@ -1,0 +1,147 @@
+"""Run one downstream task over a model, sharded across ranks, and summarise it.
+
+Tasks (TASKS): gsm8k, gsm8k_8shot (generative exact match), hellaswag, arc_easy, arc_challenge (multiple choice by
+log-likelihood). Per task: load and validate the rows (malformed ones counted, or fatal with strict), take the
+deterministic subsample, cut it into batches, give rank r the batches r, r + W, r + 2W, ..., gather the per-example
+records on every rank and aggregate. The batches are a function of the subsample and the batch size only, so each
+example meets the same padding and the same neighbours on any number of ranks, and 2 ranks reproduce 1 process.
+"""
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from nanochat import task_arc, task_gsm8k, task_hellaswag
+from nanochat.engine import Engine
+from nanochat.task_common import (GenExample, MCExample, ModelScorer, load_rows, parse_rows, score_mc, subsample,
+                                  wilson_ci)
+
+# name -> (kind, data, parser, primary metric, few-shot count). Primary metrics follow common reporting
+# (shared/notes §3): HellaSwag acc_norm, ARC-Easy acc, ARC-Challenge acc_norm, GSM8K flexible exact match.
+TASKS = {
+    "gsm8k": ("gen", task_gsm8k.DATA, lambda: task_gsm8k.make_parser(0), "exact_match_flexible", 0),
+    "gsm8k_8shot": ("gen", task_gsm8k.DATA, lambda: task_gsm8k.make_parser(8), "exact_match_flexible", 8),
+    "hellaswag": ("mc", task_hellaswag.DATA, lambda: task_hellaswag.parse, "acc_norm", 0),
+    "arc_easy": ("mc", task_arc.DATA["arc_easy"], lambda: task_arc.parse, "acc", 0),
+    "arc_challenge": ("mc", task_arc.DATA["arc_challenge"], lambda: task_arc.parse, "acc_norm", 0),
+}
+MC_METRICS = ("acc", "acc_norm", "acc_token_norm")
+GEN_METRICS = ("exact_match_strict", "exact_match_flexible")
+STYLES = {
+    "mc": "lm-eval multiple choice, 0-shot: sum of continuation token log-probs (continuation = ' ' + choice, its "
+          "tokens taken from the joint context+continuation encoding, BOS first); acc = argmax LL, acc_norm = argmax "
+          "LL / len(choice) in characters (lm-eval), acc_token_norm = argmax mean LL per token (karpathy/CORE)",
+    "gen": "generative exact match, greedy; strict = first '#### N' (0-shot) or 'The answer is N' (8-shot CoT), "
+           "flexible = first '#### N' else the last number; ',', '$' and a trailing '.' stripped, compared as "
+           "numbers",
+}
+MAX_REASONS = 5  # malformed-row reasons quoted in eval.json (the count covers all of them)
+
+
+def mc_batches(examples: list[MCExample], rows_per_batch: int) -> list[list[MCExample]]:
+    """Whole examples per batch, up to rows_per_batch choices (at least one example)."""
+    batches, cur, rows = [], [], 0
+    for ex in examples:
+        if cur and rows + len(ex.choices) > rows_per_batch:
+            batches.append(cur)
+            cur, rows = [], 0
+        cur.append(ex)
+        rows += len(ex.choices)
+    return batches + ([cur] if cur else [])
+
+
+def run_mc_batch(batch: list[MCExample], scorer) -> list[dict]:
+    requests = [(ex.context, ex.delimiter + c) for ex in batch for c in ex.choices]
+    lls = scorer.loglikelihoods(requests)
+    records, i = [], 0
+    for ex in batch:
+        res = score_mc(ex, lls[i:i + len(ex.choices)])
+        i += len(ex.choices)
+        if res is None:
+            records.append(dict(id=ex.id, skipped="a choice has no scorable continuation tokens in the context"))
+            continue
+        records.append(dict(id=ex.id, gold=ex.gold, **res))
+    return records
+
+
+def run_gen_batch(batch: list[GenExample], engine: Engine, tokenizer, max_new_tokens: int,
+                  num_fewshot: int) -> list[dict]:
+    room = engine.max_context - max_new_tokens  # prompt tokens that fit with the generation
+    prompts, truncated = [], []
+    for ex in batch:
+        ids = tokenizer.encode(ex.prompt, prepend=tokenizer.bos_token_id)
+        truncated.append(len(ids) > room)
+        prompts.append(ids if len(ids) <= room else [ids[0]] + ids[len(ids) - room + 1:])  # keep BOS, cut the left
+    outs = engine.generate(prompts, max_new_tokens, stop_tokens=[tokenizer.bos_token_id],
+                           stop_strings=task_gsm8k.STOP_STRINGS[num_fewshot])
+    records = []
+    for ex, out, trunc in zip(batch, outs, truncated):
+        res = task_gsm8k.score(ex, out.text, num_fewshot)
+        records.append(dict(id=ex.id, reference=ex.reference, completion=out.text, finish=out.finish_reason,
+                            new_tokens=len(out.tokens), truncated=trunc, **res))
+    return records
+
+
+def gather_records(records: list[dict], world_size: int) -> list[dict]:
+    if world_size > 1 and dist.is_initialized():
+        parts = [None] * world_size
+        dist.all_gather_object(parts, records)
+        records = [r for part in parts for r in part]
+    return sorted(records, key=lambda r: r["_order"])
+
+
+def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int, max_per_task: int = -1,
+                  max_new_tokens: int = 256, strict: bool = False, task_data: str = "auto", seed: int = 42,
+                  rank: int = 0, world_size: int = 1) -> tuple[dict, list[dict]]:
+    """Evaluate one task. Returns (summary for eval.json, per-example records for eval_examples.jsonl); both are
+    complete on every rank."""
+    kind, data, make_parse, primary, num_fewshot = TASKS[name]
+    t0 = time.perf_counter()
+    rows, source = load_rows(data, task_data)
+    examples, malformed = parse_rows(rows, make_parse(), strict, source)
+    examples = subsample(examples, max_per_task, seed)
+    t_load = time.perf_counter() - t0
+    order = {id(ex): i for i, ex in enumerate(examples)}  # by object, so duplicate ids in a file cannot collide
+    if kind == "mc":
+        scorer = ModelScorer(model, tokenizer, autocast_ctx)
+        batches = mc_batches(examples, batch_size)
+        run = lambda b: run_mc_batch(b, scorer)  # noqa: E731
+        metrics = MC_METRICS
+    else:
+        engine = Engine(model, tokenizer, autocast_ctx)
+        by_len = sorted(examples, key=lambda ex: (len(ex.prompt), order[id(ex)]))  # similar lengths pad little
+        batches = [by_len[i:i + batch_size] for i in range(0, len(by_len), batch_size)]
+        run = lambda b: run_gen_batch(b, engine, tokenizer, max_new_tokens, num_fewshot)  # noqa: E731
+        metrics = GEN_METRICS
+    records = []
+    for batch in batches[rank::world_size]:
+        for ex, r in zip(batch, run(batch)):
+            r["_order"] = order[id(ex)]
+            records.append(r)
+    records = gather_records(records, world_size)
+    for r in records:
+        del r["_order"]
+    seconds = time.perf_counter() - t0 - t_load  # scoring only: loading a 12 MB file is not model speed
+
+    scored = [r for r in records if "skipped" not in r]
+    n = len(scored)
+    summary = dict(metric=primary, score=None, n=n, ci95=None, ci_method="wilson",
+                   metrics={}, style=STYLES[kind], num_fewshot=num_fewshot, data_source=source, rows=len(rows),
+                   malformed=len(malformed), malformed_reasons=malformed[:MAX_REASONS],
+                   skipped=len(records) - n, truncated=sum(bool(r.get("truncated")) for r in scored),
+                   max_per_task=max_per_task, load_seconds=t_load, seconds=seconds,
+                   examples_per_s=len(records) / max(seconds, 1e-9))
+    for m in metrics:
+        k = sum(bool(r[m]) for r in scored)
+        summary["metrics"][m] = dict(score=k / n if n else None, correct=k, ci95=list(wilson_ci(k, n)))
+    summary["score"], summary["ci95"] = summary["metrics"][primary]["score"], summary["metrics"][primary]["ci95"]
+    if kind == "gen":
+        summary["max_new_tokens"] = max_new_tokens
+    for r in records:
+        r["task"] = name
+        if "skipped" not in r:
+            r["correct"] = bool(r[primary])
+            r["prediction"] = r["extracted_flexible"] if kind == "gen" else r["pred_norm" if primary == "acc_norm"
+                                                                               else "pred"]
+    return summary, records

@@ -1,0 +1,214 @@
+"""What the evaluation tasks share: data loading (HF hub, else the local copies), validation of rows with counted
+malformed rows, deterministic subsampling, continuation log-likelihoods, multiple-choice scoring, confidence
+intervals. The tasks themselves are nanochat/task_gsm8k.py, task_hellaswag.py and task_arc.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import UserError, get_data_dir
+
+TASK_DATA_CHOICES = ("auto", "hub", "local")
+_hub_unreachable: str | None = None  # set by the first network failure: later tasks of the run skip the hub (an
+# offline box without HF_HUB_OFFLINE otherwise waits ~30 s of retries per task)
+
+
+class MalformedRow(Exception):
+    """A data row that cannot be scored (the message says why); counted and reported, or fatal with --strict."""
+
+
+@dataclass
+class MCExample:
+    id: str
+    context: str
+    choices: list[str]       # continuation strings without the delimiter
+    gold: int
+    delimiter: str = " "     # lm-eval's target_delimiter: each choice is scored as delimiter + choice
+
+
+@dataclass
+class GenExample:
+    id: str
+    prompt: str
+    reference: str           # the gold final answer as written in the data
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+@dataclass
+class TaskData:
+    hub_id: str              # datasets.load_dataset(hub_id, hub_config, split=split)
+    hub_config: str | None
+    split: str
+    local_path: str          # relative to $NANOCHAT_DATA_DIR, in the layout of shared/data (JSON lines)
+
+
+def read_jsonl(path: str) -> list:
+    """One entry per line: the parsed object, or a MalformedRow for a line that is not JSON (so one bad line is
+    counted instead of aborting the file; the arrow JSON reader behind load_dataset('json') rejects the whole
+    file, or a column whose type changes from row to row)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                rows.append(MalformedRow(f"line {i + 1} is not JSON ({e.msg})"))
+    return rows
+
+
+def load_rows(data: TaskData, task_data: str = "auto") -> tuple[list, str]:
+    """The rows of one split and where they came from. auto = the HF hub, else $NANOCHAT_DATA_DIR."""
+    if task_data not in TASK_DATA_CHOICES:
+        raise UserError(f"--task-data must be one of {', '.join(TASK_DATA_CHOICES)} (got {task_data!r})")
+    global _hub_unreachable
+    hub_error = _hub_unreachable if task_data == "auto" else None
+    if task_data == "hub" or (task_data == "auto" and _hub_unreachable is None):
+        try:
+            import datasets
+            ds = datasets.load_dataset(data.hub_id, data.hub_config, split=data.split)
+            return [dict(r) for r in ds], f"hub:{data.hub_id}" + (f"/{data.hub_config}" if data.hub_config else "") \
+                + f":{data.split}"
+        except Exception as e:  # noqa: BLE001 -- offline, missing dataset, auth: every failure means "use local"
+            hub_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if isinstance(e, OSError) or "Connection" in type(e).__name__:  # requests' errors are OSErrors
+                _hub_unreachable = hub_error
+            if task_data == "hub":
+                raise UserError(f"--task-data hub: cannot load {data.hub_id} ({hub_error})") from None
+    data_dir = get_data_dir()
+    if data_dir is None:
+        raise UserError(f"cannot load {data.hub_id} from the HF hub ({hub_error}) and NANOCHAT_DATA_DIR is not set "
+                        f"(it should hold {data.local_path})")
+    path = os.path.join(data_dir, data.local_path)
+    if not os.path.isfile(path):
+        raise UserError(f"task data file {path} not found (NANOCHAT_DATA_DIR={data_dir}); hub: "
+                        f"{hub_error or 'not tried (--task-data local)'}")
+    return read_jsonl(path), f"local:{path}"
+
+
+def parse_rows(rows: list, parse, strict: bool, source: str) -> tuple[list, list[str]]:
+    """Apply the task's row parser. Returns (examples, malformed reasons); with strict the first one is fatal."""
+    examples, malformed = [], []
+    for i, row in enumerate(rows):
+        try:
+            if isinstance(row, MalformedRow):
+                raise row
+            if not isinstance(row, dict):
+                raise MalformedRow(f"row is a {type(row).__name__}, not an object")
+            examples.append(parse(row, i))
+        except MalformedRow as e:
+            reason = f"row {i}: {e}"
+            if strict:
+                raise UserError(f"{source}: malformed {reason} (drop --strict to count and skip such rows)") from None
+            malformed.append(reason)
+    return examples, malformed
+
+
+def subsample(examples: list, max_n: int, seed: int) -> list:
+    """The first max_n examples after a seeded shuffle (all of them, in file order, when max_n < 0): the subset
+    depends only on the data, max_n and the seed, never on the number of ranks."""
+    if max_n < 0 or max_n >= len(examples):
+        return list(examples)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:max_n])]
+
+
+def wilson_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sensible at 0 and 1 and for small n, unlike the normal
+    approximation). z = the 97.5% normal quantile."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# continuation log-likelihoods
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """Encode context + continuation jointly (BOS first) and return (ids, number of continuation tokens at the end).
+
+    The continuation tokens are those after the longest common prefix of the joint encoding and the context's own
+    encoding: a token that straddles the boundary (BPE merged the last context characters with the first
+    continuation ones) counts as continuation, so the scored tokens are exactly the model's tokenisation of the
+    joint text."""
+    ctx = tokenizer.encode(context, prepend=tokenizer.bos_token_id)
+    joint = tokenizer.encode(context + continuation, prepend=tokenizer.bos_token_id)
+    n = 0
+    while n < min(len(ctx), len(joint)) and ctx[n] == joint[n]:
+        n += 1
+    return joint, len(joint) - n
+
+
+class ModelScorer:
+    """Sum of log-probabilities of each continuation given its context, from the model, in batches."""
+
+    def __init__(self, model, tokenizer, autocast_ctx, max_len: int | None = None):
+        self.model, self.tokenizer, self.ctx = model, tokenizer, autocast_ctx
+        self.max_len = max_len or model.config.sequence_len  # the trained context; longer inputs lose their left
+
+    @torch.no_grad()
+    def loglikelihoods(self, requests: list[tuple[str, str]]) -> list[dict]:
+        """requests: (context, continuation) pairs, scored in one right-padded batch (padding sits after every
+        scored position, so causal attention never sees it). Returns per request {ll, n_tokens, truncated};
+        ll is None when the continuation is empty or does not fit the context window."""
+        out, rows = [], []
+        for context, cont in requests:
+            ids, n_cont = continuation_ids(self.tokenizer, context, cont)
+            truncated = len(ids) > self.max_len
+            if n_cont == 0 or n_cont >= self.max_len:
+                out.append(dict(ll=None, n_tokens=n_cont, truncated=truncated))
+                continue
+            ids = ids[-self.max_len:]  # left truncation, as CORE does; the continuation itself always survives
+            out.append(dict(ll=0.0, n_tokens=n_cont, truncated=truncated))
+            rows.append((len(out) - 1, ids, n_cont))
+        if not rows:
+            return out
+        device = self.model.cos.device
+        T = max(len(ids) for _, ids, _ in rows)
+        x = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+        for r, (_, ids, _) in enumerate(rows):
+            x[r, :len(ids)] = torch.tensor(ids, device=device)
+        with self.ctx:
+            logits = self.model(x)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        for r, (i, ids, n_cont) in enumerate(rows):
+            L = len(ids)
+            targets = torch.tensor(ids[L - n_cont:], device=device)
+            # the token at position t is predicted by the logits at t - 1
+            out[i]["ll"] = logp[r, L - n_cont - 1:L - 1].gather(1, targets[:, None]).sum().item()
+        return out
+
+
+def score_mc(ex: MCExample, lls: list[dict]) -> dict:
+    """Multiple-choice decisions from the per-choice log-likelihoods, lm-eval style:
+    acc = argmax sum LL; acc_norm = argmax sum LL / len(choice) in characters (lm-eval; the delimiter is not
+    counted); acc_token_norm = argmax mean LL per continuation token (karpathy / CORE style), for comparison.
+    Ties go to the first choice (argmax). Returns None when some choice could not be scored."""
+    if any(r["ll"] is None for r in lls):
+        return None
+    ll = [r["ll"] for r in lls]
+
+    def argmax(v):
+        return max(range(len(v)), key=lambda i: (v[i], -i))
+
+    pred = argmax(ll)
+    pred_norm = argmax([x / max(1, len(c)) for x, c in zip(ll, ex.choices)])
+    pred_tok = argmax([x / r["n_tokens"] for x, r in zip(ll, lls)])
+    return dict(pred=pred, pred_norm=pred_norm, pred_token_norm=pred_tok, lls=ll,
+                acc=pred == ex.gold, acc_norm=pred_norm == ex.gold, acc_token_norm=pred_tok == ex.gold,
+                truncated=any(r["truncated"] for r in lls))

@@ -1,0 +1,135 @@
+"""scripts.base_eval end to end on a tiny checkpoint and small subsets of the real data: eval.json and
+eval_examples.jsonl, 2 gloo ranks == 1 process, bad input (unknown task, missing checkpoint, malformed rows)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanochat.common import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128", "--device-batch-size",
+         "2", "--total-batch-size", "256", "--data-source", "local", "--eval-tokens", "1024", "--eval-every", "-1",
+         "--device-type", "cpu", "--dtype", "float32", "--compile", "false", "--num-iterations", "3"]
+TASKS = "gsm8k,gsm8k_8shot,hellaswag,arc_easy,arc_challenge"
+# 4 examples a task in batches of 2: two batches per task, so each of 2 ranks has work; 12 new tokens keep it fast
+EVAL = ["--tasks", TASKS, "--max-per-task", "4", "--device-batch-size", "2", "--max-new-tokens", "12",
+        "--task-data", "local", "--device-type", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def evalme(tiny_base_dir, tmp_path_factory):
+    """A 3-step tiny checkpoint (model tag 'evaltasks') in the session's base dir."""
+    from scripts.base_train import main as train_main
+    results = tmp_path_factory.mktemp("train_results")
+    train_main(TRAIN + ["--model-tag", "evaltasks", "--results-dir", str(results)])
+    return tiny_base_dir
+
+
+def read_examples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_run(evalme, tmp_path_factory):
+    """One in-process evaluation on one thread (as each torchrun rank below), shared by two tests."""
+    import torch
+    from scripts.base_eval import main as eval_main
+    out = tmp_path_factory.mktemp("eval_single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        eval_main(EVAL + ["--model-tag", "evaltasks", "--results-dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return (json.loads((out / "evaltasks" / "eval.json").read_text()),
+            read_examples(out / "evaltasks" / "eval_examples.jsonl"))
+
+
+def test_tiny_checkpoint_end_to_end(single_run):
+    record, examples = single_run
+    assert set(record["results"]) == set(TASKS.split(","))
+    for name, res in record["results"].items():
+        assert res["n"] == 4 and res["malformed"] == 0 and res["skipped"] == 0, name
+        assert 0 <= res["score"] <= 1 and res["ci95"][0] <= res["score"] <= res["ci95"][1]
+        assert res["data_source"].startswith("local:") and res["style"] and res["examples_per_s"] > 0
+        assert res["metric"] in res["metrics"]
+    assert record["results"]["hellaswag"]["rows"] == 10042 and record["results"]["arc_easy"]["rows"] == 2376
+    assert record["results"]["gsm8k_8shot"]["truncated"] == 4  # 8 exemplars do not fit 4 x 128 positions
+    assert len(examples) == 20
+    for r in examples:
+        assert {"task", "id", "prediction", "correct"} <= set(r)
+    # the per-task scores are the means of the per-example records
+    for name, res in record["results"].items():
+        rs = [r for r in examples if r["task"] == name]
+        assert res["score"] == sum(r["correct"] for r in rs) / len(rs)
+    gen = [r for r in examples if r["task"] == "gsm8k"]
+    assert all(r["new_tokens"] <= 12 and isinstance(r["completion"], str) for r in gen)
+
+
+def run_eval_subprocess(args: list[str], nproc: int, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "scripts.base_eval", "--"] + args
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_gloo_ranks_equal_one_process(single_run, tmp_path):
+    # one thread in every process (torchrun's default per rank), so even the floating-point reductions match
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = run_eval_subprocess(EVAL + ["--model-tag", "evaltasks", "--results-dir", str(tmp_path)], 2, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((tmp_path / "evaltasks" / "eval.json").read_text())
+    ex2 = read_examples(tmp_path / "evaltasks" / "eval_examples.jsonl")
+    one, ex1 = single_run
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for name in TASKS.split(","):
+        for key in ("score", "n", "ci95", "metrics", "malformed", "skipped", "truncated"):
+            assert one["results"][name][key] == two["results"][name][key], (name, key)
+    assert len(ex1) == len(ex2) == 20
+    for a, b in zip(ex1, ex2):
+        assert (a["task"], a["id"], a["prediction"], a["correct"]) == (b["task"], b["id"], b["prediction"],
+                                                                       b["correct"])
+        assert a.get("completion") == b.get("completion")
+        assert a.get("lls", []) == pytest.approx(b.get("lls", []), abs=1e-5)
+
+
+def test_bad_input(evalme, tmp_path, monkeypatch):
+    from scripts.base_eval import main as eval_main
+    with pytest.raises(UserError, match="unknown task.*mmlu"):
+        eval_main(["--model-tag", "evaltasks", "--tasks", "gsm8k,mmlu"])
+    with pytest.raises(UserError, match="no checkpoint for model tag 'nothere'"):
+        eval_main(["--model-tag", "nothere", "--tasks", "gsm8k"])
+    with pytest.raises(UserError, match="does not exist"):
+        eval_main(["--checkpoint", str(tmp_path / "no_ckpt"), "--tasks", "gsm8k"])
+    with pytest.raises(UserError, match="--max-per-task must be > 0 or -1"):
+        eval_main(["--model-tag", "evaltasks", "--max-per-task", "0"])
+
+    # a data dir with malformed rows: counted in eval.json, fatal with --strict
+    data = tmp_path / "data"
+    shutil.copytree(evalme.data_dir / "gsm8k", data / "gsm8k", ignore=shutil.ignore_patterns("train.jsonl"))
+    (data / "arc").mkdir()
+    arc_rows = (evalme.data_dir / "arc" / "ARC-Easy-test.jsonl").read_text().splitlines()[:5]
+    bad_arc = json.loads(arc_rows[0])
+    bad_arc["answerKey"] = "Q"
+    (data / "arc" / "ARC-Easy-test.jsonl").write_text("\n".join(arc_rows + [json.dumps(bad_arc)]) + "\n")
+    gsm = (data / "gsm8k" / "test.jsonl")
+    gsm.write_text("\n".join(gsm.read_text().splitlines()[:6] + ['{"question": "q", "answer": "no final line"}',
+                                                                 "{broken"]) + "\n")
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(data))
+    args = ["--model-tag", "evaltasks", "--tasks", "gsm8k,arc_easy", "--max-new-tokens", "4", "--task-data", "local",
+            "--results-dir", str(tmp_path / "res")]
+    eval_main(args)
+    res = json.loads((tmp_path / "res" / "evaltasks" / "eval.json").read_text())["results"]
+    assert (res["gsm8k"]["rows"], res["gsm8k"]["malformed"], res["gsm8k"]["n"]) == (8, 2, 6)
+    assert "row 6: the answer has no '#### <number>'" in res["gsm8k"]["malformed_reasons"][0]
+    assert "row 7: line 8 is not JSON" in res["gsm8k"]["malformed_reasons"][1]
+    assert (res["arc_easy"]["rows"], res["arc_easy"]["malformed"], res["arc_easy"]["n"]) == (6, 1, 5)
+    assert "answerKey 'Q' is not among the labels" in res["arc_easy"]["malformed_reasons"][0]
+    with pytest.raises(UserError, match="malformed row 6: the answer has no '####"):
+        eval_main(args + ["--strict"])

@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import torch
@@ -18,3 +20,21 @@ def timed_train_step(model, optimizers, x, y, ctx, device_type: str) -> float:
     if device_type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def own_peak_memory_mib(device_type: str) -> float:
+    """This process's peak memory: CUDA max allocated, or the peak RSS (VmHWM; ru_maxrss would include the
+    parent's pages at fork time, so a child process measured that way inherits its parent's high-water mark)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def child_peak_memory_mib(module: str, child_arg: str, args, exclude: tuple = ()) -> float:
+    """Run `python -m module --_memory-child child_arg` with the same flags in a fresh process (so the measured
+    model does not share a high-water mark with the others) and read the MiB it prints last."""
+    cmd = [sys.executable, "-m", module, "--_memory-child", child_arg]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in exclude + ("memory_child",)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])

@@ -14,12 +14,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from benchmarks.bench_utils import child_peak_memory_mib, own_peak_memory_mib
 from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
 from nanochat.engine import Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
@@ -62,16 +61,6 @@ def prefill_and_decode(model, prompts: torch.Tensor, new_tokens: int, ctx, devic
     return t1 - t0, time.perf_counter() - t1
 
 
-def peak_memory(args, model_name: str, batch_size: int) -> float:
-    """Peak memory (MiB) of generating at one batch size, in a fresh child process: CUDA max allocated, or the
-    child's own peak RSS (VmHWM; ru_maxrss would include the parent's pages at fork time)."""
-    cmd = [sys.executable, "-m", "benchmarks.inference", "--_memory-child", f"{model_name}:{batch_size}"]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("out", "memory_child", "batch_sizes")]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=4)
@@ -101,11 +90,7 @@ def main(argv=None):
         name, B = args.memory_child.split(":")
         model = build(args, name == "mhc", device)
         prefill_and_decode(model, prompts(int(B)), args.new_tokens, ctx, device_type)
-        if device_type == "cuda":
-            print(torch.cuda.max_memory_allocated() / 2**20)
-        else:
-            with open("/proc/self/status") as f:
-                print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024)
+        print(own_peak_memory_mib(device_type))
         return
 
     models = {name: build(args, name == "mhc", device) for name in MODELS}
@@ -145,7 +130,8 @@ def main(argv=None):
                                     seconds_no_cache=cache_cmp[(name, "no_cache")])
     del models
     for name in MODELS:
-        results[name]["peak_memory_mib"] = {str(B): peak_memory(args, name, B) for B in batch_sizes}
+        results[name]["peak_memory_mib"] = {str(B): child_peak_memory_mib("benchmarks.inference", f"{name}:{B}", args,
+                                                                        exclude=("out", "batch_sizes")) for B in batch_sizes}
     ratios = {f"decode_tok_per_s_mhc_over_baseline_b{B}": results["mhc"]["batch"][str(B)]["decode_tok_per_s"]
               / results["baseline"]["batch"][str(B)]["decode_tok_per_s"] for B in batch_sizes}
     ratios.update({f"peak_memory_mhc_over_baseline_b{B}": results["mhc"]["peak_memory_mib"][str(B)]

@@ -10,12 +10,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import torch
 
-from benchmarks.bench_utils import timed_train_step
+from benchmarks.bench_utils import child_peak_memory_mib, own_peak_memory_mib, timed_train_step
 from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_optimizers
@@ -31,15 +29,6 @@ def build(args, mhc: bool, device):
     opts = setup_optimizers(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
                             weight_decay=0.0, ns_dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
     return model, (torch.compile(model) if args.compile else model), opts
-
-
-def peak_memory(args, mhc: bool) -> float:
-    """Peak memory of a few training steps of one model, in MiB: CUDA max allocated, or the CPU peak RSS of a
-    fresh child process (so the two models do not share one high-water mark)."""
-    cmd = [sys.executable, "-m", "benchmarks.mhc_overhead", "--_memory-child", "mhc" if mhc else "base"]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("compile", "out", "memory_child")]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -68,11 +57,7 @@ def main(argv=None):
         model, train_model, opts = build(args, args.memory_child == "mhc", device)
         for _ in range(2):
             timed_train_step(train_model, opts, x, y, ctx, device_type)
-        if device_type == "cuda":
-            print(torch.cuda.max_memory_allocated() / 2**20)
-        else:  # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's pages at fork time)
-            with open("/proc/self/status") as f:
-                print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024)
+        print(own_peak_memory_mib(device_type))
         return
 
     models = {name: build(args, name == "mhc", device) for name in ("baseline", "mhc")}
@@ -85,7 +70,8 @@ def main(argv=None):
     med = {name: statistics.median(t) for name, t in times.items()}
     params = {name: m[0].num_params() for name, m in models.items()}
     del models
-    memory = {name: peak_memory(args, name == "mhc") for name in ("baseline", "mhc")}
+    memory = {name: child_peak_memory_mib("benchmarks.mhc_overhead", "mhc" if name == "mhc" else "base", args,
+                                          exclude=("compile", "out")) for name in ("baseline", "mhc")}
     results = dict(
         median_step_s=med, step_times_s=times, step_time_ratio=med["mhc"] / med["baseline"],
         tok_per_sec={k: args.batch_size * args.seq_len / v for k, v in med.items()},

@@ -151,3 +151,16 @@ def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps:
     """Muon momentum ramps from start to end over the first ramp_steps (modded-nanogpt/nanochat)."""
     frac = min(step / ramp_steps, 1.0) if ramp_steps > 0 else 1.0
     return (1 - frac) * start + frac * end
+
+
+def apply_schedules(optimizers, step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                    final_lr_frac: float) -> float:
+    """Set every group's LR to initial_lr x the trapezoid multiplier and Muon's momentum for `step`; returns the
+    multiplier. `optimizers` is setup_optimizers' [adamw, muon]."""
+    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in optimizers[1].param_groups:
+        group["momentum"] = muon_momentum(step)
+    return lrm

@@ -31,7 +31,7 @@ from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.newton_schulz import resolve_ns_coeffs
-from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
+from nanochat.optim import apply_schedules, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, for MFU
@@ -255,12 +255,8 @@ def main(argv=None):
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step)
+        lrm = apply_schedules(optimizers, step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio,
+                              cfg.final_lr_frac)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)

@@ -38,7 +38,7 @@ from nanochat.dataset import tokenized_dir
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.newton_schulz import (CUBIC, HANDOVER8, POLAR_EXPRESS5, QUINTIC, ns_schedule, odd_polynomial_iteration,
                                     polynomial_orthogonalize, resolve_ns_coeffs)
-from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
+from nanochat.optim import apply_schedules, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -161,12 +161,8 @@ def train_variant(variant: Variant, settings: dict, token_dir: str, vocab_size: 
         with ctx:
             loss = model(x, y)
         loss.backward()
-        lrm = lr_multiplier(step, steps, defaults.warmup_ratio, defaults.warmdown_ratio, defaults.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step)
+        apply_schedules(optimizers, step, steps, defaults.warmup_ratio, defaults.warmdown_ratio,
+                        defaults.final_lr_frac)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)

@@ -1,6 +1,9 @@
 """Helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -38,3 +41,18 @@ def child_peak_memory_mib(module: str, child_arg: str, args, exclude: tuple = ()
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in exclude + ("memory_child",)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def write_record(path: str, benchmark: str, args, device_type: str, results: dict, **extra) -> dict:
+    """Write a benchmark's JSON: its flags and results plus the environment that produced them."""
+    from nanochat.common import git_commit  # local import: the helpers above need nothing from nanochat
+
+    record = dict(benchmark=benchmark, config=vars(args), device=device_type,
+                  device_name=torch.cuda.get_device_name() if device_type == "cuda" else platform.processor(),
+                  platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
+                  git_commit=git_commit(), **extra, results=results)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")
+    return record

@@ -11,15 +11,13 @@ cache modes interleaved in one process, so machine noise hits both sides of each
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import torch
 
-from benchmarks.bench_utils import child_peak_memory_mib, own_peak_memory_mib
-from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
+from benchmarks.bench_utils import child_peak_memory_mib, own_peak_memory_mib, write_record
+from nanochat.common import autocast_ctx, autodetect_device_type, run_main
 from nanochat.engine import Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 
@@ -130,8 +128,9 @@ def main(argv=None):
                                     seconds_no_cache=cache_cmp[(name, "no_cache")])
     del models
     for name in MODELS:
-        results[name]["peak_memory_mib"] = {str(B): child_peak_memory_mib("benchmarks.inference", f"{name}:{B}", args,
-                                                                        exclude=("out", "batch_sizes")) for B in batch_sizes}
+        results[name]["peak_memory_mib"] = {
+            str(B): child_peak_memory_mib("benchmarks.inference", f"{name}:{B}", args, exclude=("out", "batch_sizes"))
+            for B in batch_sizes}
     ratios = {f"decode_tok_per_s_mhc_over_baseline_b{B}": results["mhc"]["batch"][str(B)]["decode_tok_per_s"]
               / results["baseline"]["batch"][str(B)]["decode_tok_per_s"] for B in batch_sizes}
     ratios.update({f"peak_memory_mhc_over_baseline_b{B}": results["mhc"]["peak_memory_mib"][str(B)]
@@ -145,13 +144,7 @@ def main(argv=None):
         g = results[name]["generate_batch1"]
         print(f"{name:8s} {args.new_tokens} new tokens, batch 1: {g['tok_per_s_cache']:.0f} tok/s with the KV cache, "
               f"{g['tok_per_s_no_cache']:.1f} without -> {g['cache_speedup']:.1f}x")
-    record = dict(benchmark="inference", config=vars(args), device=device_type,
-                  device_name=torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-                  torch=torch.__version__, threads=torch.get_num_threads(), git_commit=git_commit(), results=results)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_record(args.out, "inference", args, device_type, results)
 
 
 if __name__ == "__main__":

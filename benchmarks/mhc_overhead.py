@@ -7,14 +7,13 @@ both alike), peak-memory ratio and parameter overhead. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 
 import torch
 
-from benchmarks.bench_utils import child_peak_memory_mib, own_peak_memory_mib, timed_train_step
-from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
+from benchmarks.bench_utils import (child_peak_memory_mib, own_peak_memory_mib, timed_train_step,
+                                    write_record)
+from nanochat.common import autocast_ctx, autodetect_device_type, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_optimizers
 
@@ -83,12 +82,7 @@ def main(argv=None):
           f"-> ratio {results['peak_memory_ratio']:.3f}")
     print(f"parameters: baseline {params['baseline']:,}, mHC {params['mhc']:,} "
           f"(+{results['param_overhead_pct']:.2f}%)")
-    record = dict(benchmark="mhc_overhead", config=vars(args), device=device_type, torch=torch.__version__,
-                  threads=torch.get_num_threads(), git_commit=git_commit(), results=results)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_record(args.out, "mhc_overhead", args, device_type, results)
 
 
 if __name__ == "__main__":

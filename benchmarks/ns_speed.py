@@ -10,15 +10,13 @@ fixed per-call work (normalisation, casts, transposes) is shared and pulls the m
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 
-from nanochat.common import UserError, autodetect_device_type, git_commit, run_main
+from benchmarks.bench_utils import write_record
+from nanochat.common import UserError, autodetect_device_type, run_main
 from nanochat.newton_schulz import PRESETS, ns_schedule, zeropower_via_newtonschulz
 
 
@@ -75,17 +73,11 @@ def main(argv=None):
                                           min_ms=1000 * min(times[(name, d)]),
                                           ratio_to_quintic=med / base if base else None,
                                           flop_ratio_to_quintic=steps / 5)
-    out = dict(shape=[m, n], batch=args.batch, device=str(device), rounds=args.rounds, warmup=args.warmup,
-               threads=torch.get_num_threads(), torch=torch.__version__, platform=platform.platform(),
-               git_commit=git_commit(), results=results)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_record(args.out, "ns_speed", args, device.type, results, shape=[m, n])
     for key, r in results.items():
         ratio = f"{r['ratio_to_quintic']:.2f}x quintic (FLOPs {r['flop_ratio_to_quintic']:.2f}x)" \
             if r["ratio_to_quintic"] else ""
         print(f"{key:24s} {r['steps']} steps  median {r['median_ms']:8.1f} ms  {ratio}")
-    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,15 +8,12 @@ measured side by side in one process so machine noise hits both alike. Writes JS
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 
 import torch
 
-from benchmarks.bench_utils import timed_train_step
-from nanochat.common import autocast_ctx, autodetect_device_type, git_commit, run_main
+from benchmarks.bench_utils import timed_train_step, write_record
+from nanochat.common import autocast_ctx, autodetect_device_type, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_optimizers
 
@@ -66,13 +63,8 @@ def main(argv=None):
     if "float32" in results and "bfloat16" in results:
         results["bf16_speedup"] = results["float32"]["median_step_s"] / results["bfloat16"]["median_step_s"]
         print(f"bf16 / fp32 speed-up: {results['bf16_speedup']:.2f}x")
-    record = dict(benchmark="train_throughput", config=vars(args), num_params=sum(p.numel() for p in model.parameters()),
-                  device=device_type, torch=torch.__version__, threads=torch.get_num_threads(),
-                  cpu=platform.processor() or platform.machine(), git_commit=git_commit(), results=results)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_record(args.out, "train_throughput", args, device_type, results,
+                 num_params=sum(p.numel() for p in model.parameters()))
 
 
 if __name__ == "__main__":

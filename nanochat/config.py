@@ -48,11 +48,14 @@ class TrainConfig:
     mhc_ns_coeffs: str = _f(_MHC.mhc_ns_coeffs, "mHC: NS preset or literal for the orthostochastic projection")
     mhc_dynamic: bool = _f(_MHC.mhc_dynamic, "mHC: per-token (dynamic) matrices; --no-mhc-dynamic = static")
     mhc_alpha_init: float = _f(_MHC.mhc_alpha_init, "mHC: initial alpha_pre/post/res (paper: 0.01)")
-    mhc_res_init_diag: float = _f(_MHC.mhc_res_init_diag, "mHC: diagonal of H_res at init")
+    mhc_res_init_diag: float = _f(_MHC.mhc_res_init_diag, "mHC: diagonal d of the learned Sinkhorn(b_res) at init, "
+                                  "in (1/n, 1); the effective H_res starts at diagonal 1 - g(1 - d)")
     mhc_gate_init: float = _f(_MHC.mhc_gate_init, "mHC: initial gate g in H_res := (1-g) I + g H_res")
     mhc_gate_learnable: bool = _f(_MHC.mhc_gate_learnable, "mHC: learn the gate (else fixed at --mhc-gate-init)")
     mhc_gate_noise: float = _f(_MHC.mhc_gate_noise, "mHC: training-time gate noise a, g *= U[1-a, 1+a], in [0,1]")
     mhc_stream_embed_std: float = _f(_MHC.mhc_stream_embed_std, "mHC: init std of the stream embedding")
+    mhc_readout: str = _f(_MHC.mhc_readout, "mHC: streams -> head, learned (sigmoid-weighted, as DeepSeek-V4) | sum "
+                          "(HC; the last sub-layer's H_res then cancels)")
     # data
     data_source: str = _f("fineweb", "fineweb (FineWeb-Edu shards) | local (train splits under $NANOCHAT_DATA_DIR)")
     # batch and horizon
@@ -65,7 +68,8 @@ class TrainConfig:
     unembedding_lr: float = _f(0.004, "AdamW LR for the lm_head (scaled by 1/sqrt(width/768))")
     matrix_lr: float = _f(0.02, "Muon LR for hidden matrices")
     scalar_lr: float = _f(0.5, "AdamW LR for scalar parameters (scaled by 1/sqrt(width/768))")
-    mhc_lr: float = _f(0.01, "AdamW LR for the mHC parameters (phi, alpha, biases, gates, stream embedding)")
+    mhc_lr: float = _f(0.01, "AdamW LR for the mHC parameters (phi, alpha, biases, gates, stream embedding, "
+                       "read-out)")
     weight_decay: float = _f(0.0, "decoupled weight decay on the Muon matrices")
     muon_ns_coeffs: str = _f("quintic", "Muon's Newton-Schulz coefficients: a preset (quintic, cubic, polar_express5, "
                              "handover8) or a literal 'a,b,c' / JSON list of triples (nanochat/newton_schulz.py)")

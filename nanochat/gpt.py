@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import UserError
-from nanochat.mhc import DynamicMHC, check_gate_value, validate_mhc_args
+from nanochat.mhc import READOUTS, DynamicMHC, StreamReadout, check_gate_value, validate_mhc_args
 from nanochat.newton_schulz import resolve_ns_coeffs
 
 
@@ -43,11 +43,12 @@ class GPTConfig:
     mhc_ns_coeffs: str = "handover8"  # NS schedule of the orthostochastic projection (a preset name or literal)
     mhc_dynamic: bool = True          # False: static mHC (biases only) for ablations
     mhc_alpha_init: float = 0.01      # paper: gating factors alpha start at 0.01
-    mhc_res_init_diag: float = 0.95   # diagonal of H_res at init (near identity, not saturated)
-    mhc_gate_init: float = 0.9        # initial gate g: H_res := (1 - g) I + g H_res
+    mhc_res_init_diag: float = 0.6    # diagonal of the learned Sinkhorn(b_res) at init (well-conditioned)
+    mhc_gate_init: float = 0.2        # initial gate g: H_res := (1 - g) I + g H_res has diagonal 1 - g(1 - d) = 0.92
     mhc_gate_learnable: bool = True   # learn g = sigmoid(theta); False fixes g = mhc_gate_init
     mhc_gate_noise: float = 0.0       # training-time multiplicative gate noise U[1-a, 1+a], clamped to [0, 1]
     mhc_stream_embed_std: float = 1.0  # breaks the symmetry of the replicated streams (x has unit RMS too)
+    mhc_readout: str = "learned"      # streams -> head: learned sigmoid-weighted sum (V4's hc_head) | sum (HC)
 
     def validate(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -69,6 +70,8 @@ class GPTConfig:
                 resolve_ns_coeffs(self.mhc_ns_coeffs)
             if self.mhc_stream_embed_std < 0:
                 raise UserError(f"mhc_stream_embed_std must be >= 0 (got {self.mhc_stream_embed_std})")
+            if self.mhc_readout not in READOUTS:
+                raise UserError(f"mhc_readout must be one of {', '.join(READOUTS)} (got {self.mhc_readout!r})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -188,6 +191,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.mhc_enabled and config.mhc_num_streams > 1:  # one stream needs no symmetry breaking
             self.stream_embed = nn.Parameter(torch.empty(config.mhc_num_streams, config.n_embd))
+            if config.mhc_readout == "learned":  # read like the H_pre of a sub-layer 2L (the head)
+                self.stream_readout = StreamReadout(config.n_embd, config.mhc_num_streams, 2 * config.n_layer,
+                                                    alpha_init=config.mhc_alpha_init)
         cos, sin = self._rotary_tables(config.sequence_len * ROTARY_HEADROOM)
         self.register_buffer("cos", cos, persistent=False)  # not saved: derived from the config
         self.register_buffer("sin", sin, persistent=False)
@@ -218,6 +224,8 @@ class GPT(nn.Module):
                 block.mhc_mlp.reset_parameters()
         if hasattr(self, "stream_embed"):
             nn.init.normal_(self.stream_embed, std=self.config.mhc_stream_embed_std)
+        if hasattr(self, "stream_readout"):
+            self.stream_readout.reset_parameters()
         cos, sin = self._rotary_tables(self.cos.size(1), device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -259,7 +267,9 @@ class GPT(nn.Module):
             x = x.reshape(B, T, -1)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
-        if self.config.mhc_enabled:  # sum the streams before the final norm (as HC)
+        if hasattr(self, "stream_readout"):  # collapse the streams before the final norm: learned weights ...
+            x = self.stream_readout(x)
+        elif self.config.mhc_enabled:  # ... or HC's plain sum
             x = x.view(B, T, self.config.mhc_num_streams, -1).sum(dim=-2)
         x = norm(x)
         logits = self.lm_head(x).float()  # [B, T, V], softcap and loss in fp32
@@ -278,6 +288,18 @@ class GPT(nn.Module):
         if not self.config.mhc_enabled:
             raise UserError("this model has no mHC (mhc_enabled is false): there are no gates to set or read")
         return [m for block in self.transformer.h for m in (block.mhc_attn, block.mhc_mlp)]
+
+    def mhc_parameters(self) -> list:
+        """Every mHC parameter: the connections' phi, alpha, biases and gates, the stream embedding and the
+        read-out (empty for the baseline). They train with AdamW at --mhc-lr (nanochat/optim.py)."""
+        if not self.config.mhc_enabled:
+            return []
+        params = [p for m in self.mhc_modules() for p in m.parameters()]
+        if hasattr(self, "stream_embed"):
+            params.append(self.stream_embed)
+        if hasattr(self, "stream_readout"):
+            params += list(self.stream_readout.parameters())
+        return params
 
     def set_mhc_gate(self, value: float):
         """Override every sub-layer's gate with one value in [0, 1]."""

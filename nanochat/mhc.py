@@ -13,22 +13,36 @@ Around each sub-layer (attention and MLP each count as one):
     x_next = H_res @ x + H_post[j] * y                             per stream j
 
 Design decisions (the paper leaves them open; DESIGN.md §4-5):
-- Initialisation. b_res = D on the diagonal, 0 off it, with D chosen so that Sinkhorn(b_res) has diagonal
-  `res_init_diag` (0.95): H_res ~ I at step 0, yet far from the saturation where exp() underflows and the gradient
-  vanishes (the public repos' tau = 0.05 with -8 logits gives exp(-160) = 0: exactly I, exactly zero gradient).
-  b_pre = b_post = 0: H_pre = 0.5 on every stream (a uniform read-out; the branch's RMSNorm makes its scale
-  irrelevant) and H_post = 1 (every stream receives the branch output). phi ~ N(0, 1/(nC)) and alpha = 0.01, so the
-  dynamic part starts as a ~1% perturbation with a non-zero gradient for phi *and* alpha.
-  With identical streams this start is exactly the plain residual network; the learnable stream embedding in GPT
-  breaks the symmetry between streams, which H_res needs to receive a gradient at all.
-- Gate. g = sigmoid(gate_logit), learned by default, initialised to `gate_init` (0.9: mostly the learned mixing,
-  with gradient room both ways). The RL controller overrides it with set_gate(v), v in [0, 1] (v = 1: full mHC,
-  v = 0: identity mixing); clear_gate() returns to the learned value. Training-time gate noise multiplies g by
-  U[1 - noise, 1 + noise] and clamps to [0, 1], so H_res stays doubly stochastic.
+- Near-identity start through the gate, not through a saturated Sinkhorn. The learned matrix Sinkhorn(b_res)
+  starts at diagonal `res_init_diag` (0.6; uniform mixing would be 1/n) and the gate at `gate_init` (0.2), so the
+  effective H_res = (1 - g) I + g Sinkhorn(b_res) has diagonal 1 - g (1 - d) = 0.92 at step 0. Why not put the
+  near-identity into b_res (diagonal 0.95, gate ~1)? Sinkhorn converges at rate ~lambda_2^2 per iteration, with
+  lambda_2 = (n d - 1) / (n - 1) the second eigenvalue of the matrix it converges to: 0.47 at d = 0.6 (20 iterations
+  leave ~1e-13) but 0.93 at d = 0.95 (20 iterations leave ~6%, in the column sums of every perturbed matrix and in
+  the unrolled gradient). And the gate's gradient is proportional to H_res - I, so a gate in front of a 5% departure
+  from I barely learns. The public repos go further (tau = 0.05, -8 logits: exp(-160) = 0, exactly I, exactly zero
+  gradient); here every parameter has a first-order gradient at step 0 (tests/test_mhc.py).
+- H_pre of sub-layer k starts at sigmoid(1) = 0.73 on stream k mod n and 0.5 on the others (HC's A_m = e_(k mod n),
+  softened so that sigmoid is far from saturation): every branch reads all streams, sub-layers read them
+  differently, and stream differences reach the loss at first order. H_post starts at 2 sigmoid(0) = 1 (every
+  stream receives the branch output, as a plain residual). phi ~ N(0, 1/(nC)) and alpha = 0.01 (the paper's): the
+  dynamic part starts as a ~1% perturbation with a non-zero gradient for phi and alpha.
+- Gate. g = sigmoid(gate_logit), learned by default (`gate_learnable=False` fixes g = gate_init). The RL controller
+  overrides it with set_gate(v), v in [0, 1] (v = 1: full learned mixing, v = 0: identity, H_res = I exactly);
+  clear_gate() returns to the learned value. Training-time gate noise multiplies g by U[1 - a, 1 + a] and clamps to
+  [0, 1], so H_res stays doubly stochastic and non-negative.
 - Orthostochastic alternative: H_res = NS(logits) ** 2 elementwise (rows/columns sum to 1 when NS has converged,
-  hence the 8-step schedule by default). Its b_res starts at I + delta * S (S skew-symmetric) so that H_res ~ I
-  with a non-zero gradient (at exactly I the gradient of O*O vanishes).
-- Coefficient math (norm, projection, Sinkhorn, NS) runs in fp32 whatever the autocast dtype.
+  hence the 8-step schedule by default). Its b_res starts at I + delta * S (S skew-symmetric), whose polar factor is
+  a rotation with (O*O) diagonal `res_init_diag` (not the public repo's 0/-8 init, whose squared polar factor is the
+  uniform 1/4 mixing).
+- Coefficient math (norm, projection, Sinkhorn, NS, the read-out and the mixing) runs in fp32 whatever the autocast
+  dtype; only the branch runs under autocast.
+
+Speed (benchmarks/mhc_overhead.py): RMSNorm(x) @ phi is computed as (x @ phi) / rms(x) -- the norm is one scalar per
+token -- so the normalised [N, nC] copy is never made (the paper's kernel does the same, Eq. 10-19); Sinkhorn runs
+in its scaling form with a hand-written unrolled backward (`sinkhorn`, below) instead of 40 autograd-recorded
+log-sum-exps per sub-layer; the read-out, the mixing and the write-back are batched matmuls (no [B,T,n,n,C]
+temporaries, no Python branching on values in forward).
 """
 from __future__ import annotations
 
@@ -37,15 +51,18 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.newton_schulz import resolve_ns_coeffs, zeropower_via_newtonschulz
 
 CONSTRAINTS = ("sinkhorn", "orthostochastic")
-# H_pre of sub-layer k starts at sigmoid(1) = 0.73 on stream k mod n and 0.5 elsewhere: a mild preference that makes
-# the read-out see stream differences (so H_res and the gate get a first-order gradient) without saturating sigmoid
+READOUTS = ("learned", "sum")
+# H_pre of sub-layer k (and the learned read-out) starts at sigmoid(1) = 0.73 on stream k mod n and 0.5 elsewhere
 PRE_PREFERENCE_LOGIT = 1.0
+# Sinkhorn's scaling form works on exp(logits - column max); fp32 exp() underflows below about -87, so log-ratios are
+# floored at -80 nats. Any matrix whose entries lie within 80 nats of their column's maximum is computed exactly
+# (the same numbers as sinkhorn_log); beyond, the floored entries weigh e^-80 ~ 2e-35 and everything stays finite.
+SINKHORN_MIN_LOG_RATIO = -80.0
 
 
 def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
@@ -53,18 +70,119 @@ def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+# -- the manifold projections ---------------------------------------------------------------------------------------
+
 def sinkhorn_log(logits: torch.Tensor, num_iters: int = 20, tau: float = 1.0) -> torch.Tensor:
     """Sinkhorn-Knopp in log space: [..., n, n] logits -> doubly stochastic matrices (fp32 whatever the input).
 
     Starts from exp(logits / tau) and alternates column and row normalisation (T_r(T_c(M)), as the paper); after
-    the final row step rows sum to 1 exactly and columns within the Sinkhorn tolerance. Log space keeps extreme
-    logits (+-1e4) finite.
+    the final row step rows sum to 1 exactly and columns within the Sinkhorn tolerance. Log space keeps any logits
+    (+-1e4) finite. The reference implementation (plain autograd); DynamicMHC uses the faster `sinkhorn`.
     """
     log_m = _fp32_or_wider(logits) / tau
     for _ in range(num_iters):
         log_m = log_m - torch.logsumexp(log_m, dim=-2, keepdim=True)  # columns
         log_m = log_m - torch.logsumexp(log_m, dim=-1, keepdim=True)  # rows
     return log_m.exp()
+
+
+class _SinkhornScaling(torch.autograd.Function):
+    """The iteration of sinkhorn_log in its scaling form, P = diag(r) K diag(c) with K = exp(logits), which only
+    updates two [n] vectors per step: c = 1 / (K^T r) (columns), r = 1 / (K c) (rows). Works with tokens innermost
+    ([n, n, N]) so every op is a contiguous elementwise op or a reduction over a leading dim (batched 4x4 matmuls are
+    slow on the CPU). The backward is the exact derivative of the T unrolled steps, written out from the saved
+    scalings r_0..r_T, c_1..c_T ([n, N] each), instead of autograd's record of every intermediate [N, n, n]."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+        shape, n = logits.shape, logits.shape[-1]
+        L = logits.reshape(-1, n, n).permute(1, 2, 0)                  # [n, n, N]
+        # a constant per column is absorbed exactly by the first column step, so shifting by the column max changes
+        # nothing and puts every entry of K in (0, 1] with a 1 in every column
+        L = L - L.amax(dim=0, keepdim=True)
+        live = L > SINKHORN_MIN_LOG_RATIO                               # where the floor did not bite
+        K = L.clamp_min(SINKHORN_MIN_LOG_RATIO).exp_().contiguous()
+        r = torch.ones_like(K[0])                                       # [n, N]
+        rs, cs = [r], []
+        for _ in range(num_iters):
+            c = (K * r[:, None]).sum(0).reciprocal_()                   # 1 / column sums of diag(r) K
+            r = (K * c[None]).sum(1).reciprocal_()                      # 1 / row sums of K diag(c)
+            rs.append(r)
+            cs.append(c)
+        ctx.save_for_backward(K, live, *rs, *cs)
+        ctx.shape, ctx.num_iters = shape, num_iters
+        return (K * r[:, None] * c[None]).permute(2, 0, 1).contiguous().view(shape)  # tokens first again
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        K, live, *scalings = ctx.saved_tensors
+        T, n = ctx.num_iters, K.shape[0]
+        R, C = scalings[:T + 1], scalings[T + 1:]                       # r_0 .. r_T, c_1 .. c_T (C[t - 1] = c_t)
+        G = grad.reshape(-1, n, n).permute(1, 2, 0).contiguous()        # dL/dP, [n, n, N]
+        GK = G * K
+        K_bar = G * R[T][:, None] * C[T - 1][None]                      # P = r_T K c_T, through K directly
+        r_bar = (GK * C[T - 1][None]).sum(1)
+        c_bar_out = (GK * R[T][:, None]).sum(0)
+        for t in range(T, 0, -1):
+            r_t, c_t = R[t], C[t - 1]
+            s = -(r_t * r_t) * r_bar                                    # row step r_t = 1 / (K c_t): d/d(K c_t)
+            K_bar.addcmul_(s[:, None], c_t[None])
+            c_bar = (K * s[:, None]).sum(0)                             # c_t feeds row step t (and P if t = T)
+            if t == T:
+                c_bar = c_bar + c_bar_out
+            s = -(c_t * c_t) * c_bar                                    # column step c_t = 1 / (K^T r_(t-1))
+            K_bar.addcmul_(R[t - 1][:, None], s[None])
+            r_bar = (K * s[None]).sum(1)                                # r_0 = 1 is a constant: its grad is dropped
+        grad_logits = (K_bar * K * live).permute(2, 0, 1).contiguous().view(ctx.shape)
+        return grad_logits, None
+
+
+def sinkhorn(logits: torch.Tensor, num_iters: int = 20, tau: float = 1.0) -> torch.Tensor:
+    """Sinkhorn-Knopp as sinkhorn_log ([..., n, n] logits -> doubly stochastic, fp32 or float64), computed in the
+    scaling form with a hand-written backward: the same numbers (tested to fp32 rounding, and gradcheck'ed in
+    float64) with ~10x fewer kernels and only [n, N] vectors saved for backward. Log-ratios below -80 nats within a
+    column are floored (SINKHORN_MIN_LOG_RATIO), so extreme logits (+-1e4) stay finite."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _SinkhornScaling.apply(_fp32_or_wider(logits) / tau, num_iters)
+
+
+class _ReadStreams(torch.autograd.Function):
+    """branch_in[t] = sum_i H_pre[t, i] x[t, i]: H_pre [N, n], xs [N, n, C] -> [N, C]. Written out because autograd's
+    backward of this bmm uses batched matmuls with an inner dimension of 1, ~4x slower on the CPU than the
+    broadcast multiply / reduction used here."""
+
+    @staticmethod
+    def forward(ctx, H_pre: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(H_pre, xs)
+        return torch.bmm(H_pre.unsqueeze(1), xs).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        H_pre, xs = ctx.saved_tensors
+        grad_H = (xs * grad.unsqueeze(1)).sum(-1) if ctx.needs_input_grad[0] else None       # [N, n]
+        grad_xs = H_pre.unsqueeze(2) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None  # [N, n, C]
+        return grad_H, grad_xs
+
+
+class _MixStreams(torch.autograd.Function):
+    """out[t, j] = sum_i H_res[t, j, i] x[t, i] + H_post[t, j] y[t]: the mixing and the write-back in one output
+    buffer ([N, n, n], [N, n, C], [N, n], [N, C] -> [N, n, C]); the backward reads the output gradient three times
+    and allocates only the gradients themselves."""
+
+    @staticmethod
+    def forward(ctx, H_res: torch.Tensor, xs: torch.Tensor, H_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(H_res, xs, H_post, y)
+        return torch.bmm(H_res, xs).addcmul_(H_post.unsqueeze(2), y.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        H_res, xs, H_post, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_H_res = torch.bmm(grad, xs.mT) if need[0] else None                          # [N, n, n]
+        grad_xs = torch.bmm(H_res.mT, grad) if need[1] else None                          # [N, n, C]
+        grad_H_post = (grad * y.unsqueeze(1)).sum(-1) if need[2] else None                # [N, n]
+        grad_y = torch.bmm(H_post.unsqueeze(1), grad).squeeze(1) if need[3] else None     # [N, C]
+        return grad_H_res, grad_xs, grad_H_post, grad_y
 
 
 def orthostochastic_project(logits: torch.Tensor, ns_coeffs="handover8", ns_steps: int | None = None) -> torch.Tensor:
@@ -88,11 +206,11 @@ def _sinkhorn_diag_logit(n: int, diag: float) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _ortho_init_logits(n: int, diag: float) -> torch.Tensor:
-    """I + delta * S, S_ij = sign(j - i): its polar factor is a small rotation, so (O*O) has diagonal ~ `diag`."""
+    """I + delta * S, S_ij = sign(j - i): its polar factor is a rotation, so (O*O) has diagonal ~ `diag`."""
     S = torch.ones(n, n, device="cpu").triu(1) - torch.ones(n, n, device="cpu").tril(-1)  # cpu: also under meta
-    # bisection on delta: the diagonal of (polar(I + delta S))^2 decreases monotonically in delta on [0, 1]
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
+    # bisection on delta: the diagonal of (polar(I + delta S))^2 falls monotonically from 1 (delta = 0) towards 0
+    lo, hi = 0.0, 10.0
+    for _ in range(50):
         mid = (lo + hi) / 2
         U, _, Vh = torch.linalg.svd(torch.eye(n, dtype=torch.float64, device="cpu") + mid * S.double())
         mean_diag = (U @ Vh).diagonal().square().mean().item()
@@ -100,12 +218,27 @@ def _ortho_init_logits(n: int, diag: float) -> torch.Tensor:
     return torch.eye(n, device="cpu") + lo * S
 
 
+def _preference_bias(n: int, index: int) -> torch.Tensor:
+    """PRE_PREFERENCE_LOGIT on stream index mod n, 0 elsewhere (HC's one-hot A_m, softened)."""
+    b = torch.zeros(n, device="cpu")
+    b[index % n] = PRE_PREFERENCE_LOGIT
+    return b
+
+
+def _inv_rms(xf: torch.Tensor) -> torch.Tensor:
+    """1 / RMS(x) per row of [N, D], with F.rms_norm's epsilon: RMSNorm(x) @ W == (x @ W) * _inv_rms(x)."""
+    eps = torch.finfo(xf.dtype).eps
+    return torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / xf.size(-1) + eps)
+
+
+# -- the connection -------------------------------------------------------------------------------------------------
+
 class DynamicMHC(nn.Module):
     """One mHC connection around a branch. forward(x [B, T, n*C], branch_fn) -> [B, T, n*C]."""
 
     def __init__(self, dim: int, num_streams: int = 4, sinkhorn_iters: int = 20, sinkhorn_tau: float = 1.0,
                  layer_idx: int = 0, constraint: str = "sinkhorn", ns_coeffs="handover8", dynamic: bool = True,
-                 alpha_init: float = 0.01, res_init_diag: float = 0.95, gate_init: float = 0.9,
+                 alpha_init: float = 0.01, res_init_diag: float = 0.6, gate_init: float = 0.2,
                  gate_learnable: bool = True, gate_noise: float = 0.0):
         super().__init__()
         validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
@@ -133,6 +266,8 @@ class DynamicMHC(nn.Module):
         # gate set by the controller: NaN = none (a buffer, so no Python branch on its value inside forward)
         self.register_buffer("gate_override", torch.full((), float("nan")))
         self.register_buffer("eye", torch.eye(n), persistent=False)
+        # which alpha scales each of the n*n + 2n logits (a constant: [pre n | post n | res n*n])
+        self.register_buffer("alpha_index", torch.tensor([0] * n + [1] * n + [2] * (n * n)), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -142,11 +277,10 @@ class DynamicMHC(nn.Module):
         if self.dynamic:
             nn.init.normal_(self.phi, std=(n * self.dim) ** -0.5)  # v has unit RMS: logits ~ N(0, 1) before alpha
             self.alpha.fill_(self.alpha_init)
-        self.b_pre.zero_()
-        self.b_pre[self.layer_idx % n] = PRE_PREFERENCE_LOGIT  # as HC's A_m = e_(k mod n): sub-layers read differently
+        self.b_pre.copy_(_preference_bias(n, self.layer_idx))
         self.b_post.zero_()
         if self.constraint == "sinkhorn":
-            # symmetric start: Sinkhorn is exact on it (asymmetric near-permutation starts converge slowly)
+            # symmetric start: Sinkhorn is exact on it
             self.b_res.copy_(eye * _sinkhorn_diag_logit(n, self.res_init_diag) * self.sinkhorn_tau)
         else:
             self.b_res.copy_(_ortho_init_logits(n, self.res_init_diag))  # copy_: the cached tensor stays intact
@@ -156,6 +290,7 @@ class DynamicMHC(nn.Module):
             self.gate_fixed.fill_(self.gate_init)
         self.gate_override.fill_(float("nan"))
         self.eye.copy_(eye)
+        self.alpha_index.copy_(torch.tensor([0] * n + [1] * n + [2] * (n * n)))
 
     # -- gate -----------------------------------------------------------------------------------------------------
     def set_gate(self, value: float):
@@ -171,51 +306,89 @@ class DynamicMHC(nn.Module):
         return torch.where(torch.isnan(self.gate_override), base, self.gate_override)
 
     # -- matrices -------------------------------------------------------------------------------------------------
-    def get_matrices(self, x: torch.Tensor):
-        """x: [B, T, n*C] -> H_res [B, T, n, n], H_pre [B, T, n], H_post [B, T, n] (all fp32)."""
-        B, T, _ = x.shape
+    def _coefficients(self, xf: torch.Tensor):
+        """xf: [N, n*C] (fp32) -> H_res [N', n, n], H_pre [N', n], H_post [N', n] with N' = N (dynamic) or 1
+        (static: one set of matrices shared by every token)."""
         n = self.num_streams
+        bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])             # [n*n + 2n]
         if self.dynamic:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                xf = _fp32_or_wider(x)
-                v = F.rms_norm(xf, (x.size(-1),))
-                logits = v @ self.phi.to(xf.dtype)                           # [B, T, n*n + 2n]
-            pre = self.alpha[0] * logits[..., :n] + self.b_pre
-            post = self.alpha[1] * logits[..., n:2 * n] + self.b_post
-            res = self.alpha[2] * logits[..., 2 * n:].view(B, T, n, n) + self.b_res
-        else:  # static ablation: the biases alone, shared by every token
-            pre = self.b_pre.expand(B, T, n)
-            post = self.b_post.expand(B, T, n)
-            res = self.b_res.expand(B, T, n, n)
-        H_pre = torch.sigmoid(pre)
-        H_post = 2 * torch.sigmoid(post)
+            proj = xf @ self.phi.to(xf.dtype)                                         # [N, n*n + 2n]
+            # alpha * (RMSNorm(x) @ phi) + b, with the norm applied to the logits (one scalar per token)
+            logits = torch.addcmul(bias, proj, _inv_rms(xf) * self.alpha[self.alpha_index])
+        else:
+            logits = bias[None]
+        H_pre = torch.sigmoid(logits[:, :n])
+        H_post = 2 * torch.sigmoid(logits[:, n:2 * n])
+        res = logits[:, 2 * n:].reshape(-1, n, n)
         if self.constraint == "sinkhorn":
-            H_res = sinkhorn_log(res, self.sinkhorn_iters, self.sinkhorn_tau)
+            H_res = sinkhorn(res, self.sinkhorn_iters, self.sinkhorn_tau)
         else:
             H_res = orthostochastic_project(res, self.ns_coeffs)
         g = self.gate()
         if self.training and self.gate_noise > 0:
             g = (g * torch.empty((), device=g.device).uniform_(1 - self.gate_noise, 1 + self.gate_noise)).clamp(0, 1)
-        H_res = (1 - g) * self.eye + g * H_res
+        H_res = torch.lerp(self.eye.to(H_res.dtype), H_res, g.to(H_res.dtype))      # (1 - g) I + g H_res
         return H_res, H_pre, H_post
+
+    def get_matrices(self, x: torch.Tensor):
+        """x: [B, T, n*C] -> H_res [B, T, n, n], H_pre [B, T, n], H_post [B, T, n] (all fp32)."""
+        B, T, nC = x.shape
+        n = self.num_streams
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(B * T, nC))
+        return H_res.expand(B * T, n, n).reshape(B, T, n, n), H_pre.expand(B * T, n).reshape(B, T, n), \
+            H_post.expand(B * T, n).reshape(B, T, n)
 
     def forward(self, x: torch.Tensor, branch_fn) -> torch.Tensor:
         B, T, nC = x.shape
-        n = self.num_streams
-        H_res, H_pre, H_post = self.get_matrices(x)
-        if self.capture:
-            self.captured = dict(H_res=H_res.detach(), H_pre=H_pre.detach(), H_post=H_post.detach())
+        n, N = self.num_streams, B * T
         C = nC // n
-        xs = x.view(B * T, n, C)                                              # [BT, n, C]
-        # stream read-out and mixing outside autocast: the residual streams stay in their own (fp32) precision,
-        # as the baseline's x + y does; these are tiny [n x n] batched matmuls, memory-bound anyway
+        # the read-out and the mixing run outside autocast: the residual streams stay in their own (fp32)
+        # precision, as the baseline's x + y does; only the branch runs under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
-            branch_in = (H_pre.view(B * T, 1, n).to(x.dtype) @ xs).view(B, T, C)  # [B, T, C]
-        y = branch_fn(branch_in)                                              # [B, T, C]
+            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(N, nC))
+            H_res, H_pre, H_post = (H.to(x.dtype).expand(N, *H.shape[1:]) for H in (H_res, H_pre, H_post))
+            if self.capture:
+                self.captured = dict(H_res=H_res.detach().reshape(B, T, n, n), H_pre=H_pre.detach().reshape(B, T, n),
+                                     H_post=H_post.detach().reshape(B, T, n))
+            xs = x.reshape(N, n, C)
+            branch_in = _ReadStreams.apply(H_pre.contiguous(), xs).view(B, T, C)      # sum_i H_pre[i] x[i]
+        y = branch_fn(branch_in)                                                      # [B, T, C]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            mixed = H_res.view(B * T, n, n).to(x.dtype) @ xs                  # [BT, n, C]
-            out = mixed + H_post.view(B * T, n, 1).to(x.dtype) * y.view(B * T, 1, C).to(x.dtype)
-        return out.view(B, T, nC)
+            out = _MixStreams.apply(H_res.contiguous(), xs, H_post.contiguous(), y.reshape(N, C).to(x.dtype))
+        return out.view(B, T, nC)                                                     # H_res x + H_post y
+
+
+class StreamReadout(nn.Module):
+    """The final collapse of the n streams into the head's input: sum_i H_out[i] x[i] with
+    H_out = sigmoid(alpha * (RMSNorm(x) @ phi) + b), i.e. an H_pre for the LM head (as DeepSeek-V4's `hc_head`).
+
+    Why not HC's plain sum: for any column-stochastic H_res, sum_i (H_res x)_i = sum_j x_j, so under a plain sum
+    the last sub-layer's H_res -- and its gate, one of the RL controller's knobs -- cancels exactly and never gets a
+    gradient. `GPTConfig.mhc_readout = "sum"` keeps HC's sum for comparison. Initialised like the H_pre of
+    sub-layer `index` (0.73 on stream index mod n, 0.5 elsewhere); the final RMSNorm removes the overall scale."""
+
+    def __init__(self, dim: int, num_streams: int, index: int, alpha_init: float = 0.01):
+        super().__init__()
+        self.dim, self.num_streams, self.index, self.alpha_init = dim, num_streams, index, alpha_init
+        self.phi = nn.Parameter(torch.empty(num_streams * dim, num_streams))
+        self.alpha = nn.Parameter(torch.empty(()))
+        self.b = nn.Parameter(torch.empty(num_streams))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.phi, std=(self.num_streams * self.dim) ** -0.5)
+        self.alpha.fill_(self.alpha_init)
+        self.b.copy_(_preference_bias(self.num_streams, self.index))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, nC = x.shape
+        n, N = self.num_streams, B * T
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = _fp32_or_wider(x).reshape(N, nC)
+            H_out = torch.sigmoid(torch.addcmul(self.b, xf @ self.phi.to(xf.dtype), _inv_rms(xf) * self.alpha))
+            return _ReadStreams.apply(H_out.to(x.dtype), x.reshape(N, n, nC // n)).view(B, T, nC // n)
 
 
 def check_gate_value(value, name: str):
@@ -225,12 +398,12 @@ def check_gate_value(value, name: str):
 
 def validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
                       gate_learnable, gate_noise):
-    if not isinstance(num_streams, int) or num_streams < 1:
+    if not isinstance(num_streams, int) or isinstance(num_streams, bool) or num_streams < 1:
         raise UserError(f"mhc_num_streams must be an integer >= 1 (got {num_streams!r})")
-    if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
+    if not isinstance(sinkhorn_iters, int) or isinstance(sinkhorn_iters, bool) or sinkhorn_iters < 1:
         raise UserError(f"mhc_sinkhorn_iters must be an integer >= 1 (got {sinkhorn_iters!r})")
-    if not sinkhorn_tau > 0:
-        raise UserError(f"mhc_sinkhorn_tau must be > 0 (got {sinkhorn_tau!r})")
+    if not sinkhorn_tau > 0 or not math.isfinite(sinkhorn_tau):
+        raise UserError(f"mhc_sinkhorn_tau must be a finite number > 0 (got {sinkhorn_tau!r})")
     if constraint not in CONSTRAINTS:
         raise UserError(f"mhc_constraint must be one of {', '.join(CONSTRAINTS)} (got {constraint!r})")
     if num_streams > 1 and not 1 / num_streams < res_init_diag < 1:

@@ -100,16 +100,13 @@ def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_l
                      orthogonalizer=None):
     """Returns [adamw, muon]. AdamW LRs are scaled by 1/sqrt(width/768), nanochat's muP-like rule, so the
     tuned d12 rates transfer across depths; Muon's shape scaling already makes its LR width-independent.
-    mHC parameters (phi, alpha, biases, gates, stream embedding) all go to AdamW at mhc_lr, without weight decay
-    (as HC's static parts): phi is a thin [n*C, n^2+2n] read-out, not a hidden matrix for Muon."""
-    from nanochat.mhc import DynamicMHC  # local import: optim does not otherwise depend on the model code
-
+    mHC parameters (model.mhc_parameters(): phi, alpha, biases, gates, stream embedding, read-out) all go to AdamW
+    at mhc_lr, without weight decay (as HC's static parts): phi is a thin [n*C, n^2+2n] read-out, not a hidden
+    matrix for Muon."""
     n_embd = model.config.n_embd
     embed = list(model.transformer.wte.parameters())
     head = list(model.lm_head.parameters())
-    mhc = [p for m in model.modules() if isinstance(m, DynamicMHC) for p in m.parameters()]
-    if hasattr(model, "stream_embed"):
-        mhc.append(model.stream_embed)
+    mhc = model.mhc_parameters()
     special_ids = {id(p) for p in embed + head + mhc}
     matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in special_ids]
     scalars = [p for n, p in model.named_parameters() if p.ndim < 2 and id(p) not in special_ids]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline and mHC training (identical data and
-# token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge).
+# token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge) -> mHC statistics.
 #
 #   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
 #   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
@@ -78,6 +78,8 @@ for model in baseline mhc; do
     stage "eval_$model" "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
         "${eval_args[@]}" "${extra_eval[@]}"
 done
+# what the mHC connections learned, per sub-layer (gates, H_res vs I and vs init, Sinkhorn error): mhc_stats.json
+stage stats_mhc python -m analysis.mhc_stats --model-tag "${prefix}mhc" --results-dir "$results_dir"
 if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablation inside Muon (scripts/ns_ablation.py)
     stage ns_ablation python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
 fi

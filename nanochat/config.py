@@ -113,6 +113,11 @@ class TrainConfig:
                      "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        mhc_set = [f.name for f in dataclasses.fields(self)
+                   if f.name.startswith("mhc_") and f.name != "mhc_enabled" and getattr(self, f.name) != f.default]
+        if mhc_set and not self.mhc_enabled:  # else the run would silently train the baseline
+            flags = ", ".join("--" + name.replace("_", "-") for name in mhc_set)
+            raise UserError(f"{flags} set but mHC is off: add --mhc-enabled (or drop the mHC settings)")
         if self.num_kv_heads < 0:
             raise UserError(f"--num-kv-heads must be >= 0 (got {self.num_kv_heads})")
         if self.muon_ns_steps < 0:

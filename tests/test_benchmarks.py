@@ -22,3 +22,4 @@ def test_mhc_overhead_writes_json(tmp_path):
     assert results["num_params"]["mhc"] > results["num_params"]["baseline"]
     assert results["param_overhead_pct"] > 0 and results["step_time_ratio"] > 0
     assert results["peak_memory_mib"]["baseline"] > 0 and results["peak_memory_ratio"] > 0
+    assert set(results["sinkhorn"]["fwd_bwd_ms"]) == {"fast", "log_reference"} and results["sinkhorn"]["speedup"] > 0

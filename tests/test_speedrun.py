@@ -15,7 +15,8 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
            "EXTRA_EVAL_ARGS": "--eval-tokens 4096 --max-per-task 3 --max-new-tokens 8"}
     out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc")
+    stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc",
+              "stats_mhc")
     for stage in stages:
         assert (tmp_path / "base" / "speedrun" / f"{stage}.done").exists(), stage
     tokens = {}
@@ -33,6 +34,8 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
         tokens[tag] = (config["train"]["total_batch_size"] * config["num_iterations"], config["tokenizer"])
         assert config["model"]["mhc_enabled"] == (tag == "tiny_mhc")
     assert tokens["tiny_baseline"] == tokens["tiny_mhc"]  # identical token budgets and tokenizer
+    stats = json.loads((tmp_path / "results" / "tiny_mhc" / "mhc_stats.json").read_text())
+    assert stats["step"] == 6 and len(stats["sublayers"]) == 4  # --depth 2: 2 layers x (attention, MLP)
 
     # a second run skips every finished stage
     again = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -160,6 +160,14 @@ def test_base_eval_writes_eval_json(tiny_base_dir, tmp_path):
     (["--dtype", "float16"], "--dtype must be one of"),
     (["--warmup-ratio", "0.7", "--warmdown-ratio", "0.7"], "warmup-ratio"),
     (["--config", "no_such_config"], "no_such_config"),
+    (["--mhc-enabled", "--mhc-num-streams", "0"], "mhc_num_streams must be an integer >= 1"),
+    (["--mhc-enabled", "--mhc-sinkhorn-iters", "0"], "mhc_sinkhorn_iters"),
+    (["--mhc-enabled", "--mhc-sinkhorn-tau", "0"], "mhc_sinkhorn_tau must be a finite number > 0"),
+    (["--mhc-enabled", "--mhc-constraint", "birkhoff"], "mhc_constraint must be one of"),
+    (["--mhc-enabled", "--mhc-readout", "mean"], "mhc_readout must be one of"),
+    (["--mhc-enabled", "--mhc-gate-init", "1.5"], "mhc_gate_init"),
+    (["--mhc-enabled", "--mhc-constraint", "orthostochastic", "--mhc-ns-coeffs", "[[3, -3.2]]"], "3 finite numbers"),
+    (["--mhc-num-streams", "2"], "--mhc-num-streams set but mHC is off"),
 ])
 def test_bad_flags(tiny_base_dir, tmp_path, extra, match):
     with pytest.raises(UserError, match=match):

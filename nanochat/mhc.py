@@ -35,6 +35,9 @@ Design decisions (the paper leaves them open; DESIGN.md §4-5):
   hence the 8-step schedule by default). Its b_res starts at I + delta * S (S skew-symmetric), whose polar factor is
   a rotation with (O*O) diagonal `res_init_diag` (not the public repo's 0/-8 init, whose squared polar factor is the
   uniform 1/4 mixing).
+- Stream ends (nanochat/gpt.py): replicated at the input plus a zero-mean learnable stream embedding; collapsed at
+  the output by StreamReadout, a learned sigmoid-weighted sum (HC's plain sum would make the last sub-layer's H_res
+  and gate cancel exactly; see StreamReadout).
 - Coefficient math (norm, projection, Sinkhorn, NS, the read-out and the mixing) runs in fp32 whatever the autocast
   dtype; only the branch runs under autocast.
 

@@ -68,6 +68,8 @@ def main(argv=None):
     if args.tokens <= 0 or args.batch_size <= 0:
         raise UserError(f"--tokens and --batch-size must be > 0 (got {args.tokens}, {args.batch_size})")
 
+    if args.device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type cuda: no CUDA device is available here (use auto or cpu)")
     device = torch.device(autodetect_device_type() if args.device_type == "auto" else args.device_type)
     path = args.checkpoint or resolve_checkpoint(args.model_tag, args.step)
     model, meta = load_model(path, device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from nanochat.common import UserError
 
@@ -45,5 +46,8 @@ def test_mhc_stats_refuses_a_baseline_and_missing_arguments(checkpoints):
         main([])
     with pytest.raises(UserError, match="no_such_tag"):
         main(["--model-tag", "no_such_tag"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device-type cuda"):
+            main(["--model-tag", "stats_mhc", "--device-type", "cuda"])
     with pytest.raises(UserError, match="--tokens"):
         main(["--model-tag", "stats_mhc", "--tokens", "0"])

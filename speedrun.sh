@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline and mHC training (identical data and
-# token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge) -> mHC statistics.
+# token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge) -> mHC statistics ->
+# fine-tuning of the mHC model on GSM8K-format problems -> gate sweep -> PPO over the mHC gates of the frozen
+# fine-tuned model, with its black-box baselines and held-out evaluation.
 #
 #   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
 #   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
 #   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
 #   SKIP=data,tokenizer bash speedrun.sh
 #   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
+#   (also EXTRA_SFT_ARGS, EXTRA_SWEEP_ARGS, EXTRA_RL_ARGS for the fine-tuning, gate sweep and RL stages)
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
 #
@@ -31,6 +34,11 @@ case "$preset" in
     sep=(--)
     data_args=(-n "${NUM_SHARDS:-240}")
     eval_args=(--eval-tokens 10485760 --device-batch-size 32 --tasks "$eval_tasks")  # every example of every task
+    # fine-tune on GSM8K train + synthetic problems; sweep and RL on GSM8K (train for RL, test held out)
+    sft_args=(--data gsm8k,synthetic)
+    sweep_args=(--problems gsm8k --split test --num-problems 256 --tokens 1048576 --batch-size 32)
+    rl_runs=("gsm8k global" "gsm8k per_layer")   # the PRD's global gate, then its per-layer ablation
+    rl_args=(--preset gpu)
     ;;
   tiny)
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-tiny}"
@@ -44,12 +52,23 @@ case "$preset" in
     # the local copy (the hub is not tried, so an offline box does not wait on it)
     eval_args=(--eval-tokens 65536 --device-batch-size 8 --tasks "$eval_tasks" --max-per-task 20
                --max-new-tokens 48 --task-data local)
+    # fine-tune on one-step synthetic problems (~1.5 min), a coarse gate sweep (~40 s), then RL (~2 and ~4 min) on
+    # held-out synthetic problems and on GSM8K (train pool, test held out) with the dense reward
+    sft_args=(--data synthetic --synthetic-count 4000 --synthetic-steps 1 --synthetic-max-value 10
+              --num-iterations 150 --device-batch-size 16 --eval-every 50 --log-every 25)
+    sweep_args=(--problems synthetic --synthetic-steps 1 --synthetic-max-value 10 --num-problems 64 --tokens 8192
+                --per-layer-grid 0,0.5,1)
+    rl_runs=("synthetic global" "gsm8k global --total-timesteps 1024 --eval-problems 128 --max-new-tokens 128")
+    rl_args=(--preset tiny --task-data local --no-progress)
     ;;
   *) echo "PRESET must be gpu, tiny or auto (got $preset)" >&2; exit 2 ;;
 esac
 export WANDB_MODE="${WANDB_MODE:-disabled}"
 read -ra extra_train <<< "${EXTRA_TRAIN_ARGS:-}"
 read -ra extra_eval <<< "${EXTRA_EVAL_ARGS:-}"
+read -ra extra_sft <<< "${EXTRA_SFT_ARGS:-}"
+read -ra extra_sweep <<< "${EXTRA_SWEEP_ARGS:-}"
+read -ra extra_rl <<< "${EXTRA_RL_ARGS:-}"
 results_dir="${RESULTS_DIR:-$repo/results}"
 run_name="${WANDB_RUN:-dummy}"
 markers="$NANOCHAT_BASE_DIR/speedrun"
@@ -80,7 +99,20 @@ for model in baseline mhc; do
 done
 # what the mHC connections learned, per sub-layer (gates, H_res vs I and vs init, Sinkhorn error): mhc_stats.json
 stage stats_mhc python -m analysis.mhc_stats --model-tag "${prefix}mhc" --results-dir "$results_dir"
+# the RL half (scripts/train_rl.py): fine-tune the mHC model on GSM8K-format problems (tiny models score 0 on GSM8K
+# otherwise), check that the gate matters (gate sweep), then PPO over its gates with the baselines it must beat
+stage sft "${launch[@]}" scripts.sft_train "${sep[@]}" --model-tag "${prefix}mhc" --output-tag "${prefix}mhc_sft" \
+    --run "$run_name" --resume --results-dir "$results_dir" "${sft_args[@]}" "${extra_sft[@]}"
+stage gate_sweep python -m analysis.gate_sweep --model-tag "${prefix}mhc_sft" --results-dir "$results_dir" \
+    "${sweep_args[@]}" "${extra_sweep[@]}"
+for rl_run in "${rl_runs[@]}"; do
+    read -ra run <<< "$rl_run"   # problems, action space, then flags of this run only
+    stage "rl_${run[0]}_${run[1]}" python scripts/train_rl.py --model-tag "${prefix}mhc_sft" --problems "${run[0]}" \
+        --action-space "${run[1]}" --run "$run_name" --resume --results-dir "$results_dir" "${rl_args[@]}" \
+        "${run[@]:2}" "${extra_rl[@]}"
+done
 if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablation inside Muon (scripts/ns_ablation.py)
     stage ns_ablation python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
 fi
-echo "[speedrun] finished: results in $results_dir/${prefix}baseline and $results_dir/${prefix}mhc"
+echo "[speedrun] finished: results in $results_dir/${prefix}baseline, $results_dir/${prefix}mhc," \
+    "$results_dir/${prefix}mhc_sft and $results_dir/rl/"

@@ -52,7 +52,11 @@ class TrainConfig:
                                   "in (1/n, 1); the effective H_res starts at diagonal 1 - g(1 - d)")
     mhc_gate_init: float = _f(_MHC.mhc_gate_init, "mHC: initial gate g in H_res := (1-g) I + g H_res")
     mhc_gate_learnable: bool = _f(_MHC.mhc_gate_learnable, "mHC: learn the gate (else fixed at --mhc-gate-init)")
-    mhc_gate_noise: float = _f(_MHC.mhc_gate_noise, "mHC: training-time gate noise a, g *= U[1-a, 1+a], in [0,1]")
+    mhc_gate_noise: float = _f(_MHC.mhc_gate_noise, "mHC: training-time gate noise a, g *= U[1-a, 1+a], in [0,1] "
+                               "(the PRD's is 0.2)")
+    mhc_gate_sample_frac: float = _f(_MHC.mhc_gate_sample_frac, "mHC: gate-range training, the fraction of "
+                                     "sequences whose gates are drawn from U[0, 1] (per sub-layer) instead of the "
+                                     "learned value, so the RL controller's range is in distribution")
     mhc_stream_embed_std: float = _f(_MHC.mhc_stream_embed_std, "mHC: init std of the stream embedding")
     mhc_readout: str = _f(_MHC.mhc_readout, "mHC: streams -> head, learned (sigmoid-weighted, as DeepSeek-V4) | sum "
                           "(HC; the last sub-layer's H_res then cancels)")
@@ -253,3 +257,197 @@ class EvalConfig:
             raise UserError(f"--dtype must be one of auto, float32, bfloat16 (got {self.dtype!r})")
         if self.task_data not in ("auto", "hub", "local"):
             raise UserError(f"--task-data must be one of auto, hub, local (got {self.task_data!r})")
+
+
+SFT_DATA = ("gsm8k", "synthetic")
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """'1,2' -> [1, 2], with an error that names the flag."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--{flag} must be comma-separated integers (got {text!r})") from None
+    if not values:
+        raise UserError(f"--{flag} is empty")
+    return values
+
+
+@dataclass
+class SFTConfig:
+    model_tag: str = _f("", "model tag of the base checkpoint to fine-tune (see scripts.base_train)")
+    checkpoint: str = _f("", "path to a base checkpoint directory (overrides --model-tag/--step)")
+    step: int = _f(-1, "base checkpoint step (-1 = the newest)")
+    output_tag: str = _f("", "model tag of the fine-tuned checkpoints (default: <model-tag>_sft)")
+    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)")
+    device_type: str = _f("auto", "auto | cuda | cpu")
+    dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
+    compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false")
+    seed: int = _f(42, "seed of the data order and the held-out split")
+    # data
+    data: str = _f("gsm8k,synthetic", f"comma-separated fine-tuning sources: {', '.join(SFT_DATA)} (GSM8K train "
+                   "split; generated problems, nanochat/synthetic_gsm8k.py)")
+    task_data: str = _f("auto", "GSM8K data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
+    synthetic_count: int = _f(20000, "synthetic problems to generate")
+    synthetic_seed: int = _f(0, "generator seed of the synthetic problems (RL and its evaluation use others)")
+    synthetic_steps: str = _f("1,2", "synthetic: operations per problem, comma-separated choices")
+    synthetic_max_value: int = _f(20, "synthetic: largest starting amount and operand")
+    synthetic_ops: str = _f("+-", "synthetic: operations to draw from, any of + - * /")
+    val_problems: int = _f(256, "problems held out of the mixture for the validation answer loss")
+    # optimisation
+    device_batch_size: int = _f(16, "rows per device per step")
+    num_iterations: int = _f(-1, "optimizer steps (-1: one epoch of the training rows)")
+    lr_scale: float = _f(0.2, "learning rates = the base run's LRs x this (linear decay to 0 over the run)")
+    mhc_gate_noise: float = _f(-1.0, "mHC gate noise during fine-tuning (-1: keep the base model's)")
+    mhc_gate_sample_frac: float = _f(-1.0, "mHC gate-range training fraction during fine-tuning (-1: keep the "
+                                     "base model's)")
+    # evaluation, checkpoints
+    eval_every: int = _f(100, "evaluate the validation answer loss every N steps (-1 = only at the end)")
+    save_every: int = _f(500, "save a checkpoint every N steps (-1 = only at the end)")
+    keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
+    resume: bool = _f(False, "continue from the newest checkpoint of --output-tag")
+    log_every: int = _f(10, "print a step line every N steps")
+    results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<output_tag>/")
+
+    def data_sources(self) -> list[str]:
+        return [d.strip() for d in self.data.split(",") if d.strip()]
+
+    def validate(self):
+        if not self.model_tag and not self.checkpoint:
+            raise UserError("pass --model-tag (or --checkpoint PATH) to say which base model to fine-tune")
+        sources = self.data_sources()
+        unknown = [d for d in sources if d not in SFT_DATA]
+        if unknown or not sources:
+            raise UserError(f"--data: unknown source(s) {', '.join(unknown) or '(none given)'} "
+                            f"(known: {', '.join(SFT_DATA)})")
+        for name in ("device_batch_size", "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        if self.num_iterations == 0 or self.num_iterations < -1:
+            raise UserError(f"--num-iterations must be > 0 or -1 (got {self.num_iterations})")
+        if "synthetic" in sources and self.synthetic_count <= 0:
+            raise UserError(f"--synthetic-count must be > 0 with --data synthetic (got {self.synthetic_count})")
+        if self.val_problems < 0:
+            raise UserError(f"--val-problems must be >= 0 (got {self.val_problems})")
+        if not self.lr_scale > 0:
+            raise UserError(f"--lr-scale must be > 0 (got {self.lr_scale})")
+        for name in ("mhc_gate_noise", "mhc_gate_sample_frac"):
+            v = getattr(self, name)
+            if v != -1.0 and not 0 <= v <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] or -1 (got {v})")
+        parse_int_list(self.synthetic_steps, "synthetic-steps")
+        choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
+                       compile=("auto", "true", "false"), task_data=("auto", "hub", "local"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                                f"(got {getattr(self, name)!r})")
+
+
+RL_ACTION_SPACES = ("global", "per_layer", "per_sublayer")  # = envs.mhc_env.ACTION_SPACES
+RL_REWARDS = ("exact", "dense", "mix")                      # = envs.mhc_env.REWARDS
+RL_BASELINES = ("grid", "random", "es")
+
+
+@dataclass
+class RLConfig:
+    model_tag: str = _f("", "model tag of the frozen mHC checkpoint whose gates the controller sets")
+    checkpoint: str = _f("", "path to an mHC checkpoint directory (overrides --model-tag/--step)")
+    step: int = _f(-1, "checkpoint step (-1 = the newest)")
+    tag: str = _f("", "name of this RL run: results/rl/<tag>/ and checkpoints/rl/<tag>/ (default "
+                  "<model-tag>-<problems>-<action-space>-<reward>)")
+    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)")
+    device_type: str = _f("auto", "device of the frozen model: auto | cuda | cpu (the policy MLP runs on the CPU)")
+    dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
+    seed: int = _f(0, "seed of PPO, the problem sampler and the black-box baselines")
+    # the environment
+    action_space: str = _f("global", f"gates the controller sets: {', '.join(RL_ACTION_SPACES)} (1, L or 2L values)")
+    reward: str = _f("exact", "exact (1/0 greedy answer, the PRD's) | dense (mean log-prob of the gold answer, no "
+                     "generation) | mix ((1-w) exact + w exp(dense))")
+    mix_weight: float = _f(0.5, "w of the mix reward")
+    reward_baseline: str = _f("default", "default: each reward minus the learned gates' reward on the same problem "
+                              "(a per-problem control variate: same optimum, far less variance) | none: the plain "
+                              "reward")
+    problems: str = _f("gsm8k", "problem source: gsm8k | synthetic (generated, nanochat/synthetic_gsm8k.py)")
+    train_split: str = _f("train", "GSM8K split RL trains on")
+    eval_split: str = _f("test", "GSM8K split of the held-out evaluation (RL never sees it)")
+    train_problems: int = _f(-1, "problems in the training pool (-1: the whole split; synthetic: 2048)")
+    eval_problems: int = _f(-1, "held-out evaluation problems (-1: the whole split; synthetic: 512)")
+    synthetic_seed: int = _f(1, "synthetic: generator seed of the training pool (evaluation: seed + 1, minus every "
+                             "training question; fine-tuning uses seed 0)")
+    synthetic_steps: str = _f("1,2", "synthetic: operations per problem, comma-separated choices")
+    synthetic_max_value: int = _f(20, "synthetic: largest starting amount and operand")
+    synthetic_ops: str = _f("+-", "synthetic: operations to draw from, any of + - * /")
+    task_data: str = _f("auto", "GSM8K data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
+    max_new_tokens: int = _f(256, "exact reward: generation limit per problem (greedy)")
+    score_batch_size: int = _f(32, "problems per batched forward / generation when scoring baselines and arms")
+    num_envs: int = _f(16, "sub-environments of the batched vec env: problems scored per PPO env step")
+    # PPO (the PRD's defaults)
+    total_timesteps: int = _f(50000, "PPO's budget in problems scored (the baselines get the same)")
+    learning_rate: float = _f(3e-4, "PPO Adam learning rate")
+    n_steps: int = _f(1024, "PPO rollout size in env steps over all sub-environments (multiple of --num-envs)")
+    batch_size: int = _f(64, "PPO minibatch size")
+    n_epochs: int = _f(10, "PPO epochs per rollout")
+    gamma: float = _f(0.99, "PPO discount (episodes are one step long, so it has no effect)")
+    ent_coef: float = _f(0.1, "PPO entropy bonus (the PRD's 0.1: high, for exploration)")
+    net_arch: str = _f("64,64", "hidden sizes of the policy and value MLPs")
+    log_std_init: float = _f(0.0, "initial log std of the Gaussian policy (SB3's 0: std 1 in [-1, 1], i.e. 0.5 in "
+                             "gate units)")
+    save_every: int = _f(4096, "write a policy checkpoint every N timesteps (and at the end)")
+    keep_checkpoints: int = _f(2, "keep the newest K policy checkpoints")
+    resume: bool = _f(False, "continue from the newest policy checkpoint of --tag")
+    progress: bool = _f(True, "SB3's progress bar during learning")
+    # baselines and evaluation
+    baselines: str = _f("grid,random,es", "black-box baselines on the same budget: grid (global gate), random, es "
+                        "(per-layer gates), or none")
+    random_candidates: int = _f(16, "random search: candidate gate vectors")
+    es_population: int = _f(8, "evolution strategy: candidates per generation")
+    es_parents: int = _f(4, "evolution strategy: best candidates averaged into the next mean")
+    es_generations: int = _f(8, "evolution strategy: generations")
+    es_sigma: float = _f(0.2, "evolution strategy: initial mutation std (decays to a quarter)")
+    eval_only: bool = _f(False, "skip learning: evaluate the newest policy checkpoint of --tag (and baselines)")
+    results_dir: str = _f("results", "metrics.jsonl, baselines.json, eval.json go to <results_dir>/rl/<tag>/")
+
+    def validate(self):
+        if not self.model_tag and not self.checkpoint:
+            raise UserError("pass --model-tag (or --checkpoint PATH) of the mHC model whose gates to control")
+        choices = dict(action_space=RL_ACTION_SPACES, reward=RL_REWARDS, problems=("gsm8k", "synthetic"),
+                       reward_baseline=("default", "none"),
+                       train_split=("train", "test"), eval_split=("train", "test"),
+                       device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
+                       task_data=("auto", "hub", "local"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                                f"(got {getattr(self, name)!r})")
+        positive = ["max_new_tokens", "score_batch_size", "num_envs", "total_timesteps", "n_steps", "batch_size",
+                    "n_epochs", "save_every", "keep_checkpoints", "random_candidates", "es_population",
+                    "es_parents", "es_generations"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        for name in ("train_problems", "eval_problems"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 or -1 (got {getattr(self, name)})")
+        if self.problems == "gsm8k" and self.train_split == self.eval_split:
+            raise UserError(f"--train-split and --eval-split are both {self.train_split!r}: the evaluation must be "
+                            f"on problems RL never saw")
+        if not 0 <= self.mix_weight <= 1:
+            raise UserError(f"--mix-weight must be in [0, 1] (got {self.mix_weight})")
+        if not self.learning_rate > 0 or self.ent_coef < 0 or not 0 <= self.gamma <= 1 or self.es_sigma <= 0:
+            raise UserError(f"PPO/ES settings out of range: --learning-rate {self.learning_rate} (> 0), --ent-coef "
+                            f"{self.ent_coef} (>= 0), --gamma {self.gamma} (in [0, 1]), --es-sigma {self.es_sigma} "
+                            f"(> 0)")
+        self.baseline_list()
+        parse_int_list(self.net_arch, "net-arch")
+        parse_int_list(self.synthetic_steps, "synthetic-steps")
+
+    def baseline_list(self) -> list[str]:
+        names = [b.strip() for b in self.baselines.split(",") if b.strip()]
+        if names == ["none"]:
+            return []
+        unknown = [b for b in names if b not in RL_BASELINES]
+        if unknown or not names:
+            raise UserError(f"--baselines: unknown baseline(s) {', '.join(unknown) or '(none given)'} "
+                            f"(known: {', '.join(RL_BASELINES)}, or none)")
+        return names

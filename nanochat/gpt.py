@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import UserError
-from nanochat.mhc import READOUTS, DynamicMHC, StreamReadout, check_gate_value, validate_mhc_args
+from nanochat.mhc import READOUTS, DynamicMHC, StreamReadout, gate_tensor, validate_mhc_args
 from nanochat.newton_schulz import resolve_ns_coeffs
 
 
@@ -47,6 +47,8 @@ class GPTConfig:
     mhc_gate_init: float = 0.2        # initial gate g: H_res := (1 - g) I + g H_res has diagonal 1 - g(1 - d) = 0.92
     mhc_gate_learnable: bool = True   # learn g = sigmoid(theta); False fixes g = mhc_gate_init
     mhc_gate_noise: float = 0.0       # training-time multiplicative gate noise U[1-a, 1+a], clamped to [0, 1]
+    mhc_gate_sample_frac: float = 0.0  # training: this fraction of sequences draws g ~ U[0, 1] per sub-layer, so
+                                       # the model knows the whole range an RL controller explores
     mhc_stream_embed_std: float = 1.0  # breaks the symmetry of the replicated streams (x has unit RMS too)
     mhc_readout: str = "learned"      # streams -> head: learned sigmoid-weighted sum (V4's hc_head) | sum (HC)
 
@@ -65,7 +67,7 @@ class GPTConfig:
         if self.mhc_enabled:
             validate_mhc_args(self.mhc_num_streams, self.mhc_sinkhorn_iters, self.mhc_sinkhorn_tau,
                               self.mhc_constraint, self.mhc_res_init_diag, self.mhc_gate_init,
-                              self.mhc_gate_learnable, self.mhc_gate_noise)
+                              self.mhc_gate_learnable, self.mhc_gate_noise, self.mhc_gate_sample_frac)
             if self.mhc_constraint == "orthostochastic":
                 resolve_ns_coeffs(self.mhc_ns_coeffs)
             if self.mhc_stream_embed_std < 0:
@@ -157,7 +159,8 @@ def make_mhc(config: GPTConfig, sublayer_idx: int) -> DynamicMHC:
         sinkhorn_tau=config.mhc_sinkhorn_tau, layer_idx=sublayer_idx, constraint=config.mhc_constraint,
         ns_coeffs=config.mhc_ns_coeffs, dynamic=config.mhc_dynamic, alpha_init=config.mhc_alpha_init,
         res_init_diag=config.mhc_res_init_diag, gate_init=config.mhc_gate_init,
-        gate_learnable=config.mhc_gate_learnable, gate_noise=config.mhc_gate_noise)
+        gate_learnable=config.mhc_gate_learnable, gate_noise=config.mhc_gate_noise,
+        gate_sample_frac=config.mhc_gate_sample_frac)
 
 
 class Block(nn.Module):
@@ -249,9 +252,8 @@ class GPT(nn.Module):
         return flops
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx: [B, T] token ids. Returns logits [B, T, V] (fp32) when targets is None, else the loss
-        (a scalar for 'mean'/'sum', [B, T] for 'none'). Targets of -1 are ignored."""
+    def hidden_states(self, idx, kv_cache=None) -> torch.Tensor:
+        """idx: [B, T] -> the final normed hidden state [B, T, C] (the LM head's input)."""
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         if t0 + T > self.cos.size(1):
@@ -271,7 +273,13 @@ class GPT(nn.Module):
             x = self.stream_readout(x)
         elif self.config.mhc_enabled:  # ... or HC's plain sum
             x = x.view(B, T, self.config.mhc_num_streams, -1).sum(dim=-2)
-        x = norm(x)
+        return norm(x)
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx: [B, T] token ids. Returns logits [B, T, V] (fp32) when targets is None, else the loss
+        (a scalar for 'mean'/'sum', [B, T] for 'none'). Targets of -1 are ignored."""
+        B, T = idx.shape
+        x = self.hidden_states(idx, kv_cache)
         logits = self.lm_head(x).float()  # [B, T, V], softcap and loss in fp32
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
@@ -301,38 +309,53 @@ class GPT(nn.Module):
             params += list(self.stream_readout.parameters())
         return params
 
-    def set_mhc_gate(self, value: float):
-        """Override every sub-layer's gate with one value in [0, 1]."""
-        check_gate_value(value, "gate")
-        for m in self.mhc_modules():
-            m.set_gate(value)
+    def set_mhc_gate(self, value):
+        """Override every sub-layer's gate with one value in [0, 1], or with one value per example (shape [B]: a
+        batch of rollouts, each with its own global gate). Numbers may be python, numpy or 0-d tensors."""
+        g = gate_tensor(value, "gate")
+        if g.dim() > 1:
+            raise UserError(f"set_mhc_gate: expected one gate or one per example [B], got shape {tuple(g.shape)}")
+        self._apply_gates(g.unsqueeze(-1).expand(*g.shape, 2 * self.config.n_layer), 1)
 
     def set_mhc_gates_per_layer(self, values):
-        """values[i] in [0, 1] overrides both sub-layers of layer i (length n_layer)."""
-        self._set_gates(values, self.config.n_layer, repeat=2)
+        """values[i] in [0, 1] overrides both sub-layers of layer i: shape [L], or [B, L] for one vector per
+        example."""
+        self._apply_gates(self._gate_matrix(values, self.config.n_layer, "per layer"), 2)
 
     def set_mhc_gates_per_sublayer(self, values):
-        """values[j] in [0, 1] overrides sub-layer j (length 2 * n_layer: attention, MLP, attention, ...)."""
-        self._set_gates(values, 2 * self.config.n_layer, repeat=1)
+        """values[j] in [0, 1] overrides sub-layer j (attention, MLP, attention, ...): shape [2L], or [B, 2L]."""
+        self._apply_gates(self._gate_matrix(values, 2 * self.config.n_layer, "per sub-layer"), 1)
 
-    def _set_gates(self, values, expected: int, repeat: int):
-        modules = self.mhc_modules()
-        values = list(values)
-        if len(values) != expected:
-            raise UserError(f"expected {expected} gate values, got {len(values)}")
-        for i, v in enumerate(values):
-            check_gate_value(v, f"gate[{i}]")
-        for j, m in enumerate(modules):
-            m.set_gate(values[j // repeat])
+    def _gate_matrix(self, values, expected: int, what: str) -> torch.Tensor:
+        self.mhc_modules()  # a model without mHC refuses before anything else
+        g = gate_tensor(values, "gate")
+        if g.dim() not in (1, 2) or g.size(-1) != expected:
+            got = f"{g.size(-1)}" if g.dim() in (1, 2) else f"shape {tuple(g.shape)}"
+            raise UserError(f"expected {expected} gate values {what}, got {got} (shape [{expected}] or "
+                            f"[B, {expected}] for one vector per example)")
+        return g
+
+    def _apply_gates(self, gates: torch.Tensor, repeat: int):
+        """gates: [k] or [B, k] checked values; sub-layer j takes column j // repeat."""
+        for j, m in enumerate(self.mhc_modules()):
+            m.gate_override = gates[..., j // repeat].contiguous().to(m.b_pre.device)
 
     def clear_mhc_gates(self):
         """Drop the overrides: every gate returns to its learned (or fixed) value."""
         for m in self.mhc_modules():
             m.clear_gate()
 
-    def get_mhc_gates(self) -> list[float]:
-        """The effective gate of each of the 2L sub-layers."""
-        return [m.gate().item() for m in self.mhc_modules()]
+    def mhc_gate_tensor(self) -> torch.Tensor:
+        """The effective gates: [2L], or [B, 2L] while per-example overrides are set."""
+        gates = [m.gate().detach().float().cpu() for m in self.mhc_modules()]
+        B = max((g.numel() for g in gates if g.dim() == 1), default=0)
+        if B:
+            return torch.stack([g.expand(B) for g in gates], dim=-1)
+        return torch.stack(gates)
+
+    def get_mhc_gates(self) -> list:
+        """The effective gate of each of the 2L sub-layers (B such lists under per-example overrides)."""
+        return self.mhc_gate_tensor().tolist()
 
     def capture_mhc(self, enabled: bool = True):
         """When on, every forward keeps each sub-layer's H_res/H_pre/H_post (detached) for analysis; off by

@@ -28,9 +28,13 @@ Design decisions (the paper leaves them open; DESIGN.md §4-5):
   stream receives the branch output, as a plain residual). phi ~ N(0, 1/(nC)) and alpha = 0.01 (the paper's): the
   dynamic part starts as a ~1% perturbation with a non-zero gradient for phi and alpha.
 - Gate. g = sigmoid(gate_logit), learned by default (`gate_learnable=False` fixes g = gate_init). The RL controller
-  overrides it with set_gate(v), v in [0, 1] (v = 1: full learned mixing, v = 0: identity, H_res = I exactly);
-  clear_gate() returns to the learned value. Training-time gate noise multiplies g by U[1 - a, 1 + a] and clamps to
-  [0, 1], so H_res stays doubly stochastic and non-negative.
+  overrides it with set_gate(v), v in [0, 1] (v = 1: full learned mixing, v = 0: identity, H_res = I exactly), one
+  value or one per example ([B]: a batch of rollouts with different actions in one forward); clear_gate() returns to
+  the learned value. An override is run state: a plain attribute, never in the state dict or a checkpoint.
+- Gate-range training (so the controller's range is not out of distribution): `gate_noise` a multiplies g by
+  U[1 - a, 1 + a] (the PRD's, a = 0.2) and clamps to [0, 1]; `gate_sample_frac` f replaces g, for a fraction f of
+  the sequences, by an independent draw from U[0, 1] per sub-layer and sequence. Either way g stays in [0, 1], so
+  H_res stays doubly stochastic and non-negative; the learned gate keeps its gradient from the other sequences.
 - Orthostochastic alternative: H_res = NS(logits) ** 2 elementwise (rows/columns sum to 1 when NS has converged,
   hence the 8-step schedule by default). Its b_res starts at I + delta * S (S skew-symmetric), whose polar factor is
   a rotation with (O*O) diagonal `res_init_diag` (not the public repo's 0/-8 init, whose squared polar factor is the
@@ -52,6 +56,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -257,14 +262,15 @@ class DynamicMHC(nn.Module):
     def __init__(self, dim: int, num_streams: int = 4, sinkhorn_iters: int = 20, sinkhorn_tau: float = 1.0,
                  layer_idx: int = 0, constraint: str = "sinkhorn", ns_coeffs="handover8", dynamic: bool = True,
                  alpha_init: float = 0.01, res_init_diag: float = 0.6, gate_init: float = 0.2,
-                 gate_learnable: bool = True, gate_noise: float = 0.0):
+                 gate_learnable: bool = True, gate_noise: float = 0.0, gate_sample_frac: float = 0.0):
         super().__init__()
         validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
-                          gate_learnable, gate_noise)
+                          gate_learnable, gate_noise, gate_sample_frac)
         n = num_streams
         self.dim, self.num_streams, self.layer_idx = dim, n, layer_idx
         self.sinkhorn_iters, self.sinkhorn_tau = sinkhorn_iters, sinkhorn_tau
-        self.constraint, self.dynamic, self.gate_noise = constraint, dynamic, gate_noise
+        self.constraint, self.dynamic = constraint, dynamic
+        self.gate_noise, self.gate_sample_frac = gate_noise, gate_sample_frac
         self.ns_coeffs = resolve_ns_coeffs(ns_coeffs) if constraint == "orthostochastic" else None
         self.alpha_init, self.res_init_diag, self.gate_init = alpha_init, res_init_diag, gate_init
         self.capture = False       # set by GPT.capture_mhc(); when on, forward keeps the last matrices
@@ -281,8 +287,9 @@ class DynamicMHC(nn.Module):
             self.gate_logit = nn.Parameter(torch.empty(()))
         else:
             self.register_buffer("gate_fixed", torch.empty(()))
-        # gate set by the controller: NaN = none (a buffer, so no Python branch on its value inside forward)
-        self.register_buffer("gate_override", torch.full((), float("nan")))
+        # gate set by the controller: None, a 0-d tensor, or one gate per example [B]. Run state, so a plain
+        # attribute rather than a buffer: it is never saved in a checkpoint
+        self.gate_override: torch.Tensor | None = None
         self.register_buffer("eye", torch.eye(n), persistent=False)
         # which alpha scales each of the n*n + 2n logits (a constant: [pre n | post n | res n*n])
         self.register_buffer("alpha_index", torch.tensor([0] * n + [1] * n + [2] * (n * n)), persistent=False)
@@ -306,27 +313,61 @@ class DynamicMHC(nn.Module):
             self.gate_logit.fill_(math.log(self.gate_init / (1 - self.gate_init)))
         else:
             self.gate_fixed.fill_(self.gate_init)
-        self.gate_override.fill_(float("nan"))
+        self.gate_override = None
         self.eye.copy_(eye)
         self.alpha_index.copy_(torch.tensor([0] * n + [1] * n + [2] * (n * n)))
 
     # -- gate -----------------------------------------------------------------------------------------------------
-    def set_gate(self, value: float):
-        check_gate_value(value, "gate")
-        self.gate_override.fill_(float(value))
+    def set_gate(self, value):
+        """Override the gate: a number in [0, 1] (python, numpy or a 0-d tensor) or one per example, shape [B]."""
+        g = gate_tensor(value, "gate")
+        if g.dim() > 1:
+            raise UserError(f"mHC gate: expected one value or one per example [B], got shape {tuple(g.shape)}")
+        self.gate_override = g.to(self.b_pre.device)
 
     def clear_gate(self):
-        self.gate_override.fill_(float("nan"))
+        self.gate_override = None
 
     def gate(self) -> torch.Tensor:
-        """The effective gate: the controller's value if set, else sigmoid(gate_logit) (or the fixed value)."""
-        base = torch.sigmoid(self.gate_logit) if self.gate_learnable else self.gate_fixed
-        return torch.where(torch.isnan(self.gate_override), base, self.gate_override)
+        """The effective gate: the controller's value if set ([] or [B]), else sigmoid(gate_logit) (or the fixed
+        value)."""
+        if self.gate_override is not None:
+            return self.gate_override
+        return torch.sigmoid(self.gate_logit) if self.gate_learnable else self.gate_fixed
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the override became run state hold it as a buffer: it is not a weight
+        state_dict.pop(prefix + "gate_override", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _row_gates(self, B: int) -> torch.Tensor:
+        """The gate of this forward: [] (one for the batch) or [B] (per example; overrides and gate sampling)."""
+        g = self.gate()
+        if g.dim() == 1 and g.numel() != B:
+            raise UserError(f"mHC per-example gates: {g.numel()} gates set for a batch of {B} rows")
+        if self.training and self.gate_noise > 0:
+            noise = torch.empty((), device=g.device).uniform_(1 - self.gate_noise, 1 + self.gate_noise)
+            g = (g * noise).clamp(0, 1)
+        if self.training and self.gate_sample_frac > 0:
+            sampled = torch.rand(B, device=g.device) < self.gate_sample_frac
+            g = torch.where(sampled, torch.rand(B, device=g.device), g)                  # [B]
+        return g
+
+    def _gated(self, H_res: torch.Tensor, g: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """(1 - g) I + g H_res. H_res: [N', n, n] with N' = B*T (dynamic) or 1 (static); g: [] or [B].
+        Returns [N', n, n] for one gate, [B*T, n, n] (or [B, n, n] when static) for per-example gates."""
+        eye = self.eye.to(H_res.dtype)
+        if g.dim() == 0:
+            return torch.lerp(eye, H_res, g.to(H_res.dtype))
+        n = self.num_streams
+        rows = H_res.reshape(B, T, n, n) if H_res.size(0) == B * T else H_res.reshape(1, 1, n, n)
+        out = torch.lerp(eye, rows, g.to(H_res.dtype).view(B, 1, 1, 1))                   # [B, T or 1, n, n]
+        return out.reshape(-1, n, n)
 
     # -- matrices -------------------------------------------------------------------------------------------------
-    def _coefficients(self, xf: torch.Tensor):
-        """xf: [N, n*C] (fp32) -> H_res [N', n, n], H_pre [N', n], H_post [N', n] with N' = N (dynamic) or 1
-        (static: one set of matrices shared by every token)."""
+    def _coefficients(self, xf: torch.Tensor, B: int, T: int):
+        """xf: [N = B*T, n*C] (fp32) -> H_res [N', n, n], H_pre [N', n], H_post [N', n] with N' = N (dynamic) or 1
+        (static: one set of matrices shared by every token; H_res is [B, n, n] under per-example gates)."""
         n = self.num_streams
         bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])             # [n*n + 2n]
         if self.dynamic:
@@ -342,10 +383,7 @@ class DynamicMHC(nn.Module):
             H_res = sinkhorn(res, self.sinkhorn_iters, self.sinkhorn_tau)
         else:
             H_res = orthostochastic_project(res, self.ns_coeffs)
-        g = self.gate()
-        if self.training and self.gate_noise > 0:
-            g = (g * torch.empty((), device=g.device).uniform_(1 - self.gate_noise, 1 + self.gate_noise)).clamp(0, 1)
-        H_res = torch.lerp(self.eye.to(H_res.dtype), H_res, g.to(H_res.dtype))      # (1 - g) I + g H_res
+        H_res = self._gated(H_res, self._row_gates(B), B, T)                          # (1 - g) I + g H_res
         return H_res, H_pre, H_post
 
     def get_matrices(self, x: torch.Tensor):
@@ -353,9 +391,8 @@ class DynamicMHC(nn.Module):
         B, T, nC = x.shape
         n = self.num_streams
         with torch.autocast(device_type=x.device.type, enabled=False):
-            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(B * T, nC))
-        return H_res.expand(B * T, n, n).reshape(B, T, n, n), H_pre.expand(B * T, n).reshape(B, T, n), \
-            H_post.expand(B * T, n).reshape(B, T, n)
+            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(B * T, nC), B, T)
+        return _per_token(H_res, B, T), _per_token(H_pre, B, T), _per_token(H_post, B, T)
 
     def forward(self, x: torch.Tensor, branch_fn) -> torch.Tensor:
         B, T, nC = x.shape
@@ -364,8 +401,9 @@ class DynamicMHC(nn.Module):
         # the read-out and the mixing run outside autocast: the residual streams stay in their own (fp32)
         # precision, as the baseline's x + y does; only the branch runs under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
-            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(N, nC))
-            H_res, H_pre, H_post = (H.to(x.dtype).expand(N, *H.shape[1:]) for H in (H_res, H_pre, H_post))
+            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(N, nC), B, T)
+            H_res, H_pre, H_post = (_per_token(H.to(x.dtype), B, T).reshape(N, *H.shape[1:])
+                                    for H in (H_res, H_pre, H_post))
             if self.capture:
                 self.captured = dict(H_res=H_res.detach().reshape(B, T, n, n), H_pre=H_pre.detach().reshape(B, T, n),
                                      H_post=H_post.detach().reshape(B, T, n))
@@ -375,6 +413,15 @@ class DynamicMHC(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = _MixStreams.apply(H_res.contiguous(), xs, H_post.contiguous(), y.reshape(N, C).to(x.dtype))
         return out.view(B, T, nC)                                                     # H_res x + H_post y
+
+
+def _per_token(H: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """[N', ...] coefficients with N' in {1, B, B*T} (shared, per example, per token) -> a [B, T, ...] view."""
+    if H.size(0) == B * T:
+        return H.reshape(B, T, *H.shape[1:])
+    if H.size(0) == 1:
+        return H.reshape(1, 1, *H.shape[1:]).expand(B, T, *H.shape[1:])
+    return H.reshape(B, 1, *H.shape[1:]).expand(B, T, *H.shape[1:])
 
 
 class StreamReadout(nn.Module):
@@ -409,13 +456,36 @@ class StreamReadout(nn.Module):
             return _ReadStreams.apply(H_out.to(x.dtype), x.reshape(N, n, nC // n)).view(B, T, nC // n)
 
 
+def gate_tensor(values, name: str = "gate") -> torch.Tensor:
+    """Gate value(s) as a float32 tensor, checked: a number (python, numpy scalar, 0-d array or tensor) or an array
+    or tensor of numbers, every one finite and in [0, 1]. The error names the first bad entry."""
+    if isinstance(values, (str, bytes, bool, np.bool_)) or values is None:
+        raise UserError(f"mHC {name} must be a number in [0, 1] (got {values!r})")
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise UserError(f"mHC {name}: cannot read {values!r} as gate values ({e})") from None
+    if arr.dtype.kind not in "fiu":
+        raise UserError(f"mHC {name} must be a number in [0, 1] (got {values!r})")
+    arr = arr.astype(np.float64)
+    ok = np.isfinite(arr) & (arr >= 0) & (arr <= 1)
+    if not ok.all():
+        first = tuple(np.argwhere(~ok)[0]) if arr.ndim else ()
+        where = name + "".join(f"[{i}]" for i in first)
+        raise UserError(f"mHC {where} must be a number in [0, 1] (got {float(arr[first])!r})")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
 def check_gate_value(value, name: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
-        raise UserError(f"mHC {name} must be a number in [0, 1] (got {value!r})")
+    """A single gate value: a number in [0, 1] (python or numpy, or a 0-d array or tensor)."""
+    if gate_tensor(value, name).dim() != 0:
+        raise UserError(f"mHC {name} must be a single number in [0, 1] (got shape {tuple(np.shape(value))})")
 
 
 def validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
-                      gate_learnable, gate_noise):
+                      gate_learnable, gate_noise, gate_sample_frac=0.0):
     if not isinstance(num_streams, int) or isinstance(num_streams, bool) or num_streams < 1:
         raise UserError(f"mhc_num_streams must be an integer >= 1 (got {num_streams!r})")
     if not isinstance(sinkhorn_iters, int) or isinstance(sinkhorn_iters, bool) or sinkhorn_iters < 1:
@@ -434,3 +504,5 @@ def validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res
         raise UserError(f"mhc_gate_init must be in [0, 1] (got {gate_init!r})")
     if not 0 <= gate_noise <= 1:
         raise UserError(f"mhc_gate_noise must be in [0, 1] (got {gate_noise!r})")
+    if not 0 <= gate_sample_frac <= 1:
+        raise UserError(f"mhc_gate_sample_frac must be in [0, 1] (got {gate_sample_frac!r})")

@@ -20,6 +20,8 @@ from decimal import Decimal, InvalidOperation
 from nanochat.task_common import GenExample, MalformedRow, TaskData
 
 DATA = TaskData(hub_id="openai/gsm8k", hub_config="main", split="test", local_path="gsm8k/test.jsonl")
+DATA_TRAIN = TaskData(hub_id="openai/gsm8k", hub_config="main", split="train", local_path="gsm8k/train.jsonl")
+SPLITS = {"test": DATA, "train": DATA_TRAIN}
 EXEMPLARS_PATH = os.path.join(os.path.dirname(__file__), "data", "gsm8k_cot_exemplars.json")
 
 HASH_RE = re.compile(r"####\s*(-?[$0-9.,]+)")                # GSM8K's `#### (\-?[0-9\.\,]+)`, `$` allowed
@@ -66,7 +68,20 @@ def load_exemplars() -> list[dict]:
         return json.load(f)["exemplars"]
 
 
-def make_parser(num_fewshot: int):
+def prompt_0shot(question: str) -> str:
+    """The 0-shot prompt (lm-eval `gsm8k`); fine-tuning (scripts/sft_train.py) and the RL env use it too."""
+    return f"Question: {question}\nAnswer:"
+
+
+def gold_continuation(answer: str) -> str:
+    """The gold worked answer as the continuation of prompt_0shot: what SFT trains on and the RL env's dense
+    reward scores under teacher forcing."""
+    return " " + answer
+
+
+def make_parser(num_fewshot: int, split: str = "test"):
+    """Row parser: GenExample(id=f"{split}-{row index}", prompt, reference = the final number); `extra` keeps the
+    question and the full gold answer."""
     if num_fewshot not in STOP_STRINGS:
         raise ValueError(f"GSM8K runs 0-shot or 8-shot (got {num_fewshot})")
     prefix = "".join(f"Q: {e['question']}\nA: {e['answer']}\n\n" for e in load_exemplars()) if num_fewshot else ""
@@ -78,8 +93,9 @@ def make_parser(num_fewshot: int):
         m = HASH_RE.search(a)
         if m is None or normalize_number(m.group(1)) is None:
             raise MalformedRow("the answer has no '#### <number>' final line")
-        prompt = prefix + (f"Q: {q}\nA:" if num_fewshot else f"Question: {q}\nAnswer:")
-        return GenExample(id=f"test-{idx}", prompt=prompt, reference=m.group(1).strip())
+        prompt = prefix + (f"Q: {q}\nA:" if num_fewshot else prompt_0shot(q))
+        return GenExample(id=f"{split}-{idx}", prompt=prompt, reference=m.group(1).strip(),
+                          extra=dict(question=q, answer=a))
     return parse
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import apply_schedules, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
+from nanochat.training import StopFlag, truncate_metrics
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, for MFU
 
@@ -55,7 +55,7 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 
 
 def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: str, path: str):
-    saved = meta["model_config"]
+    saved = dataclasses.asdict(GPTConfig.from_dict(meta["model_config"]))  # keys added since: their defaults
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in dataclasses.asdict(model_config).items()
              if saved.get(k) != v]
     if diffs:
@@ -63,44 +63,6 @@ def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: s
     if meta.get("tokenizer") not in (None, tokenizer_fp):
         raise UserError(f"cannot resume from {path}: it was trained with tokenizer {meta['tokenizer']}, "
                         f"the current one is {tokenizer_fp}")
-
-
-def truncate_metrics(path: str, step: int):
-    """On resume, drop records logged after the checkpoint (and its val eval, which is redone) so the curves
-    have no duplicated steps."""
-    if not os.path.exists(path):
-        return
-
-    def keep(rec: dict) -> bool:
-        return rec["step"] < step or (rec["step"] == step and "val_bpb" not in rec)
-
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and keep(json.loads(line))]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary instead of dying mid-step."""
-
-    def __init__(self):
-        self.signum = 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nreceived signal {signum}: saving a checkpoint after this step", flush=True)
-
-    def synced(self, device) -> int:
-        """All ranks agree (max) so that they save and exit at the same step."""
-        if not dist.is_initialized():
-            return self.signum
-        t = torch.tensor([self.signum], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
 
 
 def main(argv=None):

@@ -194,9 +194,9 @@ def test_gpt_gate_api():
                        ("0.5", "'0.5'")]:
         with pytest.raises(UserError, match=match):
             model.set_mhc_gate(bad)
-    with pytest.raises(UserError, match="expected 2 gate values, got 3"):
+    with pytest.raises(UserError, match="expected 2 gate values per layer, got 3"):
         model.set_mhc_gates_per_layer([0.5, 0.5, 0.5])
-    with pytest.raises(UserError, match="expected 4 gate values, got 2"):
+    with pytest.raises(UserError, match="expected 4 gate values per sub-layer, got 2"):
         model.set_mhc_gates_per_sublayer([0.5, 0.5])
     with pytest.raises(UserError, match=r"gate\[1\]"):
         model.set_mhc_gates_per_layer([0.5, 2.0])
@@ -423,3 +423,120 @@ def test_torch_compile_matches_eager_without_graph_breaks(tmp_path, monkeypatch)
     for name, p in compiled.named_parameters():
         ref = grads[name].grad
         assert (p.grad - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-9, name
+
+
+# -- the gate API an RL actor calls, per-example gates, gate-range training ------------------------------------
+
+def test_gate_api_takes_numpy_and_tensor_values():
+    """A gymnasium Box action is a numpy float32 array; 0-d arrays, numpy scalars and 0-d tensors are numbers too."""
+    import gymnasium
+    import numpy as np
+    model = mhc_model()
+    for value in (np.float32(0.3), np.array(0.3, dtype=np.float32), torch.tensor(0.3), np.float64(0.3), 0.3):
+        model.set_mhc_gate(value)
+        assert model.get_mhc_gates() == pytest.approx([0.3] * 4), type(value)
+    box = gymnasium.spaces.Box(0, 1, shape=(2,), dtype=np.float32)
+    box.seed(0)
+    action = box.sample()
+    model.set_mhc_gates_per_layer(action)
+    assert model.get_mhc_gates() == pytest.approx([action[0], action[0], action[1], action[1]])
+    model.set_mhc_gates_per_sublayer(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert model.get_mhc_gates() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    for bad, match in [(np.array([0.5, np.nan], np.float32), r"gate\[1\]"), (np.float32(1.5), r"\[0, 1\]"),
+                       (torch.tensor([0.5, -1.0]), r"gate\[1\]"), (np.array([True, False]), "number")]:
+        with pytest.raises(UserError, match=match):
+            model.set_mhc_gates_per_layer(bad)
+    with pytest.raises(UserError, match="per layer, got 3"):
+        model.set_mhc_gates_per_layer(np.zeros(3, np.float32))
+    with pytest.raises(UserError, match=r"shape \(2, 2, 2\)"):
+        model.set_mhc_gate(np.zeros((2, 2, 2)))
+
+
+def test_per_example_gates_equal_each_example_alone():
+    """One batch with a gate vector per row == each row run alone with its own gates (forward and per layer)."""
+    model = mhc_model(out_proj_init_scale=1.0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(300)  # O(1) logits: a 1e-5 agreement then means something
+    idx = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    gates = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+    model.set_mhc_gates_per_sublayer(gates)
+    batched = model(idx)
+    assert model.mhc_gate_tensor().shape == (3, 4)
+    for b in range(3):
+        model.set_mhc_gates_per_sublayer(gates[b])
+        alone = model(idx[b:b + 1])
+        assert (batched[b] - alone[0]).abs().max() < 1e-5
+    # the rows really differ: one shared gate vector gives another result for at least one row
+    model.set_mhc_gates_per_sublayer(gates[0])
+    assert (model(idx) - batched).abs().max() > 1e-3
+    # per-example global gates ([B]) and per-layer vectors ([B, L]) take the same path
+    g = torch.tensor([0.0, 0.5, 1.0])
+    model.set_mhc_gate(g)
+    batched = model(idx)
+    for b in range(3):
+        model.set_mhc_gate(float(g[b]))
+        assert (batched[b] - model(idx[b:b + 1])[0]).abs().max() < 1e-5
+    model.set_mhc_gate(g)
+    with pytest.raises(UserError, match="3 gates set for a batch of 2 rows"):
+        model(idx[:2])
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_per_example_gates_with_kv_cache_generation(dynamic):
+    """Batched generation (left padding + KV cache) with per-example gates == each prompt generated alone."""
+    from nanochat.engine import Engine
+    model = mhc_model(out_proj_init_scale=1.0, mhc_dynamic=dynamic).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(300)  # O(1) logits so that the gates visibly change the tokens
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    gates = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.3, 0.9, 0.1, 0.6]])
+    engine = Engine(model)
+    model.set_mhc_gates_per_sublayer(gates)
+    batched = engine.generate(prompts, 12, return_logits=True)
+    for b, p in enumerate(prompts):
+        model.set_mhc_gates_per_sublayer(gates[b])
+        alone = engine.generate([p], 12, return_logits=True)[0]
+        assert batched[b].tokens == alone.tokens
+        assert max((x - y).abs().max().item() for x, y in zip(batched[b].logits, alone.logits)) < 1e-5
+
+
+def test_gate_override_is_run_state_never_saved(tmp_path):
+    from nanochat.checkpoint import load_model, save_checkpoint
+    model = mhc_model()
+    model.set_mhc_gates_per_sublayer([0.9, 0.9, 0.9, 0.9])
+    sd = model.state_dict()
+    assert not any("gate_override" in k for k in sd)
+    meta = dict(model_config=dict(model.config.__dict__))
+    path = save_checkpoint(str(tmp_path), 1, model, [], meta)
+    loaded, _ = load_model(path)
+    assert loaded.get_mhc_gates() == pytest.approx([0.2] * 4)  # the learned gates, not the override
+    # a checkpoint written when the override was a buffer still loads (the stale entry is dropped)
+    legacy = {**sd, "transformer.h.0.mhc_attn.gate_override": torch.tensor(0.9)}
+    fresh = mhc_model(seed=1)
+    fresh.load_state_dict(legacy)
+    assert fresh.get_mhc_gates() == pytest.approx([0.2] * 4)
+
+
+def test_gate_sampling_covers_the_range_and_keeps_the_gate_learning():
+    """gate_sample_frac f: a fraction f of the rows draws g ~ U[0, 1]; the others keep the learned gate, which
+    still gets a gradient from them. Eval mode never samples."""
+    torch.manual_seed(0)
+    m = DynamicMHC(8, num_streams=4, gate_sample_frac=0.5).train()
+    g = m._row_gates(4000)
+    sampled = (g - 0.2).abs() > 1e-6
+    assert 0.45 < sampled.float().mean().item() < 0.55
+    assert g.min().item() < 0.01 and g.max().item() > 0.99 and (0 <= g).all() and (g <= 1).all()
+    x = torch.randn(64, 3, 32)
+    out = m(x, lambda h: h)
+    out.square().sum().backward()
+    assert m.gate_logit.grad.abs().item() > 0  # learned from the unsampled rows
+    every = DynamicMHC(8, num_streams=4, gate_sample_frac=1.0).train()
+    every(x, lambda h: h).square().sum().backward()
+    assert every.gate_logit.grad.item() == 0.0  # every row sampled: the learned gate is out of the graph
+    m.eval()
+    assert m._row_gates(10).dim() == 0  # eval: the learned gate, one for the batch
+    # in a GPT: the flag reaches every sub-layer; a bad value is named
+    model = mhc_model(mhc_gate_sample_frac=0.25)
+    assert all(mod.gate_sample_frac == 0.25 for mod in model.mhc_modules())
+    with pytest.raises(UserError, match="mhc_gate_sample_frac"):
+        mhc_model(mhc_gate_sample_frac=1.5)

@@ -12,11 +12,15 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
     env = {**os.environ, "PRESET": "tiny", "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
            "NANOCHAT_DATA_DIR": str(shared_data_dir), "RESULTS_DIR": str(tmp_path / "results"),
            "EXTRA_TRAIN_ARGS": "--depth 2 --num-iterations 6 --eval-every 3 --eval-tokens 4096 --save-every 3",
-           "EXTRA_EVAL_ARGS": "--eval-tokens 4096 --max-per-task 3 --max-new-tokens 8"}
+           "EXTRA_EVAL_ARGS": "--eval-tokens 4096 --max-per-task 3 --max-new-tokens 8",
+           "EXTRA_SFT_ARGS": "--num-iterations 4 --synthetic-count 200 --val-problems 16 --eval-every 2",
+           "EXTRA_SWEEP_ARGS": "--grid 0,1 --per-layer-grid 0 --tokens 2048 --num-problems 4",
+           "EXTRA_RL_ARGS": "--total-timesteps 32 --n-steps 16 --num-envs 8 --batch-size 8 --n-epochs 1 "
+                            "--train-problems 32 --eval-problems 8 --max-new-tokens 8 --baselines grid"}
     out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc",
-              "stats_mhc")
+              "stats_mhc", "sft", "gate_sweep", "rl_synthetic_global", "rl_gsm8k_global")
     for stage in stages:
         assert (tmp_path / "base" / "speedrun" / f"{stage}.done").exists(), stage
     tokens = {}
@@ -36,6 +40,20 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
     assert tokens["tiny_baseline"] == tokens["tiny_mhc"]  # identical token budgets and tokenizer
     stats = json.loads((tmp_path / "results" / "tiny_mhc" / "mhc_stats.json").read_text())
     assert stats["step"] == 6 and len(stats["sublayers"]) == 4  # --depth 2: 2 layers x (attention, MLP)
+    # the RL half: a fine-tuned checkpoint whose loss fell, a gate sweep, and two RL runs with every arm evaluated
+    sft = [json.loads(l) for l in open(tmp_path / "results" / "tiny_mhc_sft" / "metrics.jsonl")]
+    val = [m["val_answer_loss"] for m in sft if "val_answer_loss" in m]
+    assert len(val) == 3 and val[-1] < val[0]
+    assert json.loads((tmp_path / "results" / "tiny_mhc_sft" / "config.json").read_text())["model"][
+        "mhc_gate_sample_frac"] == 0.25  # the tiny mHC config trains over the gate range
+    sweep = json.loads((tmp_path / "results" / "tiny_mhc_sft" / "gate_sweep.json").read_text())
+    assert [p["gate"] for p in sweep["global_gate"]] == [0.0, 1.0] and len(sweep["per_layer"]) == 2
+    assert (tmp_path / "results" / "tiny_mhc_sft" / "gate_sweep.png").stat().st_size > 0
+    for run in ("tiny_mhc_sft-synthetic-global-dense", "tiny_mhc_sft-gsm8k-global-dense"):
+        ev = json.loads((tmp_path / "results" / "rl" / run / "eval.json").read_text())
+        assert ev["policy_timesteps"] == 32 and ev["scale"] == "smoke"
+        assert set(ev["arms"]) == {"default", "rl_policy", "rl_initial", "grid", "gate0", "gate1"}
+        assert all(a["exact"]["n"] == 8 for a in ev["arms"].values()), run
 
     # a second run skips every finished stage
     again = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,116 @@
+"""GSM8K-format problems for the RL gate controller: where they come from, the prompt, and how an answer is scored.
+
+The problem logic only; the gymnasium environments are in envs/mhc_env.py. Everything task-specific goes through
+nanochat's GSM8K task (nanochat/task_gsm8k.py: row parsing, the 0-shot prompt, answer extraction and exact match)
+and its evaluation code (nanochat/evaluate.py: batched generation with the KV cache; nanochat/task_common.py:
+continuation log-likelihoods), so the controller is rewarded exactly as `scripts.base_eval` scores.
+
+Problems (GenExample: id, 0-shot prompt, reference = the final number, extra = question and worked answer):
+- `gsm8k`: the GSM8K `train` or `test` split (HF hub, else $NANOCHAT_DATA_DIR/gsm8k/*.jsonl);
+- `synthetic`: generated arithmetic word problems in GSM8K's format (nanochat/synthetic_gsm8k.py), which the tiny
+  CPU models can learn, so the rewards are not all zero.
+
+Rewards of one problem under the gates currently set on the model:
+- exact: 1 if the greedy 0-shot completion's answer matches (the GSM8K task's primary metric), else 0 (the PRD's);
+- dense: the mean per-token log-probability (nats, <= 0) of the gold worked answer under teacher forcing, one
+  forward pass and no generation;
+- mix: (1 - w) * exact + w * exp(dense), both terms in [0, 1] (exp(dense) is the geometric-mean token probability).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from nanochat import task_gsm8k
+from nanochat.common import UserError
+from nanochat.engine import Engine
+from nanochat.evaluate import TASKS, run_gen_batch
+from nanochat.synthetic_gsm8k import as_examples, generate_problems
+from nanochat.task_common import GenExample, ModelScorer, continuation_ids, load_rows, parse_rows, subsample
+
+PROBLEM_SOURCES = ("synthetic", "gsm8k")
+GSM8K_METRIC = TASKS["gsm8k"][3]  # the primary metric base_eval reports for 0-shot GSM8K
+
+
+def load_problems(source: str, *, split: str = "train", count: int = -1, seed: int = 0, task_data: str = "auto",
+                  synthetic_steps=(1, 2), synthetic_max_value: int = 20, synthetic_ops: str = "+-",
+                  exclude=()) -> tuple[list[GenExample], str]:
+    """Problems of one source. gsm8k: `split` (train | test), the first `count` after a shuffle seeded by `seed`
+    (all when count < 0); synthetic: `count` problems from generator seed `seed`. Questions in `exclude` (problems
+    or strings) are left out. Returns (problems, a description of where they came from)."""
+    excluded = {e.extra["question"] if isinstance(e, GenExample) else e for e in exclude}
+    if source == "synthetic":
+        if count <= 0:
+            raise UserError(f"synthetic problems need a count > 0 (got {count})")
+        problems = generate_problems(count, seed=seed, steps=synthetic_steps, max_value=synthetic_max_value,
+                                     ops=synthetic_ops, exclude=excluded)
+        desc = (f"synthetic:seed={seed},steps={list(synthetic_steps)},max_value={synthetic_max_value},"
+                f"ops={synthetic_ops}")
+        return as_examples(problems, f"synthetic{seed}"), desc
+    if source == "gsm8k":
+        if split not in task_gsm8k.SPLITS:
+            raise UserError(f"GSM8K split must be one of {', '.join(task_gsm8k.SPLITS)} (got {split!r})")
+        rows, where = load_rows(task_gsm8k.SPLITS[split], task_data)
+        examples, malformed = parse_rows(rows, task_gsm8k.make_parser(0, split), False, where)
+        examples = [ex for ex in examples if ex.extra["question"] not in excluded]
+        if not examples:
+            raise UserError(f"no usable GSM8K problems in {where} ({len(malformed)} malformed rows)")
+        return subsample(examples, count, seed), where
+    raise UserError(f"problem source must be one of {', '.join(PROBLEM_SOURCES)} (got {source!r})")
+
+
+def fit_problems(problems: list[GenExample], tokenizer, max_len: int) -> tuple[list[GenExample], int]:
+    """Keep the problems whose gold answer fits the model's context (a longer prompt loses its left part, as in
+    evaluation, but the scored answer must survive whole). Returns (kept, number dropped)."""
+    kept = [p for p in problems
+            if 0 < continuation_ids(tokenizer, p.prompt, task_gsm8k.gold_continuation(p.extra["answer"]))[1]
+            < max_len]
+    return kept, len(problems) - len(kept)
+
+
+@torch.no_grad()
+def dense_rewards(model, tokenizer, problems: list[GenExample], autocast_ctx) -> list[float]:
+    """Mean per-token log-probability of each problem's gold answer, in one batch, under the gates set on the
+    model (row b of a per-example gate is problem b)."""
+    scorer = ModelScorer(model, tokenizer, autocast_ctx)
+    out = scorer.loglikelihoods([(p.prompt, task_gsm8k.gold_continuation(p.extra["answer"])) for p in problems])
+    if any(r["ll"] is None for r in out):  # fit_problems keeps these out: a None here would misalign the gates
+        bad = [p.id for p, r in zip(problems, out) if r["ll"] is None]
+        raise UserError(f"problems {bad[:3]} have no scorable answer tokens in the model's context "
+                        f"(filter them with envs.gsm8k_env.fit_problems)")
+    return [r["ll"] / r["n_tokens"] for r in out]
+
+
+@torch.no_grad()
+def exact_rewards(model, tokenizer, problems: list[GenExample], max_new_tokens: int, autocast_ctx) -> list[dict]:
+    """Greedy 0-shot generation for every problem in one batch (KV cache), scored by the GSM8K task. Returns the
+    evaluation records (completion, extracted answers, exact_match_*); `correct` is the primary metric."""
+    records = run_gen_batch(problems, Engine(model, tokenizer, autocast_ctx), tokenizer, max_new_tokens, 0)
+    for r in records:
+        r["correct"] = bool(r[GSM8K_METRIC])
+    return records
+
+
+def mix_reward(exact: float, dense: float, weight: float) -> float:
+    return (1 - weight) * exact + weight * math.exp(dense)
+
+
+@torch.no_grad()
+def question_features(model, tokenizer, problems: list[GenExample], autocast_ctx) -> np.ndarray:
+    """The observation of each problem: its prompt's final hidden state, mean-pooled over the prompt tokens,
+    [B, n_embd] float32. Computed under whatever gates are set (the env clears them first)."""
+    max_len = model.config.sequence_len
+    ids = [tokenizer.encode(p.prompt, prepend=tokenizer.bos_token_id)[-max_len:] for p in problems]
+    T = max(len(x) for x in ids)
+    device = model.cos.device
+    batch = torch.zeros(len(ids), T, dtype=torch.long, device=device)
+    mask = torch.zeros(len(ids), T, 1, device=device)
+    for b, x in enumerate(ids):  # right padding: causal attention keeps the real positions exact
+        batch[b, :len(x)] = torch.tensor(x, device=device)
+        mask[b, :len(x)] = 1
+    with autocast_ctx:
+        h = model.hidden_states(batch).float()                                   # [B, T, C]
+    pooled = (h * mask).sum(1) / mask.sum(1)
+    return pooled.cpu().numpy().astype(np.float32)

@@ -1,0 +1,403 @@
+"""The RL environment over the mHC gates of a frozen model (seed 002, Phase 3).
+
+    env = gymnasium.make("nanochat/GSM8KMHC-v0", checkpoint=PATH, action_space="per_layer", reward="dense")
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+
+One episode = one GSM8K-format problem (as in the PRD): the observation describes the question, the action is the
+gate vector, the reward scores the model's answer under those gates, and the episode ends.
+
+- Action: Box(0, 1, float32) of size 1 (`global`: every sub-layer), L (`per_layer`: both sub-layers of a layer)
+  or 2L (`per_sublayer`: attention, MLP, attention, ...). Out-of-range actions are clipped to [0, 1] (an
+  unsquashed Gaussian policy proposes them; SB3 clips before the env sees them) and reported in
+  `info["clipped"]`; a NaN or infinite action, or one of the wrong size, is an error.
+- Observation: the question's final hidden state mean-pooled over its prompt, under the model's learned (default)
+  gates: a float32 vector of n_embd.
+- Reward: `exact`, `dense` or `mix` (envs/gsm8k_env.py); with reward_baseline="default", relative to the
+  learned gates' reward on the same problem (GateScorer).
+- The model is frozen: eval mode, no gradients, no gate noise or gate sampling; its weights never change.
+
+`GSM8KMHCVecEnv` is the batched version for PPO: every step scores all its sub-environments' problems, each under
+its own gates, in one batched forward (dense) or one batched generation with the KV cache (exact).
+`GateScorer` is what both use, and what the black-box baselines and the evaluation use (envs/gate_search.py).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env import VecEnv
+
+from envs.gsm8k_env import (dense_rewards, exact_rewards, fit_problems, load_problems, mix_reward,
+                            question_features)
+from nanochat.checkpoint import load_model, resolve_checkpoint
+from nanochat.common import UserError, autocast_ctx
+from nanochat.tokenizer import get_tokenizer
+
+ENV_ID = "nanochat/GSM8KMHC-v0"
+ACTION_SPACES = ("global", "per_layer", "per_sublayer")
+REWARDS = ("exact", "dense", "mix")
+REWARD_BASELINES = ("none", "default")
+
+
+def num_gates(action_space: str, n_layer: int) -> int:
+    if action_space not in ACTION_SPACES:
+        raise UserError(f"action space must be one of {', '.join(ACTION_SPACES)} (got {action_space!r})")
+    return {"global": 1, "per_layer": n_layer, "per_sublayer": 2 * n_layer}[action_space]
+
+
+def set_gates(model, action_space: str, gates) -> None:
+    """gates: [B, k] (one gate vector per example) or [k]; k as num_gates(action_space)."""
+    gates = np.asarray(gates, dtype=np.float32)
+    if action_space == "global":
+        model.set_mhc_gate(gates[..., 0])
+    elif action_space == "per_layer":
+        model.set_mhc_gates_per_layer(gates)
+    else:
+        model.set_mhc_gates_per_sublayer(gates)
+
+
+@contextmanager
+def gates_applied(model, action_space: str, gates):
+    """Set gates (None: the learned defaults) for the duration of a block; the previous overrides come back."""
+    modules = model.mhc_modules()
+    saved = [m.gate_override for m in modules]
+    try:
+        if gates is None:
+            model.clear_mhc_gates()
+        else:
+            set_gates(model, action_space, gates)
+        yield
+    finally:
+        for m, g in zip(modules, saved):
+            m.gate_override = g
+
+
+def check_action(action, size: int) -> tuple[np.ndarray, bool]:
+    """An action as float32 [size] in [0, 1]: NaN/inf or a wrong size is an error, out-of-range is clipped.
+    Returns (action, whether it was clipped)."""
+    a = np.asarray(action, dtype=np.float32).reshape(-1) if np.ndim(action) else np.full(1, action, np.float32)
+    if a.size != size:
+        raise UserError(f"action of {a.size} gate values for an action space of {size}")
+    if not np.isfinite(a).all():
+        raise UserError(f"action has non-finite gate values at {np.flatnonzero(~np.isfinite(a)).tolist()}: {a}")
+    clipped = np.clip(a, 0.0, 1.0)
+    return clipped, bool((clipped != a).any())
+
+
+def observation_space(n_embd: int) -> gym.spaces.Box:
+    """The question features: a mean of final-norm hidden states, whose RMS is 1, so |x_i| <= sqrt(n_embd)."""
+    bound = float(np.sqrt(n_embd))
+    return gym.spaces.Box(-bound, bound, shape=(n_embd,), dtype=np.float32)
+
+
+def actions_to_gates(actions: np.ndarray, symmetric: bool) -> np.ndarray:
+    """Policy actions -> gates in [0, 1]: [-1, 1] maps linearly onto [0, 1] when `symmetric`; then clipped."""
+    a = np.asarray(actions, dtype=np.float32)
+    return np.clip((a + 1.0) / 2.0 if symmetric else a, 0.0, 1.0)
+
+
+def freeze(model):
+    """Eval mode, no gradients, no training-time gate noise or gate sampling."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.mhc_modules():
+        m.gate_noise, m.gate_sample_frac = 0.0, 0.0
+    return model
+
+
+def load_frozen_model(checkpoint: str = "", model_tag: str = "", step: int = -1, device="cpu"):
+    """(model, tokenizer, checkpoint path, meta) of an mHC checkpoint, frozen for the controller."""
+    if not checkpoint and not model_tag:
+        raise UserError("pass a checkpoint path or a model tag of the mHC model to control")
+    path = checkpoint or resolve_checkpoint(model_tag, step)
+    model, meta = load_model(path, device)
+    if not model.config.mhc_enabled:
+        raise UserError(f"checkpoint {path} is a model without mHC (mhc_enabled is false): there are no gates "
+                        f"for the controller to set")
+    tokenizer = get_tokenizer()
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, but the tokenizer in "
+                        f"the base dir is {tokenizer.fingerprint}")
+    return freeze(model), tokenizer, path, meta
+
+
+class GateScorer:
+    """Rewards of (problem, gate vector) pairs from the frozen model, in batches of `batch_size` problems (each
+    batch is one forward or one generation, with one gate vector per row).
+
+    reward_baseline="default" subtracts, per problem, the reward the learned gates get on that problem (computed
+    once and cached; `raw_reward` keeps the plain value). A per-problem control variate: it does not depend on the
+    action, so it changes no optimum (nor any comparison of gate vectors on the same problems), but it removes the
+    problem-to-problem spread (easy vs hard questions) that otherwise swamps the gates' effect on the reward."""
+
+    def __init__(self, model, tokenizer, *, action_space: str = "global", reward: str = "dense",
+                 max_new_tokens: int = 256, mix_weight: float = 0.5, batch_size: int = 32, dtype: str = "float32",
+                 reward_baseline: str = "none"):
+        if reward not in REWARDS:
+            raise UserError(f"reward must be one of {', '.join(REWARDS)} (got {reward!r})")
+        if reward_baseline not in REWARD_BASELINES:
+            raise UserError(f"reward baseline must be one of {', '.join(REWARD_BASELINES)} (got "
+                            f"{reward_baseline!r})")
+        if not 0 <= mix_weight <= 1:
+            raise UserError(f"mix weight must be in [0, 1] (got {mix_weight})")
+        if batch_size <= 0 or max_new_tokens <= 0:
+            raise UserError(f"batch size and max new tokens must be > 0 (got {batch_size}, {max_new_tokens})")
+        self.model, self.tokenizer = model, tokenizer
+        self.action_space, self.reward = action_space, reward
+        self.num_gates = num_gates(action_space, model.config.n_layer)
+        self.max_new_tokens, self.mix_weight, self.batch_size = max_new_tokens, mix_weight, batch_size
+        self.ctx = autocast_ctx(model.cos.device.type, dtype)
+        self.reward_baseline = reward_baseline
+        self._features: dict[str, np.ndarray] = {}
+        self._default_reward: dict[str, float] = {}
+        self.problems_scored = 0  # the evaluation budget spent (problems scored, any gates)
+
+    def default_gates(self, action_space: str | None = None) -> np.ndarray:
+        """The learned gates in an action space (per layer: the mean of its two sub-layers; global: the mean)."""
+        space = action_space or self.action_space
+        with gates_applied(self.model, space, None):
+            g = np.asarray(self.model.get_mhc_gates(), dtype=np.float32)
+        if space == "global":
+            return g.mean(keepdims=True)
+        return g.reshape(-1, 2).mean(1) if space == "per_layer" else g
+
+    def fit(self, problems):
+        return fit_problems(problems, self.tokenizer, self.model.config.sequence_len)
+
+    def observations(self, problems) -> np.ndarray:
+        """[B, n_embd] question features under the learned gates (cached per problem id)."""
+        todo = [p for p in problems if p.id not in self._features]
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i:i + self.batch_size]
+            with gates_applied(self.model, self.action_space, None):
+                feats = question_features(self.model, self.tokenizer, chunk, self.ctx)
+            self._features.update({p.id: f for p, f in zip(chunk, feats)})
+        return np.stack([self._features[p.id] for p in problems])
+
+    def prepare(self, problems):
+        """Compute (and cache) every problem's observation and, with a reward baseline, its reward under the
+        learned gates, in a fixed batching: cached values then never depend on which problems happened to be
+        scored together (fp rounding differs with a batch's padding), so a resumed run is exact."""
+        self.observations(problems)
+        if self.reward_baseline == "default":
+            todo = [p for p in problems if p.id not in self._default_reward]
+            for r in self._raw_score(todo, None, None, self.action_space):
+                self._default_reward[r["id"]] = r["reward"]
+
+    def score(self, problems, gates, metrics=None, action_space: str | None = None) -> list[dict]:
+        """Score problem b under gates[b] ([B, k] in `action_space`, default the scorer's; None = the learned
+        gates). `metrics` (exact, dense) defaults to what the reward needs. Returns per problem
+        {id, reward, raw_reward, dense?, correct?, completion?}; reward = raw_reward - the learned gates' reward on
+        the same problem with reward_baseline="default"."""
+        out = self._raw_score(problems, gates, metrics, action_space or self.action_space)
+        self.problems_scored += len(problems)
+        if self.reward_baseline == "default":
+            self.prepare(problems)  # no-op for problems prepared up front
+            for r in out:
+                if "raw_reward" in r:
+                    r["reward"] = r["raw_reward"] - self._default_reward[r["id"]]
+        return out
+
+    def _raw_score(self, problems, gates, metrics, space: str) -> list[dict]:
+        metrics = set(metrics or {"exact": ["exact"], "dense": ["dense"], "mix": ["exact", "dense"]}[self.reward])
+        if gates is not None:
+            gates = np.asarray(gates, dtype=np.float32).reshape(len(problems), num_gates(space,
+                                                                                         self.model.config.n_layer))
+        out = []
+        for i in range(0, len(problems), self.batch_size):
+            chunk = problems[i:i + self.batch_size]
+            g = None if gates is None else gates[i:i + self.batch_size]
+            recs = [dict(id=p.id) for p in chunk]
+            with gates_applied(self.model, space, g):
+                if "dense" in metrics:
+                    for r, d in zip(recs, dense_rewards(self.model, self.tokenizer, chunk, self.ctx)):
+                        r["dense"] = d
+                if "exact" in metrics:
+                    for r, e in zip(recs, exact_rewards(self.model, self.tokenizer, chunk, self.max_new_tokens,
+                                                        self.ctx)):
+                        r.update(correct=e["correct"], completion=e["completion"], truncated=e["truncated"])
+            for r in recs:
+                if self.reward == "exact" and "correct" in r:
+                    r["reward"] = float(r["correct"])
+                elif self.reward == "dense" and "dense" in r:
+                    r["reward"] = r["dense"]
+                elif "correct" in r and "dense" in r:
+                    r["reward"] = mix_reward(float(r["correct"]), r["dense"], self.mix_weight)
+                if "reward" in r:
+                    r["raw_reward"] = r["reward"]
+            out += recs
+        return out
+
+    def rewards(self, problems, gates, action_space: str | None = None) -> np.ndarray:
+        return np.array([r["reward"] for r in self.score(problems, gates, action_space=action_space)],
+                        dtype=np.float64)
+
+
+def build_scorer(checkpoint: str = "", model_tag: str = "", step: int = -1, device="cpu", **scorer_kwargs):
+    model, tokenizer, path, meta = load_frozen_model(checkpoint, model_tag, step, device)
+    return GateScorer(model, tokenizer, **scorer_kwargs), path
+
+
+def build_problem_pool(scorer: GateScorer, source: str, **load_kwargs):
+    """Problems from envs.gsm8k_env.load_problems, without those whose answer does not fit the model's context."""
+    problems, where = load_problems(source, **load_kwargs)
+    problems, dropped = scorer.fit(problems)
+    if not problems:
+        raise UserError(f"no problem from {where} fits the model's context of {scorer.model.config.sequence_len}")
+    return problems, dict(source=where, count=len(problems), dropped_too_long=dropped)
+
+
+class GSM8KMHCEnv(gym.Env):
+    """One problem per episode; see the module docstring. Build it from a checkpoint (path or model tag) and a
+    problem source, or hand it a ready GateScorer and problem list (to share one loaded model between envs)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, checkpoint: str = "", model_tag: str = "", action_space: str = "global",
+                 reward: str = "dense", problems="synthetic", num_problems: int = 256, problem_seed: int = 1,
+                 split: str = "train", device: str = "cpu", max_new_tokens: int = 256, mix_weight: float = 0.5,
+                 reward_baseline: str = "none", scorer: GateScorer | None = None, task_data: str = "auto"):
+        super().__init__()
+        if scorer is None:
+            scorer, _ = build_scorer(checkpoint, model_tag, device=device, action_space=action_space,
+                                     reward=reward, max_new_tokens=max_new_tokens, mix_weight=mix_weight,
+                                     reward_baseline=reward_baseline)
+        elif scorer.action_space != action_space or scorer.reward != reward:
+            raise UserError(f"the scorer was built for action space {scorer.action_space!r} and reward "
+                            f"{scorer.reward!r}, the env asks for {action_space!r} and {reward!r}")
+        self.scorer = scorer
+        if isinstance(problems, str):
+            problems, _ = build_problem_pool(scorer, problems, split=split, count=num_problems, seed=problem_seed,
+                                             task_data=task_data)
+        if not problems:
+            raise UserError("the env needs at least one problem")
+        self.problems = list(problems)
+        k = scorer.num_gates
+        self.action_space = gym.spaces.Box(0.0, 1.0, shape=(k,), dtype=np.float32)
+        self.observation_space = observation_space(scorer.model.config.n_embd)
+        self._problem = None
+        self._obs = None
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._problem = self.problems[int(self.np_random.integers(len(self.problems)))]
+        self._obs = self.scorer.observations([self._problem])[0]
+        return self._obs.copy(), {"problem_id": self._problem.id}
+
+    def step(self, action):
+        if self._problem is None:
+            raise UserError("call reset() before step(): each episode is one problem")
+        gates, clipped = check_action(action, self.scorer.num_gates)
+        rec = self.scorer.score([self._problem], gates[None])[0]
+        info = {"problem_id": self._problem.id, "gates": gates, "clipped": clipped,
+                **{k: rec[k] for k in ("dense", "correct") if k in rec}}
+        self._problem = None  # one problem per episode: the next step needs a reset
+        return self._obs.copy(), float(rec["reward"]), True, False, info
+
+
+class GSM8KMHCVecEnv(VecEnv):
+    """`num_envs` problem slots scored together: one batched forward (dense) or generation (exact) per step, row b
+    under sub-environment b's gates. Every episode is one step, so every step ends every episode and the next
+    problems are drawn at once (SB3's auto-reset; the old observation is in info["terminal_observation"]).
+
+    symmetric_actions=True exposes Box(-1, 1) to the policy and maps it linearly onto the gates' [0, 1]: SB3's
+    Gaussian policy starts at mean 0 with std 1, which is then the middle of the gate range rather than its edge."""
+
+    def __init__(self, scorer: GateScorer, problems, num_envs: int, seed: int = 0, symmetric_actions: bool = False):
+        if num_envs <= 0:
+            raise UserError(f"--num-envs must be > 0 (got {num_envs})")
+        if not problems:
+            raise UserError("the env needs at least one problem")
+        self.scorer, self.problems = scorer, list(problems)
+        self.symmetric_actions = symmetric_actions
+        k, C = scorer.num_gates, scorer.model.config.n_embd
+        low = -1.0 if symmetric_actions else 0.0
+        self.render_mode = None
+        super().__init__(num_envs, observation_space(C), gym.spaces.Box(low, 1.0, shape=(k,), dtype=np.float32))
+        self.rng = np.random.default_rng(seed)
+        scorer.prepare(self.problems)  # observations (and baseline rewards) up front: exact resume
+        self._current: np.ndarray | None = None       # problem index of each slot
+        self._actions: np.ndarray | None = None
+
+    # -- state (for exact resume) ------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        return dict(rng=self.rng.bit_generator.state,
+                    current=None if self._current is None else self._current.tolist())
+
+    def set_state(self, state: dict):
+        """Restore get_state(); it supersedes a pending seed (SB3's PPO seeds its env when it is built)."""
+        self._reset_seeds()
+        self.rng.bit_generator.state = state["rng"]
+        self._current = None if state["current"] is None else np.asarray(state["current"], dtype=np.int64)
+
+    def to_gates(self, actions) -> np.ndarray:
+        """Policy actions [B, k] -> gate vectors in [0, 1] (clipped; NaN/inf is an error)."""
+        a = np.asarray(actions, dtype=np.float32).reshape(self.num_envs, -1)
+        if a.shape[1] != self.scorer.num_gates:
+            raise UserError(f"actions of {a.shape[1]} gate values for an action space of {self.scorer.num_gates}")
+        if not np.isfinite(a).all():
+            raise UserError(f"actions hold non-finite gate values: {a[~np.isfinite(a).all(1)][:2]}")
+        return actions_to_gates(a, self.symmetric_actions)
+
+    def _draw(self):
+        self._current = self.rng.integers(len(self.problems), size=self.num_envs)
+
+    def _obs(self) -> np.ndarray:
+        return self.scorer.observations([self.problems[i] for i in self._current])
+
+    # -- VecEnv API --------------------------------------------------------------------------------------------
+    def reset(self):
+        if self._seeds[0] is not None:  # VecEnv.seed(s) applies at the next reset, as SB3's own VecEnvs do
+            self.rng = np.random.default_rng(self._seeds[0])
+            self._current = None
+        self._reset_seeds()
+        if self._current is None:  # a restored state keeps the problems it was drawn with
+            self._draw()
+        return self._obs()
+
+    def step_async(self, actions):
+        self._actions = actions
+
+    def step_wait(self):
+        if self._current is None:
+            raise UserError("reset() the vec env before stepping it")
+        gates = self.to_gates(self._actions)
+        problems = [self.problems[i] for i in self._current]
+        recs = self.scorer.score(problems, gates)
+        old_obs = self._obs()
+        rewards = np.array([r["reward"] for r in recs], dtype=np.float32)
+        infos = [{"terminal_observation": old_obs[b], "problem_id": recs[b]["id"], "gates": gates[b],
+                  "TimeLimit.truncated": False, **{k: recs[b][k] for k in ("dense", "correct") if k in recs[b]}}
+                 for b in range(self.num_envs)]
+        self._draw()
+        return self._obs(), rewards, np.ones(self.num_envs, dtype=bool), infos
+
+    def close(self):
+        pass
+
+    def get_attr(self, attr_name, indices=None):
+        return [getattr(self, attr_name) for _ in self._indices(indices)]
+
+    def set_attr(self, attr_name, value, indices=None):
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name, *method_args, indices=None, **method_kwargs):
+        return [getattr(self, method_name)(*method_args, **method_kwargs) for _ in self._indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False for _ in self._indices(indices)]
+
+    def _indices(self, indices):
+        if indices is None:
+            return range(self.num_envs)
+        return [indices] if isinstance(indices, int) else indices
+
+
+def register():
+    """Register ENV_ID with gymnasium (done on `import envs`)."""
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="envs.mhc_env:GSM8KMHCEnv")

@@ -1,0 +1,176 @@
+"""PPO (stable-baselines3) over the mHC gates: building the learner, its checkpoints (exact resume) and its logging.
+
+A checkpoint is taken at rollout boundaries -- after an update, before the next rollout -- and holds everything
+the rest of the run depends on: the policy and value weights (safetensors), Adam's state, the timestep and update
+counters, the torch / numpy / python RNG states (SB3 samples actions with torch and shuffles minibatches with
+numpy's global RNG) and the vec env's problem sampler with the problems already drawn. Restoring one and calling
+learn() again reproduces the uninterrupted run exactly (tests/test_rl.py). A signal stops learning at the next env
+step and writes the last boundary snapshot, so at most one rollout is redone on --resume.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+
+from envs.mhc_env import actions_to_gates
+from nanochat.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanochat.common import UserError, append_jsonl
+
+
+def build_ppo(vec_env, *, learning_rate: float, n_steps: int, batch_size: int, n_epochs: int, gamma: float,
+              ent_coef: float, seed: int, net_arch=(64, 64), log_std_init: float = 0.0) -> PPO:
+    """PPO with an MLP policy on the CPU (a small MLP gains nothing from a GPU). `n_steps` is the rollout size
+    over all sub-environments (the PRD's number); SB3's per-env n_steps is derived from it."""
+    if n_steps % vec_env.num_envs:
+        raise UserError(f"--n-steps {n_steps} (the rollout size) must be a multiple of --num-envs "
+                        f"{vec_env.num_envs}")
+    if not 1 < batch_size <= n_steps:
+        raise UserError(f"--batch-size must be in (1, --n-steps = {n_steps}] (got {batch_size})")
+    return PPO("MlpPolicy", vec_env, learning_rate=learning_rate, n_steps=n_steps // vec_env.num_envs,
+               batch_size=batch_size, n_epochs=n_epochs, gamma=gamma, ent_coef=ent_coef, seed=seed, device="cpu",
+               policy_kwargs=dict(net_arch=list(net_arch), log_std_init=log_std_init), verbose=0)
+
+
+def policy_gates(ppo: PPO, obs: np.ndarray, symmetric_actions: bool) -> np.ndarray:
+    """The deterministic policy's gates [B, k] for observations [B, C]: the Gaussian mean, mapped to [0, 1] as
+    the vec env maps actions, and clipped."""
+    actions, _ = ppo.predict(obs, deterministic=True)
+    return actions_to_gates(np.asarray(actions, dtype=np.float32).reshape(len(obs), -1), symmetric_actions)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+class _State:
+    """A frozen state dict standing in for a module or optimizer in save_checkpoint."""
+
+    def __init__(self, sd):
+        self.sd = sd
+
+    def state_dict(self):
+        return self.sd
+
+
+def take_snapshot(ppo: PPO, vec_env) -> dict:
+    np_state = np.random.get_state()
+    return dict(
+        policy={k: v.detach().cpu().clone() for k, v in ppo.policy.state_dict().items()},
+        optim=_clone(ppo.policy.optimizer.state_dict()),
+        num_timesteps=int(ppo.num_timesteps), n_updates=int(ppo._n_updates),
+        rng=dict(torch=torch.get_rng_state(), numpy_keys=torch.from_numpy(np_state[1].astype(np.int64)),
+                 numpy_rest=list(np_state[2:]), python=random.getstate()),
+        env=vec_env.get_state())
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def write_snapshot(root: str, snap: dict, meta: dict, keep: int) -> str:
+    bad = [k for k, v in snap["policy"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"refusing to save the policy at {snap['num_timesteps']} timesteps: non-finite weights in "
+                        f"{', '.join(bad[:3])}")
+    meta = {**meta, "num_timesteps": snap["num_timesteps"], "n_updates": snap["n_updates"], "env_state": snap["env"]}
+    return save_checkpoint(root, snap["num_timesteps"], _State(snap["policy"]), [_State(snap["optim"])], meta,
+                           keep=keep, rng_state=snap["rng"])
+
+
+def restore(ppo: PPO, vec_env, path: str, restore_rng: bool = True) -> dict:
+    """Load a policy checkpoint into `ppo` (and the sampler state into `vec_env`). Returns its meta."""
+    weights, payload, meta = load_checkpoint(path, device="cpu")
+    try:
+        ppo.policy.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"policy checkpoint {path} does not fit this policy (action space or network differ): "
+                        f"{str(e).splitlines()[0]}") from None
+    ppo.policy.optimizer.load_state_dict(payload["optimizers"][0])
+    ppo.num_timesteps, ppo._n_updates = meta["num_timesteps"], meta["n_updates"]
+    if restore_rng:
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), *rng["numpy_rest"]))
+        random.setstate(rng["python"])
+        vec_env.set_state(meta["env_state"])
+        ppo._last_obs = None  # learn() re-reads the restored problems through reset()
+    return meta
+
+
+def load_policy(ppo: PPO, root: str) -> dict | None:
+    """Load the newest checkpoint under root into ppo's policy (weights only); None when there is none."""
+    path = latest_checkpoint(root)
+    if path is None:
+        return None
+    weights, _, meta = load_checkpoint(path, device="cpu", load_optimizer=False)
+    ppo.policy.load_state_dict(weights)
+    return {**meta, "path": path}
+
+
+# -- logging and checkpointing during learn() ----------------------------------------------------------------------
+
+class ControllerCallback(BaseCallback):
+    """Per PPO iteration: one metrics record (timesteps, rollout reward, the gates chosen, PPO's losses, speed);
+    a boundary snapshot before every rollout, written every `save_every` timesteps; a stop on signal."""
+
+    def __init__(self, vec_env, root: str, meta: dict, metrics_path: str, save_every: int, keep: int,
+                 stop_flag=None, wandb_run=None, master: bool = True):
+        super().__init__()
+        self.vec_env, self.root, self.meta, self.metrics_path = vec_env, root, meta, metrics_path
+        self.save_every, self.keep, self.stop_flag, self.wandb_run = save_every, keep, stop_flag, wandb_run
+        self.snapshot: dict | None = None
+        self.last_saved = None
+        self.pending: dict | None = None
+        self.t_last = time.perf_counter()
+
+    def _on_training_start(self):
+        self.last_saved = self.model.num_timesteps
+        self.t_last = time.perf_counter()
+
+    def _on_rollout_start(self):
+        self._flush()  # the previous iteration's record, now with its update's losses
+        self.snapshot = take_snapshot(self.model, self.vec_env)
+        if self.model.num_timesteps - self.last_saved >= self.save_every:
+            write_snapshot(self.root, self.snapshot, self.meta, self.keep)
+            self.last_saved = self.model.num_timesteps
+
+    def _on_step(self) -> bool:
+        return not (self.stop_flag and self.stop_flag.signum)
+
+    def _on_rollout_end(self):
+        buf = self.model.rollout_buffer
+        # the gates the env applied: SB3 clips the raw Gaussian actions to the action space, then the env maps them
+        gates = actions_to_gates(buf.actions.reshape(-1, buf.actions.shape[-1]), self.vec_env.symmetric_actions)
+        now = time.perf_counter()
+        self.pending = dict(step=int(self.model.num_timesteps), mean_reward=float(buf.rewards.mean()),
+                            reward_std=float(buf.rewards.std()), gates_mean=gates.mean(0).tolist(),
+                            gates_std=gates.std(0).tolist(),
+                            policy_std=torch.exp(self.model.policy.log_std).mean().item()
+                            * (0.5 if self.vec_env.symmetric_actions else 1.0),
+                            env_steps_per_s=buf.rewards.size / max(now - self.t_last, 1e-9))
+        self.t_last = now
+
+    def _on_training_end(self):
+        self._flush()
+
+    def _flush(self):
+        if self.pending is None:
+            return
+        logged = self.model.logger.name_to_value
+        for key in ("train/loss", "train/approx_kl", "train/entropy_loss", "train/value_loss", "train/clip_fraction",
+                    "train/policy_gradient_loss"):
+            if key in logged:
+                self.pending[key.split("/")[1]] = float(logged[key])
+        append_jsonl(self.metrics_path, self.pending)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"rl/{k}": v for k, v in self.pending.items() if not isinstance(v, list)})
+        self.pending = None

@@ -1,0 +1,259 @@
+"""Supervised fine-tuning on GSM8K-format problems, loss on the answer tokens only.
+
+    python -m scripts.sft_train --model-tag tiny_mhc --data synthetic --synthetic-steps 1 --num-iterations 300
+    python -m scripts.sft_train --model-tag mhc --data gsm8k,synthetic               # -> checkpoints of mhc_sft
+    torchrun --standalone --nproc_per_node=8 -m scripts.sft_train -- --model-tag mhc --data gsm8k
+
+Rows are `Question: q\\nAnswer: <worked answer>\\n\\n` (the 0-shot format evaluation and the RL env use;
+nanochat/sft_data.py); GSM8K's train split and/or generated problems (nanochat/synthetic_gsm8k.py), shuffled
+together, with --val-problems held out for the validation answer loss. The optimizers are the base run's
+(Muon + AdamW) at --lr-scale times its learning rates, decayed linearly to 0. mHC models keep their gate-range
+training (--mhc-gate-sample-frac / --mhc-gate-noise change it for the fine-tuning; the RL controller needs the
+fine-tuned model to know the whole gate range too).
+
+Checkpoints go to $NANOCHAT_BASE_DIR/checkpoints/<output tag>/ like base_train's (atomic, sha256-checked), with
+the base checkpoint recorded; SIGINT/SIGTERM save and exit, --resume continues exactly. Metrics:
+<results_dir>/<output tag>/metrics.jsonl (train answer loss per step, val answer loss per evaluation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from envs.gsm8k_env import load_problems
+from nanochat.checkpoint import (checkpoint_root, latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
+                                 save_checkpoint)
+from nanochat.common import (UserError, append_jsonl, autocast_ctx, compute_cleanup, compute_init, git_commit,
+                             init_wandb, print0, run_main)
+from nanochat.config import SFTConfig, TrainConfig, build_config, parse_int_list
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.newton_schulz import resolve_ns_coeffs
+from nanochat.optim import apply_schedules, setup_optimizers
+from nanochat.sft_data import SFTLoader, collate, encode_rows
+from nanochat.tokenizer import get_tokenizer
+from nanochat.training import StopFlag, truncate_metrics
+
+# settings that may change on --resume (they do not change what is trained)
+RESUMABLE_CHANGES = {"resume", "run", "log_every", "eval_every", "save_every", "keep_checkpoints", "results_dir",
+                     "device_type", "compile"}
+
+
+def fine_tuning_problems(cfg: SFTConfig):
+    """The mixture (GSM8K train and/or synthetic), shuffled with the seed; returns (train, val, sources)."""
+    problems, sources = [], {}
+    if "gsm8k" in cfg.data_sources():
+        gsm, where = load_problems("gsm8k", split="train", task_data=cfg.task_data)
+        problems += gsm
+        sources["gsm8k"] = dict(source=where, count=len(gsm))
+    if "synthetic" in cfg.data_sources():
+        syn, where = load_problems("synthetic", count=cfg.synthetic_count, seed=cfg.synthetic_seed,
+                                   synthetic_steps=parse_int_list(cfg.synthetic_steps, "synthetic-steps"),
+                                   synthetic_max_value=cfg.synthetic_max_value, synthetic_ops=cfg.synthetic_ops)
+        problems += syn
+        sources["synthetic"] = dict(source=where, count=len(syn))
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    problems = [problems[i] for i in order]
+    n_val = min(cfg.val_problems, len(problems) // 10)  # never more than a tenth of the data
+    return problems[n_val:], problems[:n_val], sources
+
+
+def model_config_for(base: dict, cfg: SFTConfig) -> GPTConfig:
+    mc = GPTConfig.from_dict(base)
+    overrides = {k: getattr(cfg, k) for k in ("mhc_gate_noise", "mhc_gate_sample_frac") if getattr(cfg, k) != -1.0}
+    if overrides and not mc.mhc_enabled:
+        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
+        raise UserError(f"{flags} set but the base model has no mHC")
+    mc = dataclasses.replace(mc, **overrides)
+    mc.validate()
+    return mc
+
+
+@torch.no_grad()
+def answer_loss(model, rows, batch_size: int, device, ctx) -> float:
+    """Mean loss per answer token over `rows` (nats)."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        x, y = collate(rows[i:i + batch_size], device)
+        with ctx:
+            total += model(x, y, loss_reduction="sum").item()
+        count += int((y >= 0).sum())
+    return total / max(count, 1)
+
+
+def check_resume(meta: dict, cfg: SFTConfig, path: str):
+    saved = meta.get("sft_config", {})
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r} vs now {v!r}"
+             for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if diffs:
+        raise UserError(f"cannot resume from {path}: the fine-tuning settings differ ({'; '.join(diffs)}); use "
+                        f"another --output-tag to fine-tune with new settings")
+
+
+def main(argv=None):
+    cfg, _ = build_config(SFTConfig, argv, description=__doc__.split("\n")[0])
+    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
+    master = rank == 0
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    ctx = autocast_ctx(device_type, dtype)
+
+    base_path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
+    base_meta = read_meta(base_path)
+    base_tag = cfg.model_tag or base_meta.get("run_config", {}).get("model_tag") or os.path.basename(base_path)
+    output_tag = cfg.output_tag or f"{base_tag}_sft"
+    if output_tag == base_tag:
+        raise UserError(f"--output-tag {output_tag!r} is the base model's tag: fine-tuned checkpoints would mix "
+                        f"with the base run's")
+    tokenizer = get_tokenizer()
+    if base_meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise UserError(f"checkpoint {base_path} was trained with tokenizer {base_meta['tokenizer']}, but the "
+                        f"tokenizer in the base dir is {tokenizer.fingerprint}")
+    model_config = model_config_for(base_meta["model_config"], cfg)
+    ckpt_root = checkpoint_root(output_tag)
+    results_dir = os.path.join(cfg.results_dir, output_tag)
+    metrics_path = os.path.join(results_dir, "metrics.jsonl")
+    resume_path = latest_checkpoint(ckpt_root)
+    if resume_path and not cfg.resume:
+        raise UserError(f"checkpoints already exist in {ckpt_root}: pass --resume to continue that run, or choose "
+                        f"another --output-tag (or delete the folder to start over)")
+
+    train_problems, val_problems, sources = fine_tuning_problems(cfg)
+    max_len = model_config.sequence_len
+    train_rows, dropped = encode_rows(tokenizer, train_problems, max_len)
+    val_rows, val_dropped = encode_rows(tokenizer, val_problems, max_len)
+    loader = SFTLoader(train_rows, cfg.device_batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+                       device=device)
+    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, len(train_rows)
+                                                                           // loader.rows_per_step())
+    print0(f"fine-tuning {base_path} -> {output_tag}: {len(train_rows)} train rows ({dropped} longer than "
+           f"{max_len} tokens dropped), {len(val_rows)} val rows, {num_iterations} steps of "
+           f"{loader.rows_per_step()} rows ({num_iterations * loader.rows_per_step() / len(train_rows):.2f} epochs)")
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (rotary tables, mHC constants); every weight is overwritten next
+    weights, _, _ = load_checkpoint(base_path, device=device, load_optimizer=False)
+    model.load_state_dict(weights)
+    base_train = base_meta.get("run_config", {}).get("train", {})
+    train_defaults = TrainConfig()  # a base checkpoint from before a flag existed trained with its default
+    lr = {k: base_train.get(k, getattr(train_defaults, k)) * cfg.lr_scale
+          for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "mhc_lr")}
+    optimizers = setup_optimizers(model, weight_decay=0.0, ns_coeffs=resolve_ns_coeffs(
+        base_train.get("muon_ns_coeffs", "quintic")), ns_steps=base_train.get("muon_ns_steps") or None,
+        ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, **lr)
+
+    step = 0
+    if resume_path and cfg.resume:
+        weights, optim_payload, meta = load_checkpoint(resume_path, device=device)
+        check_resume(meta, cfg, resume_path)
+        model.load_state_dict(weights)
+        for opt, state in zip(optimizers, optim_payload["optimizers"]):
+            opt.load_state_dict(state)
+        loader.load_state_dict(meta["loader_state"])
+        if "torch" in optim_payload.get("rng", {}):
+            torch.set_rng_state(optim_payload["rng"]["torch"].cpu())
+        step = meta["step"]
+        if master:
+            truncate_metrics(metrics_path, step)
+        print0(f"resumed from {resume_path} at step {step}")
+
+    train_model = torch.compile(model, dynamic=True) if use_compile else model  # rows vary in length
+    if is_ddp:
+        train_model = DDP(train_model, device_ids=[device.index] if device_type == "cuda" else None)
+    # `train` = the base run's settings: tools that read a checkpoint's data source (base_eval's bpb, mhc_stats,
+    # gate_sweep) find the pretraining data there
+    run_config = dict(sft=dataclasses.asdict(cfg), train=base_train, model=dataclasses.asdict(model_config),
+                      model_tag=output_tag,
+                      base_checkpoint=base_path, base_step=base_meta["step"], data=sources,
+                      train_rows=len(train_rows), val_rows=len(val_rows), dropped_too_long=dropped + val_dropped,
+                      num_iterations=num_iterations, world_size=world_size, dtype=dtype, compile=use_compile,
+                      learning_rates=lr, tokenizer=tokenizer.fingerprint, git_commit=git_commit(), seed=cfg.seed)
+    if master:
+        os.makedirs(results_dir, exist_ok=True)
+        with open(os.path.join(results_dir, "config.json.tmp"), "w") as f:
+            json.dump(run_config, f, indent=2)
+        os.replace(os.path.join(results_dir, "config.json.tmp"), os.path.join(results_dir, "config.json"))
+    wandb_run = init_wandb(cfg.run, "nanochat-mhc-sft", run_config, master)
+
+    def save(at_step: int):
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # never overwrite good checkpoints with a corrupted model
+            raise UserError(f"refusing to save step {at_step}: non-finite weights in {', '.join(bad[:3])}")
+        meta = dict(model_config=dataclasses.asdict(model_config), run_config=run_config,
+                    sft_config=dataclasses.asdict(cfg), loader_state=loader.state_dict(),
+                    tokenizer=tokenizer.fingerprint, seed=cfg.seed, git_commit=run_config["git_commit"],
+                    base_checkpoint=base_path)
+        path = save_checkpoint(ckpt_root, at_step, model, optimizers, meta, keep=cfg.keep_checkpoints,
+                               rng_state={"torch": torch.get_rng_state()})
+        print0(f"saved checkpoint {path}")
+
+    stop = StopFlag()
+    start_step, val_loss, t_start = step, None, time.perf_counter()
+    while True:
+        last = step == num_iterations
+        if (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)) and val_rows:
+            model.eval()
+            val_loss = answer_loss(model, val_rows, cfg.device_batch_size, device, ctx)
+            model.train()
+            print0(f"step {step:05d} | val answer loss {val_loss:.4f}")
+            if master:
+                append_jsonl(metrics_path, {"step": step, "val_answer_loss": val_loss})
+            wandb_run.log({"step": step, "val/answer_loss": val_loss})
+        signum = stop.synced(device)
+        periodic = cfg.save_every > 0 and step % cfg.save_every == 0 and step != start_step
+        if master and (last or periodic or signum):
+            save(step)
+        if is_ddp:
+            dist.barrier()
+        if last or signum:
+            break
+        t0 = time.perf_counter()
+        x, y = loader.next_batch()
+        model.train()
+        with ctx:
+            loss = train_model(x, y)  # mean over this rank's answer tokens
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        lrm = apply_schedules(optimizers, step, num_iterations, 0.0, 1.0, 0.0)  # linear decay to 0
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        if is_ddp:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        loss = loss.item()
+        if not math.isfinite(loss):
+            raise UserError(f"fine-tuning diverged at step {step}: loss is {loss}. Lower --lr-scale or resume "
+                            f"from the last checkpoint in {ckpt_root}")
+        step += 1
+        dt = time.perf_counter() - t0
+        record = dict(step=step, loss=loss, lrm=lrm, grad_norm=grad_norm.item(), dt=dt, epoch=loader.epoch)
+        if master:
+            append_jsonl(metrics_path, record)
+        wandb_run.log({"step": step, **{f"train/{k}": v for k, v in record.items() if k != "step"}})
+        if step % cfg.log_every == 0 or step == num_iterations:
+            eta = (num_iterations - step) * (time.perf_counter() - t_start) / (step - start_step)
+            print0(f"step {step:05d}/{num_iterations} | answer loss {loss:.4f} | lrm {lrm:.2f} | grad norm "
+                   f"{record['grad_norm']:.3f} | dt {1000 * dt:.0f} ms | epoch {loader.epoch:.2f} | "
+                   f"eta {eta / 60:.1f} min")
+    if val_loss is not None:
+        print0(f"final val answer loss: {val_loss:.4f}")
+    wandb_run.finish()
+    compute_cleanup()
+    if signum:
+        print0(f"stopped by signal {signum} at step {step}; continue with --resume")
+        sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,334 @@
+"""The RL gate controller: the gymnasium env and its batched vec env, rewards that really reach the model, PPO that
+learns a constructed optimum, exact resume of policy checkpoints, the black-box baselines and the evaluation, and
+bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import envs
+from envs.gate_search import evaluate_arms, evolution_strategy, grid_search, random_search
+from envs.gsm8k_env import load_problems
+from envs.mhc_env import (ACTION_SPACES, ENV_ID, GateScorer, GSM8KMHCEnv, GSM8KMHCVecEnv, build_scorer, check_action,
+                          load_frozen_model, num_gates)
+from envs.ppo_controller import build_ppo, policy_gates
+from nanochat.checkpoint import latest_checkpoint
+from nanochat.common import UserError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add synchronisation
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny_mhc_checkpoint):
+    model, tokenizer, path, meta = load_frozen_model(str(tiny_mhc_checkpoint))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def problems(frozen):
+    model, tokenizer = frozen
+    probs, _ = load_problems("synthetic", count=24, seed=1, synthetic_steps=[1], synthetic_max_value=10)
+    scorer = GateScorer(model, tokenizer)
+    kept, dropped = scorer.fit(probs)
+    assert dropped == 0
+    return kept
+
+
+def scorer_for(frozen, space="global", reward="dense", **kw):
+    model, tokenizer = frozen
+    return GateScorer(model, tokenizer, action_space=space, reward=reward, max_new_tokens=kw.pop("max_new_tokens", 8),
+                      batch_size=kw.pop("batch_size", 8), **kw)
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- the environment -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space", ACTION_SPACES)
+def test_env_passes_gymnasium_and_sb3_checkers(frozen, problems, space):
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+    env = GSM8KMHCEnv(scorer=scorer_for(frozen, space), action_space=space, reward="dense", problems=problems[:6])
+    assert env.action_space.shape == (num_gates(space, 2),) and env.observation_space.shape == (64,)
+    gym_check(env, skip_render_check=True)
+    with pytest.warns(UserWarning):  # SB3 recommends a symmetric action space; the env's is the gate range [0, 1]
+        sb3_check(env, warn=True)
+
+
+def test_make_by_id_and_one_seed_gives_the_same_episode(tiny_mhc_checkpoint):
+    assert envs.ENV_ID in gymnasium.registry
+    env = gymnasium.make(ENV_ID, checkpoint=str(tiny_mhc_checkpoint), action_space="per_layer", reward="dense",
+                         problems="synthetic", num_problems=8, max_new_tokens=8)
+    obs1, info1 = env.reset(seed=3)
+    r1 = env.step(np.array([0.3, 0.8], np.float32))
+    obs2, info2 = env.reset(seed=3)
+    r2 = env.step(np.array([0.3, 0.8], np.float32))
+    assert info1["problem_id"] == info2["problem_id"] and np.array_equal(obs1, obs2)
+    assert r1[1] == r2[1] and r1[2] is True and r1[4]["dense"] == r1[1]
+    ids = {env.reset(seed=s)[1]["problem_id"] for s in range(8)}
+    assert len(ids) > 1  # different seeds, different problems
+    env.close()
+
+
+@pytest.mark.parametrize("space", ACTION_SPACES)
+def test_every_gate_of_every_action_space_changes_the_reward(frozen, problems, space):
+    scorer = scorer_for(frozen, space)
+    k = scorer.num_gates
+    probs = problems[:4]
+    base = np.array([r["dense"] for r in scorer.score(probs, np.zeros((4, k), np.float32))])
+    for j in range(k):
+        gates = np.zeros((4, k), np.float32)
+        gates[:, j] = 1.0
+        moved = np.array([r["dense"] for r in scorer.score(probs, gates)])
+        assert np.abs(moved - base).max() > 1e-4, (space, j)
+
+
+def test_batched_scoring_equals_one_problem_at_a_time(frozen, problems):
+    """Per-example gates in one batch (forward for dense, KV-cache generation for exact) == each problem alone."""
+    scorer = scorer_for(frozen, "per_sublayer", reward="mix", max_new_tokens=12)
+    probs = problems[:6]
+    gates = np.random.default_rng(0).uniform(0, 1, (6, 4)).astype(np.float32)
+    batched = scorer.score(probs, gates)
+    for b, p in enumerate(probs):
+        alone = scorer.score([p], gates[b:b + 1])[0]
+        assert abs(alone["dense"] - batched[b]["dense"]) < 1e-5
+        assert alone["completion"] == batched[b]["completion"] and alone["correct"] == batched[b]["correct"]
+    assert len({round(r["dense"], 6) for r in batched}) > 1
+
+
+def test_vec_env_batches_seeds_and_maps_actions(frozen, problems):
+    scorer = scorer_for(frozen, "per_layer")
+    vec = GSM8KMHCVecEnv(scorer, problems, num_envs=4, seed=0, symmetric_actions=True)
+    assert vec.action_space.low.min() == -1.0
+    obs = vec.reset()
+    assert obs.shape == (4, 64) and obs.dtype == np.float32
+    before = scorer.problems_scored
+    actions = np.array([[-1, -1], [1, 1], [0, 0], [5, -5]], np.float32)
+    new_obs, rewards, dones, infos = vec.step(actions)
+    assert scorer.problems_scored - before == 4  # one batched call for the 4 slots
+    assert dones.all() and rewards.shape == (4,)
+    assert [i["gates"].tolist() for i in infos] == [[0, 0], [1, 1], [0.5, 0.5], [1, 0]]
+    assert np.array_equal(infos[0]["terminal_observation"], obs[0])
+    # the same seed replays the same problems; the state round-trips (exact resume)
+    other = GSM8KMHCVecEnv(scorer, problems, num_envs=4, seed=0, symmetric_actions=True)
+    assert np.array_equal(other.reset(), obs)
+    state = vec.get_state()
+    nxt = vec.step(actions)[0]
+    vec.set_state(state)
+    assert np.array_equal(vec.reset(), new_obs) and np.array_equal(vec.step(actions)[0], nxt)
+
+
+def test_bad_actions_and_inputs_are_named(frozen, problems, tiny_baseline_checkpoint, tmp_path, monkeypatch):
+    env = GSM8KMHCEnv(scorer=scorer_for(frozen, "per_layer"), action_space="per_layer", problems=problems[:2])
+    with pytest.raises(UserError, match="reset"):
+        env.step(np.zeros(2, np.float32))
+    env.reset(seed=0)
+    with pytest.raises(UserError, match="non-finite"):
+        env.step(np.array([0.5, np.nan], np.float32))
+    with pytest.raises(UserError, match="3 gate values for an action space of 2"):
+        env.step(np.zeros(3, np.float32))
+    _, _, _, _, info = env.step(np.array([1.5, -0.5], np.float32))  # clipped, and reported
+    assert info["clipped"] and info["gates"].tolist() == [1.0, 0.0]
+    assert check_action(np.array([0.2, 0.4]), 2)[1] is False
+    with pytest.raises(UserError, match="without mHC"):
+        build_scorer(checkpoint=str(tiny_baseline_checkpoint))
+    with pytest.raises(UserError, match="reward must be one of"):
+        scorer_for(frozen, reward="accuracy")
+    with pytest.raises(UserError, match="action space must be one of"):
+        scorer_for(frozen, space="per_head")
+    with pytest.raises(UserError, match="built for action space"):
+        GSM8KMHCEnv(scorer=scorer_for(frozen, "global"), action_space="per_layer", problems=problems)
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="gsm8k/train.jsonl"):
+        load_problems("gsm8k", split="train", task_data="local")
+
+
+# -- PPO -------------------------------------------------------------------------------------------------------
+
+class ContextScorer:
+    """A constructed problem: problem i has a one-hot feature for its type, and the reward is 1 - |g - target|,
+    with target 0.9 for type 0 and 0.1 for type 1. The best fixed gate scores 0.6 on average; a policy that reads
+    the observation can score ~1."""
+
+    class _Config:
+        n_embd = 4
+
+    class _Model:
+        pass
+
+    def __init__(self):
+        self.model = self._Model()
+        self.model.config = self._Config()
+        self.num_gates = 1
+
+    def prepare(self, problems):
+        pass
+
+    def observations(self, problems):
+        return np.stack([np.eye(4, dtype=np.float32)[p % 2] for p in problems])
+
+    def score(self, problems, gates, **kw):
+        target = np.where(np.asarray(problems) % 2 == 0, 0.9, 0.1)
+        return [dict(id=p, reward=float(1 - abs(g[0] - t))) for p, g, t in zip(problems, gates, target)]
+
+
+def test_ppo_learns_a_constructed_context_dependent_optimum():
+    torch.manual_seed(0)
+    vec = GSM8KMHCVecEnv(ContextScorer(), list(range(64)), num_envs=8, seed=0, symmetric_actions=True)
+    ppo = build_ppo(vec, learning_rate=3e-3, n_steps=256, batch_size=64, n_epochs=10, gamma=0.99, ent_coef=0.0,
+                    seed=0)
+    obs = np.eye(4, dtype=np.float32)[:2]
+    before = policy_gates(ppo, obs, True)[:, 0]
+    assert abs(before[0] - before[1]) < 0.05  # the initial policy ignores the context (~0.5 for both)
+    ppo.learn(6144)
+    after = policy_gates(ppo, obs, True)[:, 0]
+    assert after[0] > 0.75 and after[1] < 0.25, after  # targets 0.9 and 0.1
+
+
+def test_ppo_on_the_model_leaves_its_weights_alone(frozen, problems):
+    model, _ = frozen
+    before = weights_hash(model)
+    vec = GSM8KMHCVecEnv(scorer_for(frozen, "per_sublayer"), problems, num_envs=4, seed=0, symmetric_actions=True)
+    ppo = build_ppo(vec, learning_rate=3e-4, n_steps=16, batch_size=8, n_epochs=2, gamma=0.99, ent_coef=0.0, seed=0)
+    ppo.learn(32)
+    assert weights_hash(model) == before and not any(p.requires_grad for p in model.parameters())
+    assert all(m.gate_override is None for m in model.mhc_modules())  # scoring leaves no override behind
+
+
+def test_black_box_baselines_respect_the_budget(frozen, problems):
+    scorer = scorer_for(frozen, "global")
+    n0 = scorer.problems_scored
+    grid = grid_search(scorer, problems, 44, grid=(0.0, 0.5, 1.0, 0.25))
+    assert scorer.problems_scored - n0 == grid["budget"] == 44 and len(grid["table"]) == 4
+    assert grid["best_train_reward"] == max(r["mean_reward"] for r in grid["table"])
+    rnd = random_search(scorer, problems, 40, num_candidates=5)
+    assert rnd["budget"] == 40 and len(rnd["best_gates"]) == 2 and all(0 <= g <= 1 for g in rnd["best_gates"])
+    es = evolution_strategy(scorer, problems, 48, population=4, parents=2, generations=3)
+    assert es["budget"] == 48 and len(es["history"]) == 3
+    with pytest.raises(UserError, match="too small"):
+        grid_search(scorer, problems, 5)
+
+
+def test_evaluate_arms_reports_ci_and_paired_tests(frozen, problems):
+    scorer = scorer_for(frozen, "global")
+    arms = {"default": ("global", None), "gate0": ("global", [0.0]), "gate1": ("global", [1.0]),
+            "policy": ("global", lambda obs: np.full((len(obs), 1), 0.5, np.float32))}
+    results, comparisons, records = evaluate_arms(scorer, problems[:8], arms, "default", [("gate0", "gate1")])
+    assert set(results) == set(arms) and len(records) == 4 * 8
+    for name, r in results.items():
+        assert r["exact"]["n"] == 8 and len(r["exact"]["ci95"]) == 2 and r["dense"]["n"] == 8
+    pairs = {(c["a"], c["b"]) for c in comparisons}
+    assert pairs == {("default", "gate0"), ("default", "gate1"), ("default", "policy"), ("gate0", "gate1")}
+    c = next(c for c in comparisons if c["b"] == "gate1" and c["a"] == "default")
+    d0 = np.array([r["dense"] for r in records if r["arm"] == "default"])
+    d1 = np.array([r["dense"] for r in records if r["arm"] == "gate1"])
+    assert c["dense"]["diff"] == pytest.approx((d1 - d0).mean()) and 0 <= c["dense"]["p_value"] <= 1
+    assert results["policy"]["chosen_gates"]["mean"] == [0.5]
+    with pytest.raises(UserError, match="not among the arms"):
+        evaluate_arms(scorer, problems[:2], arms, "learned")
+
+
+# -- the script ------------------------------------------------------------------------------------------------
+
+def rl_args(ckpt, results, tag, total, *extra):
+    return ["--checkpoint", str(ckpt), "--tag", tag, "--results-dir", str(results), "--problems", "synthetic",
+            "--synthetic-steps", "1", "--synthetic-max-value", "10", "--train-problems", "32", "--eval-problems",
+            "8", "--reward", "dense", "--max-new-tokens", "8", "--num-envs", "8", "--n-steps", "16",
+            "--batch-size", "8", "--n-epochs", "2", "--total-timesteps", str(total), "--save-every", "16",
+            "--no-progress", "--score-batch-size", "16", *extra]
+
+
+def policy_weights(base_dir, tag):
+    return load_file(f"{latest_checkpoint(str(base_dir / 'checkpoints' / 'rl' / tag))}/model.safetensors")
+
+
+def test_train_rl_resume_equals_straight_run(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    from scripts.train_rl import main
+    straight = main(rl_args(tiny_mhc_checkpoint, tmp_path, "straight", 64, "--baselines", "grid,random,es",
+                            "--random-candidates", "4", "--es-population", "4", "--es-parents", "2",
+                            "--es-generations", "2"))
+    main(rl_args(tiny_mhc_checkpoint, tmp_path, "split", 32, "--baselines", "none"))
+    resumed = main(rl_args(tiny_mhc_checkpoint, tmp_path, "split", 64, "--baselines", "none", "--resume"))
+    a, b = policy_weights(tiny_base_dir.base_dir, "straight"), policy_weights(tiny_base_dir.base_dir, "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["policy_timesteps"] == resumed["policy_timesteps"] == 64
+    metrics = [json.loads(line) for line in open(tmp_path / "rl" / "split" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [16, 32, 48, 64]  # no duplicated iteration after the resume
+    # eval.json: arms (a)-(e) with n, CIs and paired tests against the learned gates
+    record = json.loads((tmp_path / "rl" / "straight" / "eval.json").read_text())
+    assert {"default", "rl_policy", "rl_initial", "grid", "random", "es", "gate0", "gate1"} == set(record["arms"])
+    assert all(r["exact"]["n"] == 8 for r in record["arms"].values())
+    assert {c["b"] for c in record["comparisons"] if c["a"] == "default"} == set(record["arms"]) - {"default"}
+    assert record["best_black_box"] in ("grid", "random", "es") and record["verdicts"]["rl_vs_best_black_box"]
+    assert record["baselines"]["grid"]["budget"] <= 64 and record["scale"] == "smoke"
+    assert "chosen_gates" in record["arms"]["rl_policy"]
+
+
+def test_train_rl_refuses_what_it_cannot_do_honestly(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    from scripts.train_rl import main
+    with pytest.raises(UserError, match="--reward must be one of"):
+        main(rl_args(tiny_mhc_checkpoint, tmp_path, "bad", 16, "--reward", "accuracy"))
+    with pytest.raises(UserError, match="--action-space must be one of"):
+        main(rl_args(tiny_mhc_checkpoint, tmp_path, "bad", 16, "--action-space", "per_head"))
+    with pytest.raises(UserError, match="no policy checkpoint"):
+        main(rl_args(tiny_mhc_checkpoint, tmp_path, "never", 16, "--eval-only"))
+    with pytest.raises(UserError, match="both 'train'"):
+        main(rl_args(tiny_mhc_checkpoint, tmp_path, "bad", 16, "--problems", "gsm8k", "--eval-split", "train"))
+    main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 16, "--baselines", "none"))
+    with pytest.raises(UserError, match="--resume"):
+        main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 16, "--baselines", "none"))
+    with pytest.raises(UserError, match="--action-space: checkpoint 'global' vs now 'per_layer'"):
+        main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 32, "--baselines", "none", "--resume",
+                     "--action-space", "per_layer"))
+    evaluated = main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 16, "--baselines", "none", "--eval-only"))
+    assert evaluated["policy_timesteps"] == 16
+
+
+def test_presets_load_and_flags_override_them():
+    from nanochat.config import RLConfig, build_config
+    from scripts.train_rl import with_preset
+    cfg, _ = build_config(RLConfig, with_preset(["--preset", "tiny", "--model-tag", "m", "--num-envs", "8"]), "")
+    assert (cfg.problems, cfg.reward, cfg.total_timesteps, cfg.num_envs) == ("synthetic", "dense", 2048, 8)
+    cfg, _ = build_config(RLConfig, with_preset(["--preset=gpu", "--model-tag", "m"]), "")
+    assert (cfg.problems, cfg.reward, cfg.total_timesteps, cfg.ent_coef) == ("gsm8k", "exact", 50000, 0.1)
+    defaults = RLConfig(model_tag="m")  # the PRD's PPO settings are the dataclass defaults
+    assert (defaults.learning_rate, defaults.n_steps, defaults.batch_size, defaults.n_epochs, defaults.gamma,
+            defaults.ent_coef, defaults.total_timesteps) == (3e-4, 1024, 64, 10, 0.99, 0.1, 50000)
+    for bad, match in [(["--preset", "huge"], "--preset must be one of"),
+                       (["--preset", "tiny", "--config", "rl_gpu"], "not both")]:
+        with pytest.raises(UserError, match=match):
+            with_preset(bad)
+
+
+def test_ppo_on_the_tiny_model_beats_its_initial_policy(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    """On this model the dense reward rises with the gate (g = 1 beats g = 0), and the untrained policy sits at
+    g = 0.5: PPO with the dense reward must move the gate up and score better than its initial policy on held-out
+    problems (paired test)."""
+    from scripts.train_rl import main
+    result = main(rl_args(tiny_mhc_checkpoint, tmp_path, "learns", 1024, "--baselines", "grid", "--n-steps", "128",
+                          "--n-epochs", "5", "--batch-size", "32", "--eval-problems", "32", "--learning-rate", "1e-3",
+                          "--ent-coef", "0"))
+    arms, comp = result["arms"], {(c["a"], c["b"]): c for c in result["comparisons"]}
+    assert arms["gate1"]["dense"]["mean"] > arms["gate0"]["dense"]["mean"]  # the landscape this test relies on
+    assert arms["rl_initial"]["chosen_gates"]["mean"][0] == pytest.approx(0.5, abs=0.05)
+    assert arms["rl_policy"]["chosen_gates"]["mean"][0] > 0.6
+    c = comp[("rl_initial", "rl_policy")]["dense"]
+    assert c["diff"] > 0 and c["p_value"] < 0.05, c

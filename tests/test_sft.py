@@ -1,0 +1,97 @@
+"""Supervised fine-tuning: loss on the answer tokens only, the answer loss falls, exact resume, bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanochat import task_gsm8k
+from nanochat.checkpoint import checkpoint_root, latest_checkpoint
+from nanochat.common import UserError
+from nanochat.sft_data import ANSWER_END, SFTLoader, collate, encode_rows
+from nanochat.synthetic_gsm8k import as_examples, generate_problems
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_loss_falls_on_the_answer_tokens_only(tiny_base_dir):
+    tok = tiny_base_dir.tokenizer
+    problems = as_examples(generate_problems(6, seed=0, steps=(1, 2)), "t")
+    rows, dropped = encode_rows(tok, problems, max_len=256)
+    assert dropped == 0 and len(rows) == 6
+    x, y = collate(rows, "cpu")
+    for b, (p, (ids, n_answer)) in enumerate(zip(problems, rows)):
+        prompt_ids = tok.encode(p.prompt, prepend=tok.bos_token_id)
+        # inputs are the row shifted by one; targets are -1 on every prompt position and on the padding
+        assert x[b, :len(ids) - 1].tolist() == ids[:-1]
+        assert (y[b, :len(prompt_ids) - 1] == -1).all() and (y[b, len(ids) - 1:] == -1).all()
+        scored = y[b][y[b] >= 0].tolist()
+        assert tok.decode(scored) == task_gsm8k.gold_continuation(p.extra["answer"]) + ANSWER_END
+        assert len(scored) == n_answer
+    # a row that cannot fit is dropped and counted, never cut
+    assert encode_rows(tok, problems, max_len=20) == ([], 6)
+
+
+def test_loader_order_is_rank_independent_and_resumable():
+    rows = [([1, 2, i + 3], 1) for i in range(10)]
+    one = SFTLoader(rows, 4, seed=1)
+    two = [SFTLoader(rows, 2, rank=r, world_size=2, seed=1) for r in range(2)]
+    for _ in range(5):  # crosses epoch boundaries
+        x, _ = one.next_batch()
+        parts = [l.next_batch()[0] for l in two]
+        assert torch.equal(x, torch.cat(parts))
+    resumed = SFTLoader(rows, 4, seed=1)
+    resumed.load_state_dict(one.state_dict())
+    assert torch.equal(resumed.next_batch()[0], one.next_batch()[0])
+    with pytest.raises(UserError, match="cannot resume"):
+        SFTLoader(rows[:5], 4, seed=1).load_state_dict(one.state_dict())
+
+
+def sft_args(ckpt, results, tag, *extra):
+    return ["--checkpoint", str(ckpt), "--output-tag", tag, "--results-dir", str(results), "--data", "synthetic",
+            "--synthetic-count", "300", "--synthetic-steps", "1", "--synthetic-max-value", "10", "--val-problems",
+            "32", "--device-batch-size", "8", "--log-every", "100", *extra]
+
+
+def test_sft_lowers_the_answer_loss_and_resumes_exactly(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    from scripts.sft_train import main
+    main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_a", "--num-iterations", "30", "--eval-every", "30",
+                  "--lr-scale", "1.0"))
+    val = [json.loads(l)["val_answer_loss"] for l in open(tmp_path / "sft_a" / "metrics.jsonl")
+           if "val_answer_loss" in l]
+    assert len(val) == 2 and val[1] < 0.7 * val[0], val
+    meta = json.loads(open(latest_checkpoint(checkpoint_root("sft_a")) + "/meta.json").read())
+    assert meta["base_checkpoint"] == str(tiny_mhc_checkpoint) and meta["run_config"]["train"]["data_source"] == \
+        "local"  # downstream tools find the pretraining data of the base run
+    # exact resume: stop after step 3 (drop the later checkpoint), resume, compare with the straight run
+    main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6", "--save-every", "3"))
+    straight = load_file(latest_checkpoint(checkpoint_root("sft_b")) + "/model.safetensors")
+    shutil.rmtree(latest_checkpoint(checkpoint_root("sft_b")))
+    main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6", "--save-every", "3",
+                  "--resume"))
+    resumed = load_file(latest_checkpoint(checkpoint_root("sft_b")) + "/model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(UserError, match="--lr-scale: checkpoint 0.2 vs now 0.5"):
+        main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6", "--resume",
+                      "--lr-scale", "0.5"))
+    with pytest.raises(UserError, match="--resume"):
+        main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6"))
+
+
+def test_sft_bad_input_is_named(tiny_base_dir, tiny_mhc_checkpoint, tiny_baseline_checkpoint, tmp_path):
+    from scripts.sft_train import main
+    with pytest.raises(UserError, match="unknown source"):
+        main(sft_args(tiny_mhc_checkpoint, tmp_path, "bad", "--data", "mmlu"))
+    with pytest.raises(UserError, match="base model has no mHC"):
+        main(sft_args(tiny_baseline_checkpoint, tmp_path, "bad", "--mhc-gate-sample-frac", "0.5"))
+    with pytest.raises(UserError, match="--mhc-gate-noise must be in"):
+        main(sft_args(tiny_mhc_checkpoint, tmp_path, "bad", "--mhc-gate-noise", "2"))
+    with pytest.raises(UserError, match="no checkpoint for model tag"):
+        main(["--model-tag", "does_not_exist"])

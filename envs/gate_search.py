@@ -76,7 +76,8 @@ def evolution_strategy(scorer, problems, budget: int, population: int = 8, paren
                        seed: int = 0) -> dict:
     """(mu/mu, lambda)-ES: each generation samples `population` vectors around the mean (clipped to [0, 1]),
     scores them on one fresh shared problem batch, and moves the mean to the average of the best `parents`;
-    sigma decays geometrically to a quarter over the run. The result is the final mean."""
+    sigma decays geometrically to a quarter over the run. The result is the final mean; its `best_train_reward`
+    is the best candidate's of the last generation (the mean itself costs no extra budget, so it is not scored)."""
     if not 1 <= parents <= population:
         raise UserError(f"evolution strategy: parents must be in [1, population] (got {parents}, {population})")
     rng = np.random.default_rng(seed)

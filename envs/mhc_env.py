@@ -27,12 +27,11 @@ from contextlib import contextmanager
 
 import gymnasium as gym
 import numpy as np
-import torch
 from stable_baselines3.common.vec_env import VecEnv
 
 from envs.gsm8k_env import (dense_rewards, exact_rewards, fit_problems, load_problems, mix_reward,
                             question_features)
-from nanochat.checkpoint import load_model, resolve_checkpoint
+from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
 from nanochat.common import UserError, autocast_ctx
 from nanochat.tokenizer import get_tokenizer
 
@@ -119,9 +118,7 @@ def load_frozen_model(checkpoint: str = "", model_tag: str = "", step: int = -1,
         raise UserError(f"checkpoint {path} is a model without mHC (mhc_enabled is false): there are no gates "
                         f"for the controller to set")
     tokenizer = get_tokenizer()
-    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
-        raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, but the tokenizer in "
-                        f"the base dir is {tokenizer.fingerprint}")
+    check_tokenizer(meta, tokenizer, path)
     return freeze(model), tokenizer, path, meta
 
 

@@ -157,6 +157,13 @@ def resolve_checkpoint(model_tag: str, step: int = -1) -> str:
     return path
 
 
+def check_tokenizer(meta: dict, tokenizer, path: str):
+    """A checkpoint is only meaningful with the tokenizer it was trained with (fingerprints in meta.json)."""
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, but the tokenizer in "
+                        f"the base dir is {tokenizer.fingerprint}")
+
+
 def load_model(path: str, device="cpu"):
     """Rebuild the GPT of a checkpoint and load its weights (for evaluation). Returns (model, meta)."""
     from nanochat.gpt import GPT, GPTConfig  # local import: checkpoint I/O itself does not need the model code

@@ -97,6 +97,14 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def resolve_precision(device_type: str, dtype: str, compile_flag: str = "false"):
+    """--dtype auto -> bfloat16 on CUDA, float32 on the CPU; --compile auto -> on CUDA only.
+    Returns (dtype, use_compile, autocast context)."""
+    dtype = dtype if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    use_compile = compile_flag == "true" or (compile_flag == "auto" and device_type == "cuda")
+    return dtype, use_compile, autocast_ctx(device_type, dtype)
+
+
 def autocast_ctx(device_type: str, dtype: str):
     """bf16 autocast on request (default on CUDA); fp32 means no autocast."""
     if dtype == "bfloat16":

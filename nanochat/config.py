@@ -24,6 +24,14 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
 
 
+def check_choices(cfg, choices: dict):
+    """Each named field must hold one of its allowed values; the error names the flag."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                            f"(got {getattr(cfg, name)!r})")
+
+
 @dataclass
 class TrainConfig:
     # logging / runtime
@@ -100,10 +108,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
         choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
                        compile=("auto", "true", "false"), data_source=("fineweb", "local"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                                f"(got {getattr(self, name)!r})")
+        check_choices(self, choices)
         if self.num_iterations == 0 or self.num_iterations < -1:
             raise UserError(f"--num-iterations must be > 0 or -1 (got {self.num_iterations})")
         if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
@@ -299,8 +304,9 @@ class SFTConfig:
     num_iterations: int = _f(-1, "optimizer steps (-1: one epoch of the training rows)")
     lr_scale: float = _f(0.2, "learning rates = the base run's LRs x this (linear decay to 0 over the run)")
     mhc_gate_noise: float = _f(-1.0, "mHC gate noise during fine-tuning (-1: keep the base model's)")
-    mhc_gate_sample_frac: float = _f(-1.0, "mHC gate-range training fraction during fine-tuning (-1: keep the "
-                                     "base model's)")
+    mhc_gate_sample_frac: float = _f(0.25, "mHC gate-range training during fine-tuning: the fraction of rows whose "
+                                     "gates are drawn from U[0, 1], so the RL controller acts where the model was "
+                                     "trained (-1: keep the base model's; ignored without mHC)")
     # evaluation, checkpoints
     eval_every: int = _f(100, "evaluate the validation answer loss every N steps (-1 = only at the end)")
     save_every: int = _f(500, "save a checkpoint every N steps (-1 = only at the end)")
@@ -338,10 +344,7 @@ class SFTConfig:
         parse_int_list(self.synthetic_steps, "synthetic-steps")
         choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
                        compile=("auto", "true", "false"), task_data=("auto", "hub", "local"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                                f"(got {getattr(self, name)!r})")
+        check_choices(self, choices)
 
 
 RL_ACTION_SPACES = ("global", "per_layer", "per_sublayer")  # = envs.mhc_env.ACTION_SPACES
@@ -416,10 +419,7 @@ class RLConfig:
                        train_split=("train", "test"), eval_split=("train", "test"),
                        device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
                        task_data=("auto", "hub", "local"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                                f"(got {getattr(self, name)!r})")
+        check_choices(self, choices)
         positive = ["max_new_tokens", "score_batch_size", "num_envs", "total_timesteps", "n_steps", "batch_size",
                     "n_epochs", "save_every", "keep_checkpoints", "random_candidates", "es_population",
                     "es_parents", "es_generations"]

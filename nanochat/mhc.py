@@ -389,7 +389,6 @@ class DynamicMHC(nn.Module):
     def get_matrices(self, x: torch.Tensor):
         """x: [B, T, n*C] -> H_res [B, T, n, n], H_pre [B, T, n], H_post [B, T, n] (all fp32)."""
         B, T, nC = x.shape
-        n = self.num_streams
         with torch.autocast(device_type=x.device.type, enabled=False):
             H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(B * T, nC), B, T)
         return _per_token(H_res, B, T), _per_token(H_pre, B, T), _per_token(H_post, B, T)

@@ -18,8 +18,8 @@ import os
 
 import torch.distributed as dist
 
-from nanochat.checkpoint import load_model, resolve_checkpoint
-from nanochat.common import UserError, autocast_ctx, compute_cleanup, compute_init, git_commit, print0, run_main
+from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
+from nanochat.common import compute_cleanup, compute_init, git_commit, print0, resolve_precision, run_main
 from nanochat.config import EvalConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -31,16 +31,13 @@ from nanochat.tokenizer import get_tokenizer
 def main(argv=None):
     cfg, _ = build_config(EvalConfig, argv, description=__doc__.split("\n")[0])
     device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    ctx = autocast_ctx(device_type, dtype)
+    dtype, _, ctx = resolve_precision(device_type, cfg.dtype)
 
     path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
     model, meta = load_model(path, device)
     model_tag = cfg.model_tag or meta.get("run_config", {}).get("model_tag") or os.path.basename(path)
     tokenizer = get_tokenizer()
-    if meta.get("tokenizer") not in (None, tokenizer.fingerprint):
-        raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, but the tokenizer in "
-                        f"the base dir is {tokenizer.fingerprint}")
+    check_tokenizer(meta, tokenizer, path)
     token_bytes = tokenizer.token_bytes().to(device)
     run_train = meta.get("run_config", {}).get("train", {})
     data_source = run_train.get("data_source", "fineweb")

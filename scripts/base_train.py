@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanochat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
-from nanochat.common import (UserError, append_jsonl, autocast_ctx, compute_cleanup, compute_init, git_commit,
-                             init_wandb, print0, run_main)
+from nanochat.common import (UserError, append_jsonl, compute_cleanup, compute_init, git_commit,
+                             init_wandb, print0, resolve_precision, run_main)
 from nanochat.config import TrainConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -69,9 +69,7 @@ def main(argv=None):
     cfg, _ = build_config(TrainConfig, argv, description=__doc__.split("\n")[1])
     device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
     master = rank == 0
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
-    ctx = autocast_ctx(device_type, dtype)
+    dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
     # batch arithmetic: micro-batches of device_batch_size x max_seq_len on every rank, accumulated
     tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size

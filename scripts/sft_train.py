@@ -7,9 +7,10 @@
 Rows are `Question: q\\nAnswer: <worked answer>\\n\\n` (the 0-shot format evaluation and the RL env use;
 nanochat/sft_data.py); GSM8K's train split and/or generated problems (nanochat/synthetic_gsm8k.py), shuffled
 together, with --val-problems held out for the validation answer loss. The optimizers are the base run's
-(Muon + AdamW) at --lr-scale times its learning rates, decayed linearly to 0. mHC models keep their gate-range
-training (--mhc-gate-sample-frac / --mhc-gate-noise change it for the fine-tuning; the RL controller needs the
-fine-tuned model to know the whole gate range too).
+(Muon + AdamW) at --lr-scale times its learning rates, decayed linearly to 0. mHC models are fine-tuned over
+the gate range: --mhc-gate-sample-frac 0.25 by default (a quarter of the rows draw every gate from
+U[0, 1]), because the RL controller acts on the fine-tuned model over the whole range; pretraining leaves it off
+(configs/tiny_cpu_mhc.toml says why).
 
 Checkpoints go to $NANOCHAT_BASE_DIR/checkpoints/<output tag>/ like base_train's (atomic, sha256-checked), with
 the base checkpoint recorded; SIGINT/SIGTERM save and exit, --resume continues exactly. Metrics:
@@ -23,17 +24,16 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from envs.gsm8k_env import load_problems
-from nanochat.checkpoint import (checkpoint_root, latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
-                                 save_checkpoint)
-from nanochat.common import (UserError, append_jsonl, autocast_ctx, compute_cleanup, compute_init, git_commit,
-                             init_wandb, print0, run_main)
+from nanochat.checkpoint import (check_tokenizer, checkpoint_root, latest_checkpoint, load_checkpoint, read_meta,
+                                 resolve_checkpoint, save_checkpoint)
+from nanochat.common import (UserError, append_jsonl, compute_cleanup, compute_init, git_commit,
+                             init_wandb, print0, resolve_precision, run_main)
 from nanochat.config import SFTConfig, TrainConfig, build_config, parse_int_list
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.newton_schulz import resolve_ns_coeffs
@@ -68,10 +68,14 @@ def fine_tuning_problems(cfg: SFTConfig):
 
 def model_config_for(base: dict, cfg: SFTConfig) -> GPTConfig:
     mc = GPTConfig.from_dict(base)
+    defaults = SFTConfig.__dataclass_fields__
     overrides = {k: getattr(cfg, k) for k in ("mhc_gate_noise", "mhc_gate_sample_frac") if getattr(cfg, k) != -1.0}
-    if overrides and not mc.mhc_enabled:
-        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
-        raise UserError(f"{flags} set but the base model has no mHC")
+    if not mc.mhc_enabled:  # the default gate-range training has nothing to act on; an explicit request is an error
+        explicit = [k for k, v in overrides.items() if v != defaults[k].default]
+        if explicit:
+            flags = ", ".join("--" + k.replace("_", "-") for k in explicit)
+            raise UserError(f"{flags} set but the base model has no mHC")
+        return mc
     mc = dataclasses.replace(mc, **overrides)
     mc.validate()
     return mc
@@ -102,9 +106,7 @@ def main(argv=None):
     cfg, _ = build_config(SFTConfig, argv, description=__doc__.split("\n")[0])
     device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
     master = rank == 0
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
-    ctx = autocast_ctx(device_type, dtype)
+    dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
     base_path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
     base_meta = read_meta(base_path)
@@ -114,9 +116,7 @@ def main(argv=None):
         raise UserError(f"--output-tag {output_tag!r} is the base model's tag: fine-tuned checkpoints would mix "
                         f"with the base run's")
     tokenizer = get_tokenizer()
-    if base_meta.get("tokenizer") not in (None, tokenizer.fingerprint):
-        raise UserError(f"checkpoint {base_path} was trained with tokenizer {base_meta['tokenizer']}, but the "
-                        f"tokenizer in the base dir is {tokenizer.fingerprint}")
+    check_tokenizer(base_meta, tokenizer, base_path)
     model_config = model_config_for(base_meta["model_config"], cfg)
     ckpt_root = checkpoint_root(output_tag)
     results_dir = os.path.join(cfg.results_dir, output_tag)
@@ -220,17 +220,22 @@ def main(argv=None):
         t0 = time.perf_counter()
         x, y = loader.next_batch()
         model.train()
+        # the mean over the answer tokens of the whole global batch: every rank's summed loss over the global token
+        # count, times W because DDP averages the ranks' gradients; so W ranks equal one process (tested)
+        n_tokens = (y >= 0).sum()
+        if is_ddp:
+            dist.all_reduce(n_tokens)
         with ctx:
-            loss = train_model(x, y)  # mean over this rank's answer tokens
-        loss.backward()
+            loss_sum = train_model(x, y, loss_reduction="sum")
+        (loss_sum * world_size / n_tokens).backward()
+        loss = loss_sum.detach() / n_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         lrm = apply_schedules(optimizers, step, num_iterations, 0.0, 1.0, 0.0)  # linear decay to 0
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        loss = loss.detach()
         if is_ddp:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            dist.all_reduce(loss)  # the ranks' shares of the global mean
         loss = loss.item()
         if not math.isfinite(loss):
             raise UserError(f"fine-tuning diverged at step {step}: loss is {loss}. Lower --lr-scale or resume "

@@ -17,7 +17,8 @@ held-out evaluation of every arm.
 4. Evaluation on the held-out problems, exact match and dense reward for each arm: the learned default gates, the
    RL policy (deterministic) and the initial policy, the best gates of each baseline, g = 0 and g = 1 everywhere;
    n, 95% CIs and paired tests against the default (McNemar for accuracy, paired t for the dense reward) and of
-   the RL policy against the best black-box gates -> eval.json, eval_examples.jsonl.
+   the RL policy against each baseline's gates (the best black box = the highest training reward) -> eval.json,
+   eval_examples.jsonl.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from envs.mhc_env import GSM8KMHCVecEnv, build_problem_pool, build_scorer
 from envs.ppo_controller import (ControllerCallback, build_ppo, load_policy, policy_gates, restore, take_snapshot,
                                  write_snapshot)
 from nanochat.checkpoint import latest_checkpoint
-from nanochat.common import UserError, autodetect_device_type, get_base_dir, git_commit, init_wandb, run_main
+from nanochat.common import (UserError, autodetect_device_type, get_base_dir, git_commit, init_wandb,
+                             resolve_precision, run_main)
 from nanochat.config import RLConfig, build_config, parse_int_list, resolve_config_path
 from nanochat.training import StopFlag, truncate_metrics
 
@@ -171,7 +173,7 @@ def main(argv=None):
     device_type = autodetect_device_type() if cfg.device_type == "auto" else cfg.device_type
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device-type cuda: no CUDA device is available here (use auto or cpu)")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    dtype = resolve_precision(device_type, cfg.dtype)[0]
     scorer, ckpt_path = build_scorer(cfg.checkpoint, cfg.model_tag, cfg.step, torch.device(device_type),
                                      action_space=cfg.action_space, reward=cfg.reward,
                                      max_new_tokens=cfg.max_new_tokens, mix_weight=cfg.mix_weight,
@@ -185,6 +187,12 @@ def main(argv=None):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
 
+    mc = scorer.model.config
+    gate_range_trained = mc.mhc_gate_sample_frac > 0
+    if not gate_range_trained:
+        print(f"warning: {ckpt_path} was never trained over the gate range (mhc_gate_sample_frac = 0, gate noise "
+              f"{mc.mhc_gate_noise}): gates far from the learned ones probe behaviour the model never saw. "
+              f"Fine-tune it with scripts.sft_train (--mhc-gate-sample-frac 0.25 by default) first.", flush=True)
     train, held, train_info, eval_info = problem_pools(cfg, scorer)
     default_gates = scorer.default_gates().tolist()
     print(f"controlling {ckpt_path}: {scorer.num_gates} gate(s) ({cfg.action_space}), learned defaults "
@@ -252,17 +260,19 @@ def main(argv=None):
         arms[name] = (res["action_space"], res["best_gates"])
     arms["gate0"], arms["gate1"] = ("global", [0.0]), ("global", [1.0])
     best_bb = max(baselines, key=lambda n: baselines[n]["best_train_reward"]) if baselines else None
-    comparisons = [("rl_initial", "rl_policy")] + ([(best_bb, "rl_policy")] if best_bb else [])
+    comparisons = [("rl_initial", "rl_policy")] + [(name, "rl_policy") for name in baselines]
     t0 = time.perf_counter()
     results, compared, records = evaluate_arms(scorer, held, arms, "default", comparisons)
     print(f"evaluation on {len(held)} held-out problems ({time.perf_counter() - t0:.0f} s):", flush=True)
     print_table(results, compared, "default")
     summary = dict(tag=tag, checkpoint=ckpt_path, policy_timesteps=ppo.num_timesteps, budget=budget,
                    action_space=space, reward=cfg.reward, default_gates=default_gates, train_pool=train_info,
+                   gate_range_trained=gate_range_trained,
                    eval_pool=eval_info, arms=results, comparisons=compared, best_black_box=best_bb,
                    verdicts=dict(rl_vs_default=verdict(compared, "default", "rl_policy"),
+                                 rl_vs_initial=verdict(compared, "rl_initial", "rl_policy"),
                                  rl_vs_best_black_box=verdict(compared, best_bb, "rl_policy") if best_bb else None,
-                                 rl_vs_initial=verdict(compared, "rl_initial", "rl_policy")),
+                                 **{f"rl_vs_{name}": verdict(compared, name, "rl_policy") for name in baselines}),
                    baselines=baselines, rl_config=dataclasses.asdict(cfg), git_commit=git_commit(),
                    scale="smoke" if scorer.model.num_params() < SMOKE_PARAMS else "full")
     atomic_json(os.path.join(out_dir, "eval.json"), summary)

@@ -13,6 +13,17 @@ TINY_VOCAB_SIZE = 1024  # small enough to train in well under a second, big enou
 TINY_TOKENIZER_DOCS = 3000  # subset of the train docs used to train the test tokenizer
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: threads only add synchronisation, which is ruinous on a busy 2-core box. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """Local data copies: $NANOCHAT_DATA_DIR, else <repo>/../shared/data; skip the test if neither exists."""

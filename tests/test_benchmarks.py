@@ -23,3 +23,14 @@ def test_mhc_overhead_writes_json(tmp_path):
     assert results["param_overhead_pct"] > 0 and results["step_time_ratio"] > 0
     assert results["peak_memory_mib"]["baseline"] > 0 and results["peak_memory_ratio"] > 0
     assert set(results["sinkhorn"]["fwd_bwd_ms"]) == {"fast", "log_reference"} and results["sinkhorn"]["speedup"] > 0
+
+
+def test_rl_env_throughput_writes_json(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    from benchmarks import rl_env_throughput
+    out = tmp_path / "rl.json"
+    rl_env_throughput.main(["--checkpoint", str(tiny_mhc_checkpoint), "--steps", "8", "--repeats", "1",
+                            "--num-envs", "4", "--max-new-tokens", "4", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"dense", "exact"}
+    for r in results.values():
+        assert r["single_env_steps_per_s"] > 0 and r["vec_env_steps_per_s"] > 0 and r["speedup"] > 0

@@ -13,13 +13,7 @@ from nanochat.gpt import GPT, GPTConfig
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads only add synchronisation, which is ruinous on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def make_model(mhc: bool, n_kv_head: int = 4, seed: int = 0) -> GPT:

@@ -2,17 +2,11 @@
 import json
 
 import pytest
-import torch
 
 from nanochat.common import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_gate_sweep_points_match_the_gates_they_name(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):

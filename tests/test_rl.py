@@ -22,12 +22,7 @@ from nanochat.checkpoint import latest_checkpoint
 from nanochat.common import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add synchronisation
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +327,38 @@ def test_ppo_on_the_tiny_model_beats_its_initial_policy(tiny_base_dir, tiny_mhc_
     assert arms["rl_policy"]["chosen_gates"]["mean"][0] > 0.6
     c = comp[("rl_initial", "rl_policy")]["dense"]
     assert c["diff"] > 0 and c["p_value"] < 0.05, c
+
+
+def test_sigterm_saves_a_boundary_checkpoint_and_resume_is_exact(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    """A real SIGTERM during PPO: the run writes the last rollout-boundary snapshot and exits 143; --resume then ends
+    with exactly the policy of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from scripts.train_rl import main
+    repo = Path(__file__).resolve().parents[1]
+    args = lambda tag: rl_args(tiny_mhc_checkpoint, tmp_path, tag, 1024, "--baselines", "none",  # noqa: E731
+                               "--save-every", "100000")
+    main(args("uninterrupted"))
+    proc = subprocess.Popen([sys.executable, "scripts/train_rl.py", *args("killed")], cwd=repo,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "rl" / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]  # 1024 timesteps take far longer than 2 iterations
+    assert "stopped by signal 15" in out
+    stopped = latest_checkpoint(str(tiny_base_dir.base_dir / "checkpoints" / "rl" / "killed"))
+    assert stopped is not None and 0 < int(stopped.rsplit("_", 1)[1]) < 1024
+    main(args("killed") + ["--resume"])
+    a, b = policy_weights(tiny_base_dir.base_dir, "uninterrupted"), policy_weights(tiny_base_dir.base_dir, "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    assert steps == list(range(16, 1025, 16))

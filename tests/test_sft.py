@@ -13,12 +13,7 @@ from nanochat.sft_data import ANSWER_END, SFTLoader, collate, encode_rows
 from nanochat.synthetic_gsm8k import as_examples, generate_problems
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_loss_falls_on_the_answer_tokens_only(tiny_base_dir):
@@ -70,6 +65,7 @@ def test_sft_lowers_the_answer_loss_and_resumes_exactly(tiny_base_dir, tiny_mhc_
     meta = json.loads(open(latest_checkpoint(checkpoint_root("sft_a")) + "/meta.json").read())
     assert meta["base_checkpoint"] == str(tiny_mhc_checkpoint) and meta["run_config"]["train"]["data_source"] == \
         "local"  # downstream tools find the pretraining data of the base run
+    assert meta["model_config"]["mhc_gate_sample_frac"] == 0.25  # fine-tuned over the gate range by default
     # exact resume: stop after step 3 (drop the later checkpoint), resume, compare with the straight run
     main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6", "--save-every", "3"))
     straight = load_file(latest_checkpoint(checkpoint_root("sft_b")) + "/model.safetensors")
@@ -95,3 +91,29 @@ def test_sft_bad_input_is_named(tiny_base_dir, tiny_mhc_checkpoint, tiny_baselin
         main(sft_args(tiny_mhc_checkpoint, tmp_path, "bad", "--mhc-gate-noise", "2"))
     with pytest.raises(UserError, match="no checkpoint for model tag"):
         main(["--model-tag", "does_not_exist"])
+
+
+def test_two_ranks_equal_one_process(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    """torchrun with 2 gloo ranks of 4 rows gives the losses of 1 process with 8 rows (a token-weighted mean over
+    the global batch, whatever each rank's share of answer tokens)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--checkpoint", str(tiny_mhc_checkpoint), "--results-dir", str(tmp_path), "--data", "synthetic",
+              "--synthetic-count", "200", "--synthetic-steps", "1", "--synthetic-max-value", "10", "--val-problems",
+              "16", "--num-iterations", "4", "--eval-every", "-1", "--mhc-gate-sample-frac", "0"]
+    one = subprocess.run([sys.executable, "-m", "scripts.sft_train", *common, "--output-tag", "sft_one",
+                          "--device-batch-size", "8"], cwd=repo, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "scripts.sft_train", "--", *common, "--output-tag", "sft_two", "--device-batch-size", "4"],
+                         cwd=repo, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+
+    def losses(tag):
+        return [json.loads(l)["loss"] for l in open(tmp_path / tag / "metrics.jsonl") if '"loss"' in l]
+    assert len(losses("sft_one")) == 4
+    assert losses("sft_two") == pytest.approx(losses("sft_one"), abs=1e-5)

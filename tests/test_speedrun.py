@@ -44,8 +44,11 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
     sft = [json.loads(l) for l in open(tmp_path / "results" / "tiny_mhc_sft" / "metrics.jsonl")]
     val = [m["val_answer_loss"] for m in sft if "val_answer_loss" in m]
     assert len(val) == 3 and val[-1] < val[0]
+    # pretraining leaves the gate alone; fine-tuning, the model RL acts on, trains over the whole gate range
+    assert json.loads((tmp_path / "results" / "tiny_mhc" / "config.json").read_text())["model"][
+        "mhc_gate_sample_frac"] == 0.0
     assert json.loads((tmp_path / "results" / "tiny_mhc_sft" / "config.json").read_text())["model"][
-        "mhc_gate_sample_frac"] == 0.25  # the tiny mHC config trains over the gate range
+        "mhc_gate_sample_frac"] == 0.25
     sweep = json.loads((tmp_path / "results" / "tiny_mhc_sft" / "gate_sweep.json").read_text())
     assert [p["gate"] for p in sweep["global_gate"]] == [0.0, 1.0] and len(sweep["per_layer"]) == 2
     assert (tmp_path / "results" / "tiny_mhc_sft" / "gate_sweep.png").stat().st_size > 0

@@ -96,8 +96,9 @@ def plot(result: dict, path: str):
     axes[0].legend(fontsize=7)
     fig.suptitle(f"gate sweep: {result['checkpoint']}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 def main(argv=None):

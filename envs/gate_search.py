@@ -120,7 +120,7 @@ def evaluate_arms(scorer, problems, arms: dict, reference: str = "default",
             g = None
         else:
             g = np.tile(np.asarray(gates, dtype=np.float32)[None], (len(problems), 1))
-        recs = scorer.score(problems, g, metrics=("exact", "dense"), action_space=space)
+        recs = scorer.score(problems, g, metrics=("exact", "dense"), action_space=space, relative=False)
         for b, r in enumerate(recs):
             records.append(dict(arm=name, id=r["id"], correct=r["correct"], dense=r["dense"],
                                 completion=r["completion"], truncated=r["truncated"],

@@ -185,14 +185,16 @@ class GateScorer:
             for r in self._raw_score(todo, None, None, self.action_space):
                 self._default_reward[r["id"]] = r["reward"]
 
-    def score(self, problems, gates, metrics=None, action_space: str | None = None) -> list[dict]:
+    def score(self, problems, gates, metrics=None, action_space: str | None = None,
+              relative: bool = True) -> list[dict]:
         """Score problem b under gates[b] ([B, k] in `action_space`, default the scorer's; None = the learned
         gates). `metrics` (exact, dense) defaults to what the reward needs. Returns per problem
         {id, reward, raw_reward, dense?, correct?, completion?}; reward = raw_reward - the learned gates' reward on
-        the same problem with reward_baseline="default"."""
+        the same problem with reward_baseline="default" (relative=False skips that: evaluation reads the metrics
+        and needs no baseline pass over its problems)."""
         out = self._raw_score(problems, gates, metrics, action_space or self.action_space)
         self.problems_scored += len(problems)
-        if self.reward_baseline == "default":
+        if self.reward_baseline == "default" and relative:
             self.prepare(problems)  # no-op for problems prepared up front
             for r in out:
                 if "raw_reward" in r:

@@ -429,6 +429,11 @@ class RLConfig:
         for name in ("train_problems", "eval_problems"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 or -1 (got {getattr(self, name)})")
+        if self.n_steps % self.num_envs:
+            raise UserError(f"--n-steps {self.n_steps} (the rollout size) must be a multiple of --num-envs "
+                            f"{self.num_envs}")
+        if not 1 < self.batch_size <= self.n_steps:
+            raise UserError(f"--batch-size must be in (1, --n-steps = {self.n_steps}] (got {self.batch_size})")
         if self.problems == "gsm8k" and self.train_split == self.eval_split:
             raise UserError(f"--train-split and --eval-split are both {self.train_split!r}: the evaluation must be "
                             f"on problems RL never saw")

@@ -477,12 +477,6 @@ def gate_tensor(values, name: str = "gate") -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32))
 
 
-def check_gate_value(value, name: str):
-    """A single gate value: a number in [0, 1] (python or numpy, or a 0-d array or tensor)."""
-    if gate_tensor(value, name).dim() != 0:
-        raise UserError(f"mHC {name} must be a single number in [0, 1] (got shape {tuple(np.shape(value))})")
-
-
 def validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
                       gate_learnable, gate_noise, gate_sample_frac=0.0):
     if not isinstance(num_streams, int) or isinstance(num_streams, bool) or num_streams < 1:

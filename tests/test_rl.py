@@ -109,6 +109,23 @@ def test_batched_scoring_equals_one_problem_at_a_time(frozen, problems):
     assert len({round(r["dense"], 6) for r in batched}) > 1
 
 
+def test_reward_baseline_is_the_learned_gates_reward_on_the_same_problem(frozen, problems):
+    probs = problems[:6]
+    plain = scorer_for(frozen, "global")
+    relative = scorer_for(frozen, "global", reward_baseline="default")
+    relative.prepare(probs)
+    gates = np.random.default_rng(1).uniform(0, 1, (6, 1)).astype(np.float32)
+    raw = plain.score(probs, gates)
+    learned = plain.score(probs, None)
+    rel = relative.score(probs, gates)
+    for r, x, d in zip(rel, raw, learned):
+        assert r["raw_reward"] == x["reward"] and r["reward"] == pytest.approx(x["reward"] - d["reward"], abs=1e-7)
+    assert all(abs(r["reward"]) < 1e-7 for r in relative.score(probs, None))  # the learned gates score 0
+    assert relative.score(probs, gates, relative=False)[0]["reward"] == raw[0]["reward"]
+    with pytest.raises(UserError, match="reward baseline must be one of"):
+        scorer_for(frozen, reward_baseline="mean")
+
+
 def test_vec_env_batches_seeds_and_maps_actions(frozen, problems):
     scorer = scorer_for(frozen, "per_layer")
     vec = GSM8KMHCVecEnv(scorer, problems, num_envs=4, seed=0, symmetric_actions=True)

@@ -138,6 +138,7 @@ def main(argv=None):
            f"{max_len} tokens dropped), {len(val_rows)} val rows, {num_iterations} steps of "
            f"{loader.rows_per_step()} rows ({num_iterations * loader.rows_per_step() / len(train_rows):.2f} epochs)")
 
+    torch.manual_seed(cfg.seed)  # gate sampling draws from torch's RNG: a fresh run with the same seed repeats
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)

@@ -69,6 +69,10 @@ def test_sft_lowers_the_answer_loss_and_resumes_exactly(tiny_base_dir, tiny_mhc_
     # exact resume: stop after step 3 (drop the later checkpoint), resume, compare with the straight run
     main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6", "--save-every", "3"))
     straight = load_file(latest_checkpoint(checkpoint_root("sft_b")) + "/model.safetensors")
+    # a fresh run with the same seed repeats it (gate sampling included)
+    main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_c", "--num-iterations", "6", "--save-every", "3"))
+    again = load_file(latest_checkpoint(checkpoint_root("sft_c")) + "/model.safetensors")
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
     shutil.rmtree(latest_checkpoint(checkpoint_root("sft_b")))
     main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6", "--save-every", "3",
                   "--resume"))

@@ -151,7 +151,8 @@ class GateScorer:
         self.reward_baseline = reward_baseline
         self._features: dict[str, np.ndarray] = {}
         self._default_reward: dict[str, float] = {}
-        self.problems_scored = 0  # the evaluation budget spent (problems scored, any gates)
+        self.problems_scored = 0  # the budget spent: problems scored by score(), any gates (the one-off
+        # reward-baseline pass of prepare() is not counted: PPO and the black-box baselines share it)
 
     def default_gates(self, action_space: str | None = None) -> np.ndarray:
         """The learned gates in an action space (per layer: the mean of its two sub-layers; global: the mean)."""
@@ -224,7 +225,7 @@ class GateScorer:
                     r["reward"] = float(r["correct"])
                 elif self.reward == "dense" and "dense" in r:
                     r["reward"] = r["dense"]
-                elif "correct" in r and "dense" in r:
+                elif self.reward == "mix" and "correct" in r and "dense" in r:
                     r["reward"] = mix_reward(float(r["correct"]), r["dense"], self.mix_weight)
                 if "reward" in r:
                     r["raw_reward"] = r["reward"]

@@ -2,14 +2,15 @@
 # The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline and mHC training (identical data and
 # token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge) -> mHC statistics ->
 # fine-tuning of the mHC model on GSM8K-format problems -> gate sweep -> PPO over the mHC gates of the frozen
-# fine-tuned model, with its black-box baselines and held-out evaluation.
+# fine-tuned model, with its black-box baselines and held-out evaluation -> the RL-tuned model's evaluation, the
+# inference benchmark and results/report.md (every table and figure; analysis/report.py).
 #
 #   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
 #   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
 #   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
 #   SKIP=data,tokenizer bash speedrun.sh
 #   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
-#   (also EXTRA_SFT_ARGS, EXTRA_SWEEP_ARGS, EXTRA_RL_ARGS for the fine-tuning, gate sweep and RL stages)
+#   (also EXTRA_SFT_ARGS, EXTRA_SWEEP_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages)
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
 #
@@ -39,6 +40,9 @@ case "$preset" in
     sweep_args=(--problems gsm8k --split test --num-problems 256 --tokens 1048576 --batch-size 32)
     rl_runs=("gsm8k global" "gsm8k per_layer")   # the PRD's global gate, then its per-layer ablation
     rl_args=(--preset gpu)
+    rl_gates_run=gsm8k-per_layer-exact            # the RL-tuned column evaluates the per-layer policy's gates
+    hres_args=(--tokens 262144 --batch-size 32)
+    bench_args=(--depth 12 --head-dim 128 --vocab-size 32768 --seq-len 1024 --dtype bfloat16 --batch-sizes 1,8)
     ;;
   tiny)
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-tiny}"
@@ -58,8 +62,11 @@ case "$preset" in
               --num-iterations 150 --device-batch-size 16 --eval-every 50 --log-every 25)
     sweep_args=(--problems synthetic --synthetic-steps 1 --synthetic-max-value 10 --num-problems 64 --tokens 8192
                 --per-layer-grid 0,0.5,1)
-    rl_runs=("synthetic global" "gsm8k global --total-timesteps 1024 --eval-problems 128 --max-new-tokens 128")
+    rl_runs=("synthetic global" "gsm8k global --total-timesteps 512 --eval-problems 128 --max-new-tokens 128")
     rl_args=(--preset tiny --task-data local --no-progress)
+    rl_gates_run=gsm8k-global-dense
+    hres_args=(--tokens 8192)
+    bench_args=(--new-tokens 64 --batch-sizes 1 --repeats 3)   # the tiny architecture (the benchmark's default)
     ;;
   *) echo "PRESET must be gpu, tiny or auto (got $preset)" >&2; exit 2 ;;
 esac
@@ -69,6 +76,7 @@ read -ra extra_eval <<< "${EXTRA_EVAL_ARGS:-}"
 read -ra extra_sft <<< "${EXTRA_SFT_ARGS:-}"
 read -ra extra_sweep <<< "${EXTRA_SWEEP_ARGS:-}"
 read -ra extra_rl <<< "${EXTRA_RL_ARGS:-}"
+read -ra extra_bench <<< "${EXTRA_BENCH_ARGS:-}"
 results_dir="${RESULTS_DIR:-$repo/results}"
 run_name="${WANDB_RUN:-dummy}"
 markers="$NANOCHAT_BASE_DIR/speedrun"
@@ -83,6 +91,9 @@ stage() {  # stage NAME command...: run once, skip when done (FORCE=1 redoes, SK
     local t0=$SECONDS
     "$@"
     echo "[speedrun] $name: done in $((SECONDS - t0)) s"
+    mkdir -p "$results_dir"  # the wall time of every stage, for analysis.report
+    printf '{"stage": "%s", "seconds": %d, "finished": "%s"}\n' "$name" "$((SECONDS - t0))" \
+        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$results_dir/speedrun_stages.jsonl"
     touch "$markers/$name.done"
 }
 
@@ -97,12 +108,17 @@ for model in baseline mhc; do
     stage "eval_$model" "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
         "${eval_args[@]}" "${extra_eval[@]}"
 done
-# what the mHC connections learned, per sub-layer (gates, H_res vs I and vs init, Sinkhorn error): mhc_stats.json
+# what the mHC connections learned, per sub-layer (gates, H_res vs I and vs init, Sinkhorn error): mhc_stats.json;
+# and its routing as figures (H_res heatmaps, the composite across depth and its Amax gain, H_pre/H_post, routing)
 stage stats_mhc python -m analysis.mhc_stats --model-tag "${prefix}mhc" --results-dir "$results_dir"
+stage hres_mhc python -m analysis.visualize_hres --model-tag "${prefix}mhc" --results-dir "$results_dir" \
+    "${hres_args[@]}"
 # the RL half (scripts/train_rl.py): fine-tune the mHC model on GSM8K-format problems (tiny models score 0 on GSM8K
 # otherwise), check that the gate matters (gate sweep), then PPO over its gates with the baselines it must beat
 stage sft "${launch[@]}" scripts.sft_train "${sep[@]}" --model-tag "${prefix}mhc" --output-tag "${prefix}mhc_sft" \
     --run "$run_name" --resume --results-dir "$results_dir" "${sft_args[@]}" "${extra_sft[@]}"
+stage eval_sft "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
+    --results-dir "$results_dir" "${eval_args[@]}" "${extra_eval[@]}"
 stage gate_sweep python -m analysis.gate_sweep --model-tag "${prefix}mhc_sft" --results-dir "$results_dir" \
     "${sweep_args[@]}" "${extra_sweep[@]}"
 for rl_run in "${rl_runs[@]}"; do
@@ -111,8 +127,14 @@ for rl_run in "${rl_runs[@]}"; do
         --action-space "${run[1]}" --run "$run_name" --resume --results-dir "$results_dir" "${rl_args[@]}" \
         "${run[@]:2}" "${extra_rl[@]}"
 done
+# Phase 4: the RL-tuned model (the fine-tuned model at the gates the GSM8K policy chose), inference cost, the report
+stage eval_rl "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
+    --output-tag "${prefix}mhc_rl" --mhc-gates-from "$results_dir/rl/${prefix}mhc_sft-${rl_gates_run}/eval.json" \
+    --results-dir "$results_dir" "${eval_args[@]}" "${extra_eval[@]}"
+stage bench_inference python -m benchmarks.inference "${bench_args[@]}" --skip-no-cache \
+    --out "$results_dir/bench/inference.json" "${extra_bench[@]}"
+stage report python -m analysis.report --results-dir "$results_dir" --prefix "$prefix"
 if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablation inside Muon (scripts/ns_ablation.py)
     stage ns_ablation python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
 fi
-echo "[speedrun] finished: results in $results_dir/${prefix}baseline, $results_dir/${prefix}mhc," \
-    "$results_dir/${prefix}mhc_sft and $results_dir/rl/"
+echo "[speedrun] finished: $results_dir/report.md (and $results_dir/${prefix}*, $results_dir/rl/)"

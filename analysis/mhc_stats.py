@@ -22,6 +22,7 @@ from nanochat.common import UserError, autodetect_device_type, git_commit, run_m
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.gpt import GPT
+from nanochat.mhc import connection_stats
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -39,17 +40,10 @@ def capture(model: GPT, batches: list[torch.Tensor]) -> list[dict]:
 
 
 def sublayer_stats(trained: dict, initial: dict, gate: float) -> dict:
+    """connection_stats plus the distance from the same sub-layer's H_res at init and the mean H_res matrix."""
     H, H0 = trained["H_res"], initial["H_res"]
-    eye = torch.eye(H.size(-1))
-    return dict(
-        gate=gate,
-        h_res_mean_diag=H.diagonal(dim1=-2, dim2=-1).mean().item(),
-        h_res_dist_identity=(H - eye).abs().mean().item(),
-        h_res_dist_init=(H - H0).abs().mean().item(),
-        h_res_max_sum_error=max((H.sum(-1) - 1).abs().max().item(), (H.sum(-2) - 1).abs().max().item()),
-        h_res_mean=H.mean(0).tolist(),
-        h_pre_mean=trained["H_pre"].mean(0).tolist(),
-        h_post_mean=trained["H_post"].mean(0).tolist())
+    return dict(**connection_stats(trained, gate), h_res_dist_init=(H - H0).abs().mean().item(),
+                h_res_mean=H.mean(0).tolist())
 
 
 def main(argv=None):

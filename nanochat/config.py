@@ -98,6 +98,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
     resume: bool = _f(False, "continue from the newest checkpoint of this model tag")
     log_every: int = _f(1, "print a step line every N steps")
+    mhc_log_every: int = _f(0, "mHC: every N steps (and at the end) append each sub-layer's gate, H_res diagonal, "
+                            "distance from I, sum error and mean H_pre/H_post on a fixed val batch to "
+                            "metrics.jsonl (0 = off)")
     results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<model_tag>/")
 
     def validate(self):
@@ -122,6 +125,8 @@ class TrainConfig:
                      "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.mhc_log_every < 0:
+            raise UserError(f"--mhc-log-every must be >= 0 (got {self.mhc_log_every})")
         mhc_set = [f.name for f in dataclasses.fields(self)
                    if f.name.startswith("mhc_") and f.name != "mhc_enabled" and getattr(self, f.name) != f.default]
         if mhc_set and not self.mhc_enabled:  # else the run would silently train the baseline
@@ -237,7 +242,20 @@ class EvalConfig:
     max_new_tokens: int = _f(256, "GSM8K: generation limit per problem (greedy; lm-eval's default is 256)")
     task_data: str = _f("auto", "task data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
     strict: bool = _f(False, "fail on a malformed data row instead of counting and skipping it")
-    results_dir: str = _f("results", "eval.json and eval_examples.jsonl go to <results_dir>/<model_tag>/")
+    results_dir: str = _f("results", "eval.json and eval_examples.jsonl go to <results_dir>/<output_tag>/")
+    output_tag: str = _f("", "results folder name (default: the model tag)")
+    mhc_gates: str = _f("", "evaluate an mHC model at these gates: 1 (global), L (per layer) or 2L (per sub-layer) "
+                        "comma-separated values in [0, 1] (default: its learned gates)")
+    mhc_gates_from: str = _f("", "evaluate at the mean gates the RL policy chose: path to a train_rl eval.json")
+
+    def gate_values(self) -> list[float]:
+        try:
+            values = [float(t) for t in self.mhc_gates.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--mhc-gates must be comma-separated numbers in [0, 1] (got {self.mhc_gates!r})") from None
+        if not values or any(not 0 <= v <= 1 for v in values):
+            raise UserError(f"--mhc-gates must be comma-separated numbers in [0, 1] (got {self.mhc_gates!r})")
+        return values
 
     def task_list(self) -> list[str]:
         names = [t.strip() for t in self.tasks.split(",") if t.strip()]
@@ -262,6 +280,10 @@ class EvalConfig:
             raise UserError(f"--dtype must be one of auto, float32, bfloat16 (got {self.dtype!r})")
         if self.task_data not in ("auto", "hub", "local"):
             raise UserError(f"--task-data must be one of auto, hub, local (got {self.task_data!r})")
+        if self.mhc_gates and self.mhc_gates_from:
+            raise UserError("pass --mhc-gates or --mhc-gates-from, not both")
+        if self.mhc_gates:
+            self.gate_values()
 
 
 SFT_DATA = ("gsm8k", "synthetic")

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import UserError
-from nanochat.mhc import READOUTS, DynamicMHC, StreamReadout, gate_tensor, validate_mhc_args
+from nanochat.mhc import READOUTS, DynamicMHC, StreamReadout, connection_stats, gate_tensor, validate_mhc_args
 from nanochat.newton_schulz import resolve_ns_coeffs
 
 
@@ -326,6 +326,19 @@ class GPT(nn.Module):
         """values[j] in [0, 1] overrides sub-layer j (attention, MLP, attention, ...): shape [2L], or [B, 2L]."""
         self._apply_gates(self._gate_matrix(values, 2 * self.config.n_layer, "per sub-layer"), 1)
 
+    def set_mhc_gates_by_count(self, values, source: str = "gates"):
+        """One flat gate vector whose length says what it sets: 1 value (every sub-layer), L (per layer) or 2L
+        (per sub-layer). For a user's list of gates (base_eval --mhc-gates, analysis tools)."""
+        values = [float(v) for v in values]
+        L = self.config.n_layer
+        self.mhc_modules()
+        setters = {1: lambda v: self.set_mhc_gate(v[0]), L: self.set_mhc_gates_per_layer,
+                   2 * L: self.set_mhc_gates_per_sublayer}
+        if len(values) not in setters:
+            raise UserError(f"{source}: {len(values)} gate values; this model takes 1 (global), {L} (per layer) or "
+                            f"{2 * L} (per sub-layer)")
+        setters[len(values)](values)
+
     def _gate_matrix(self, values, expected: int, what: str) -> torch.Tensor:
         self.mhc_modules()  # a model without mHC refuses before anything else
         g = gate_tensor(values, "gate")
@@ -367,3 +380,18 @@ class GPT(nn.Module):
     def captured_mhc(self) -> list[dict]:
         """The matrices of the last forward, one dict per sub-layer (see capture_mhc)."""
         return [m.captured for m in self.mhc_modules()]
+
+    @torch.no_grad()
+    def mhc_connection_stats(self, idx: torch.Tensor) -> list[dict]:
+        """nanochat.mhc.connection_stats of every sub-layer over one forward of idx [B, T], in eval mode (no gate
+        noise or sampling); the training mode and the capture setting are restored."""
+        was_training = self.training
+        self.eval()
+        self.capture_mhc(True)
+        try:
+            self(idx)
+            gates = self.get_mhc_gates()
+            return [dict(sublayer=j, **connection_stats(c, gates[j])) for j, c in enumerate(self.captured_mhc())]
+        finally:
+            self.capture_mhc(False)
+            self.train(was_training)

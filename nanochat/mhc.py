@@ -455,6 +455,22 @@ class StreamReadout(nn.Module):
             return _ReadStreams.apply(H_out.to(x.dtype), x.reshape(N, n, nC // n)).view(B, T, nC // n)
 
 
+def connection_stats(captured: dict, gate: float) -> dict:
+    """What one sub-layer's connection does, from its captured matrices (GPT.capture_mhc; H_res [..., n, n], H_pre
+    and H_post [..., n]) averaged over the tokens: the gate, H_res's mean diagonal, its mean absolute distance from
+    the identity, its worst row/column-sum error (still doubly stochastic?), and the mean H_pre and H_post per
+    stream. Logged during training (--mhc-log-every) and reported by analysis.mhc_stats."""
+    H = captured["H_res"].flatten(0, -3).float()                                      # [M, n, n]
+    eye = torch.eye(H.size(-1), device=H.device)
+    return dict(
+        gate=float(gate),
+        h_res_mean_diag=H.diagonal(dim1=-2, dim2=-1).mean().item(),
+        h_res_dist_identity=(H - eye).abs().mean().item(),
+        h_res_max_sum_error=max((H.sum(-1) - 1).abs().max().item(), (H.sum(-2) - 1).abs().max().item()),
+        h_pre_mean=captured["H_pre"].flatten(0, -2).float().mean(0).tolist(),
+        h_post_mean=captured["H_post"].flatten(0, -2).float().mean(0).tolist())
+
+
 def gate_tensor(values, name: str = "gate") -> torch.Tensor:
     """Gate value(s) as a float32 tensor, checked: a number (python, numpy scalar, 0-d array or tensor) or an array
     or tensor of numbers, every one finite and in [0, 1]. The error names the first bad entry."""

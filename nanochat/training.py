@@ -11,13 +11,14 @@ import torch.distributed as dist
 
 
 def truncate_metrics(path: str, step: int):
-    """On resume, drop records logged after the checkpoint (and its val eval, which is redone) so the curves
-    have no duplicated steps."""
+    """On resume, drop records logged after the checkpoint (and its evaluations -- val bpb, val answer loss, mHC
+    statistics -- which are redone at that step) so the curves have no duplicated steps."""
     if not os.path.exists(path):
         return
 
     def keep(rec: dict) -> bool:
-        return rec["step"] < step or (rec["step"] == step and "val_bpb" not in rec)
+        redone = ("val_bpb", "val_answer_loss", "mhc")
+        return rec["step"] < step or (rec["step"] == step and not any(k in rec for k in redone))
 
     with open(path) as f:
         kept = [line for line in f if line.strip() and keep(json.loads(line))]

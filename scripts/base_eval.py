@@ -19,13 +19,48 @@ import os
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import compute_cleanup, compute_init, git_commit, print0, resolve_precision, run_main
+from nanochat.common import UserError, compute_cleanup, compute_init, git_commit, print0, resolve_precision, run_main
 from nanochat.config import EvalConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.evaluate import evaluate_task
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
+
+
+def val_row_records(rows: list, batch_size: int, rank: int, world_size: int) -> list[dict]:
+    """Per validation row: its nats and bytes, keyed by the row's index in the loader's global row stream (the same
+    rows for any model of the same tokenizer, data and context, so two models pair row by row: a paired bootstrap
+    of bpb in analysis.compare_results)."""
+    mine = [dict(task="bpb", id=f"val-{((i // batch_size) * world_size + rank) * batch_size + i % batch_size}",
+                 nats=n, bytes=b) for i, (n, b) in enumerate(rows)]
+    if world_size > 1 and dist.is_initialized():
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        mine = sorted((r for part in parts for r in part), key=lambda r: int(r["id"][4:]))
+    return mine
+
+
+def apply_gates(model, cfg: EvalConfig) -> dict | None:
+    """--mhc-gates / --mhc-gates-from: the gates to evaluate the mHC model at (None: its learned gates)."""
+    if not cfg.mhc_gates and not cfg.mhc_gates_from:
+        return None
+    if not model.config.mhc_enabled:
+        raise UserError("--mhc-gates / --mhc-gates-from given, but the checkpoint has no mHC (no gates to set)")
+    source = "--mhc-gates"
+    if cfg.mhc_gates_from:
+        try:
+            with open(cfg.mhc_gates_from) as f:
+                arm = json.load(f)["arms"]["rl_policy"]
+            values = arm["chosen_gates"]["mean"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"--mhc-gates-from {cfg.mhc_gates_from}: not an RL eval.json with the rl_policy arm's "
+                            f"chosen gates ({type(e).__name__}: {e})") from None
+        source = f"mean gates of the RL policy in {cfg.mhc_gates_from}"
+    else:
+        values = cfg.gate_values()
+    model.set_mhc_gates_by_count(values, source)
+    return dict(source=source, given=list(values), per_sublayer=model.get_mhc_gates())
 
 
 def main(argv=None):
@@ -35,9 +70,13 @@ def main(argv=None):
 
     path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
     model, meta = load_model(path, device)
-    model_tag = cfg.model_tag or meta.get("run_config", {}).get("model_tag") or os.path.basename(path)
+    model_tag = cfg.output_tag or cfg.model_tag or meta.get("run_config", {}).get("model_tag") or \
+        os.path.basename(path)
     tokenizer = get_tokenizer()
     check_tokenizer(meta, tokenizer, path)
+    gates = apply_gates(model, cfg)
+    if gates:
+        print0(f"mHC gates: {gates['source']}: {gates['per_sublayer']}")
     token_bytes = tokenizer.token_bytes().to(device)
     run_train = meta.get("run_config", {}).get("train", {})
     data_source = run_train.get("data_source", "fineweb")
@@ -54,14 +93,15 @@ def main(argv=None):
         token_dir = tokenized_dir(data_source, tokenizer)
         tokens_per_batch = cfg.device_batch_size * seq_len * world_size
         num_batches = max(1, cfg.eval_tokens // tokens_per_batch)
-        bpb = {}
+        bpb, val_rows = {}, []
         for split in ("train", "val"):
             loader = PackedLoader(token_dir, split, cfg.device_batch_size, seq_len, rank=rank,
                                   world_size=world_size, device=device, seed=run_train.get("seed", 0))
             bpb[f"{split}_bpb"] = evaluate_bpb(model, (loader.next_batch() for _ in range(num_batches)),
-                                               token_bytes, ctx)
+                                               token_bytes, ctx, rows=val_rows if split == "val" else None)
             print0(f"{split} bpb: {bpb[f'{split}_bpb']:.4f}")
         results["bpb"] = {**bpb, "tokens": num_batches * tokens_per_batch}
+        examples += val_row_records(val_rows, cfg.device_batch_size, rank, world_size)
 
     for name in (t for t in tasks if t != "bpb"):
         summary, records = evaluate_task(
@@ -80,7 +120,7 @@ def main(argv=None):
         out_dir = os.path.join(cfg.results_dir, model_tag)
         os.makedirs(out_dir, exist_ok=True)
         record = dict(checkpoint=path, step=meta["step"], results=results, eval_config=dataclasses.asdict(cfg),
-                      git_commit=git_commit(), dtype=dtype, world_size=world_size)
+                      mhc_gates=gates, git_commit=git_commit(), dtype=dtype, world_size=world_size)
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(record, f, indent=2)
         if examples:

@@ -180,6 +180,11 @@ def main(argv=None):
         print0(f"saved checkpoint {path}")
         return path
 
+    # H_res over training (--mhc-log-every): one eval-mode forward of a fixed val batch on rank 0, off by default
+    mhc_probe = None
+    if master and model_config.mhc_enabled and cfg.mhc_log_every > 0:
+        mhc_probe = PackedLoader(token_dir, "val", cfg.device_batch_size, cfg.max_seq_len, device=device,
+                                 seed=cfg.seed).next_batch()[0]
     stop = StopFlag()
     peak = peak_flops(device_type)
     step_times = []
@@ -193,6 +198,10 @@ def main(argv=None):
             if master:
                 append_jsonl(metrics_path, {"step": step, "val_bpb": val_bpb})
             wandb_run.log({"step": step, "val/bpb": val_bpb})
+        if mhc_probe is not None and (last_step or step % cfg.mhc_log_every == 0):
+            with ctx:
+                stats = model.mhc_connection_stats(mhc_probe)
+            append_jsonl(metrics_path, {"step": step, "mhc": stats})
         signum = stop.synced(device)
         periodic = cfg.save_every > 0 and step % cfg.save_every == 0 and step != start_step
         if master and (last_step or periodic or signum):

@@ -133,3 +133,33 @@ def test_bad_input(evalme, tmp_path, monkeypatch):
     assert "answerKey 'Q' is not among the labels" in res["arc_easy"]["malformed_reasons"][0]
     with pytest.raises(UserError, match="malformed row 6: the answer has no '####"):
         eval_main(args + ["--strict"])
+
+
+def test_val_bpb_rows_and_gates(tiny_base_dir, tiny_mhc_checkpoint, tiny_baseline_checkpoint, tmp_path):
+    """Per-row val records add up to val_bpb (the pairing unit of compare_results' bootstrap); --mhc-gates evaluates
+    the model at other gates, and is recorded; --mhc-gates-from reads an RL eval.json."""
+    import math
+    from scripts.base_eval import main as eval_main
+    common = ["--checkpoint", str(tiny_mhc_checkpoint), "--tasks", "bpb", "--eval-tokens", "1024",
+              "--device-batch-size", "2", "--results-dir", str(tmp_path)]
+    eval_main(common + ["--output-tag", "learned"])
+    eval_main(common + ["--output-tag", "gate1", "--mhc-gates", "1"])
+    rl = tmp_path / "rl_eval.json"
+    rl.write_text(json.dumps({"arms": {"rl_policy": {"chosen_gates": {"mean": [1.0, 1.0]}}}}))
+    eval_main(common + ["--output-tag", "from_rl", "--mhc-gates-from", str(rl)])
+    rec = {t: json.loads((tmp_path / t / "eval.json").read_text()) for t in ("learned", "gate1", "from_rl")}
+    rows = read_examples(tmp_path / "learned" / "eval_examples.jsonl")
+    assert [r["id"] for r in rows] == [f"val-{i}" for i in range(8)] and all(r["task"] == "bpb" for r in rows)
+    bpb = sum(r["nats"] for r in rows) / (math.log(2) * sum(r["bytes"] for r in rows))
+    assert bpb == pytest.approx(rec["learned"]["results"]["bpb"]["val_bpb"], rel=1e-9)
+    assert rec["learned"]["mhc_gates"] is None and rec["gate1"]["mhc_gates"]["per_sublayer"] == [1.0] * 4
+    assert rec["gate1"]["results"]["bpb"]["val_bpb"] != rec["learned"]["results"]["bpb"]["val_bpb"]
+    assert rec["from_rl"]["results"]["bpb"]["val_bpb"] == rec["gate1"]["results"]["bpb"]["val_bpb"]  # per layer
+    with pytest.raises(UserError, match="3 gate values; this model takes 1 .global., 2 .per layer. or 4"):
+        eval_main(common + ["--mhc-gates", "0.1,0.2,0.3"])
+    with pytest.raises(UserError, match="--mhc-gates must be comma-separated numbers"):
+        eval_main(common + ["--mhc-gates", "2"])
+    with pytest.raises(UserError, match="not an RL eval.json"):
+        eval_main(common + ["--mhc-gates-from", str(tmp_path / "learned" / "eval.json")])
+    with pytest.raises(UserError, match="has no mHC"):
+        eval_main(["--checkpoint", str(tiny_baseline_checkpoint), "--tasks", "bpb", "--mhc-gates", "0.5"])

@@ -2,13 +2,14 @@
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
+def test_speedrun_tiny_smoke(shared_data_dir, tmp_path, monkeypatch):
     env = {**os.environ, "PRESET": "tiny", "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
            "NANOCHAT_DATA_DIR": str(shared_data_dir), "RESULTS_DIR": str(tmp_path / "results"),
            "EXTRA_TRAIN_ARGS": "--depth 2 --num-iterations 6 --eval-every 3 --eval-tokens 4096 --save-every 3",
@@ -16,11 +17,13 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
            "EXTRA_SFT_ARGS": "--num-iterations 4 --synthetic-count 200 --val-problems 16 --eval-every 2",
            "EXTRA_SWEEP_ARGS": "--grid 0,1 --per-layer-grid 0 --tokens 2048 --num-problems 4",
            "EXTRA_RL_ARGS": "--total-timesteps 32 --n-steps 16 --num-envs 8 --batch-size 8 --n-epochs 1 "
-                            "--train-problems 32 --eval-problems 8 --max-new-tokens 8 --baselines grid"}
+                            "--train-problems 32 --eval-problems 8 --max-new-tokens 8 --baselines grid",
+           "EXTRA_BENCH_ARGS": "--new-tokens 4 --prompt-len 8 --repeats 1"}
     out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc",
-              "stats_mhc", "sft", "gate_sweep", "rl_synthetic_global", "rl_gsm8k_global")
+              "stats_mhc", "hres_mhc", "sft", "eval_sft", "gate_sweep", "rl_synthetic_global", "rl_gsm8k_global",
+              "eval_rl", "bench_inference", "report")
     for stage in stages:
         assert (tmp_path / "base" / "speedrun" / f"{stage}.done").exists(), stage
     tokens = {}
@@ -57,6 +60,33 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path):
         assert ev["policy_timesteps"] == 32 and ev["scale"] == "smoke"
         assert set(ev["arms"]) == {"default", "rl_policy", "rl_initial", "grid", "gate0", "gate1"}
         assert all(a["exact"]["n"] == 8 for a in ev["arms"].values()), run
+
+    # the report: every cell of the Phase-4 table filled, every figure present, every stage timed
+    results = tmp_path / "results"
+    table = json.loads((results / "comparison.json").read_text())
+    assert table["missing"] == [] and table["scale"] == "smoke"
+    rl_cell = table["columns"]["RL-tuned"]["cells"]["val bpb"]
+    assert rl_cell["vs"]["test"] == "paired_bootstrap" and "p_value" in rl_cell["vs"]  # RL-tuned vs mHC + SFT
+    report = (results / "report.md").read_text()
+    assert "Nothing: every cell and every figure is present." in report
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(figures) >= 10 and all((results / f).stat().st_size > 0 for f in figures), figures
+    timed = {json.loads(l)["stage"] for l in open(results / "speedrun_stages.jsonl")}
+    assert timed == set(stages)  # (the report itself is written before its own time is known)
+    # both notebooks execute on the tiny run (papermill, the repo's kernel)
+    import papermill
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    papermill.execute_notebook(str(REPO / "analysis" / "hres_heatmaps.ipynb"), str(tmp_path / "hres.ipynb"),
+                               parameters=dict(model_tag="tiny_mhc", tokens=2048, out_dir=str(tmp_path / "nb1")),
+                               cwd=str(REPO), progress_bar=False, kernel_name="python3")
+    papermill.execute_notebook(str(REPO / "analysis" / "results_overview.ipynb"), str(tmp_path / "ov.ipynb"),
+                               parameters=dict(results_dir=str(results), prefix="tiny_",
+                                               out_dir=str(tmp_path / "nb2")),
+                               cwd=str(REPO), progress_bar=False, kernel_name="python3")
+    for name, n_images in (("hres.ipynb", 4), ("ov.ipynb", 2)):
+        nb = json.loads((tmp_path / name).read_text())
+        images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert len(images) == n_images, name
 
     # a second run skips every finished stage
     again = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -232,3 +232,27 @@ def test_missing_data_dir_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(empty))
     with pytest.raises(UserError, match="empty"):
         build_local()
+
+
+def test_mhc_log_every_records_h_res_over_training_and_resumes(tiny_base_dir, tmp_path):
+    """--mhc-log-every N: at steps 0, N, 2N, ... and the end, one record per sub-layer (the numbers of
+    GPT.mhc_connection_stats on a fixed val batch); a resume redoes the resumed step's record without a duplicate."""
+    common = TINY + ["--mhc-enabled", "--mhc-log-every", "2", "--num-iterations", "5", "--save-every", "2",
+                     "--keep-checkpoints", "5", "--results-dir", str(tmp_path / "results")]
+    run_train(common + ["--model-tag", "logged"])
+    recs = [r for r in read_metrics(tmp_path / "results", "logged") if "mhc" in r]
+    assert [r["step"] for r in recs] == [0, 2, 4, 5]
+    first, last = recs[0]["mhc"], recs[-1]["mhc"]
+    assert [s["sublayer"] for s in first] == [0, 1, 2, 3]  # depth 2: attention and MLP of two layers
+    for s in first:  # at init: gate 0.2 on a 0.6-diagonal Sinkhorn, so diag(H_res) = 1 - 0.2 * 0.4 = 0.92
+        assert s["gate"] == pytest.approx(0.2) and s["h_res_mean_diag"] == pytest.approx(0.92, abs=0.01)
+        assert s["h_res_max_sum_error"] < 1e-3 and len(s["h_pre_mean"]) == 4 and len(s["h_post_mean"]) == 4
+    assert any(abs(a["h_res_dist_identity"] - b["h_res_dist_identity"]) > 1e-6 for a, b in zip(first, last))
+    shutil.rmtree(tiny_base_dir.base_dir / "checkpoints" / "logged" / "step_000005")
+    run_train(common + ["--model-tag", "logged", "--resume"])
+    again = [r for r in read_metrics(tmp_path / "results", "logged") if "mhc" in r]
+    assert [r["step"] for r in again] == [0, 2, 4, 5]
+    for a, b in zip(recs[-1]["mhc"], again[-1]["mhc"]):
+        assert a["h_res_dist_identity"] == pytest.approx(b["h_res_dist_identity"], abs=1e-6)
+    with pytest.raises(UserError, match="--mhc-log-every set but mHC is off"):
+        run_train(TINY + ["--mhc-log-every", "2", "--model-tag", "off", "--results-dir", str(tmp_path)])

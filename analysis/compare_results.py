@@ -1,0 +1,297 @@
+"""The Phase-4 comparison table (seed 002 §4.1) from what the pipeline wrote into results/.
+
+    python -m analysis.compare_results                        # GPU tags: baseline, mhc, mhc_sft, mhc_rl
+    python -m analysis.compare_results --prefix tiny_         # the tiny preset's tags
+    python -m analysis.compare_results --results-dir R --baseline-tag A --mhc-tag B --out-dir R/compare
+
+Columns: Baseline, Dynamic mHC, mHC + SFT (the fine-tuned model RL controls, at its learned gates) and RL-tuned
+(the same model at the gates the RL policy chose: base_eval --mhc-gates-from). Rows: val bpb, GSM8K 0-shot and
+8-shot, HellaSwag, ARC-Easy, ARC-Challenge (from each column's eval.json and eval_examples.jsonl), inference
+latency and peak memory (from benchmarks/inference.py's JSON; RL-tuned and SFT share mHC's network).
+
+Every accuracy carries n and a 95% Wilson interval. Every column is compared with its reference on the same
+examples: Dynamic mHC with the Baseline, RL-tuned with mHC + SFT (RL only moves the gates of that model; comparing
+it with the pretrained baseline would fold in the fine-tuning). Accuracies: McNemar's exact test and the paired
+difference with its CI (nanochat/stats.py, statsmodels); bpb: a paired bootstrap over the validation rows
+(scipy.stats.bootstrap): the difference with its 95% CI and a two-sided bootstrap p-value. A missing file leaves
+its cells empty with the reason (and the speedrun stage that writes it); the rest of the table is still built.
+Writes comparison.md, comparison.csv and comparison.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+
+import numpy as np
+from scipy import stats as sps
+
+from nanochat.common import UserError, run_main
+from nanochat.stats import accuracy, mcnemar_paired
+
+SMOKE_PARAMS = 50e6  # below this a number is a smoke test of the pipeline, never a finding (DESIGN.md §6b)
+TASK_ROWS = [("GSM8K 0-shot", "gsm8k"), ("GSM8K 8-shot", "gsm8k_8shot"), ("HellaSwag", "hellaswag"),
+             ("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")]
+ROWS = ["val bpb"] + [r for r, _ in TASK_ROWS] + ["inference latency", "peak memory"]
+BOOTSTRAP_RESAMPLES = 2000
+LN2 = math.log(2)
+
+
+def columns_for(prefix: str = "", baseline: str = "", mhc: str = "", sft: str = "", rl: str = "") -> list[dict]:
+    """The four columns: name, results tag, reference column, speedrun stage that writes its eval, network."""
+    return [dict(name="Baseline", tag=baseline or f"{prefix}baseline", ref=None, stage="eval_baseline",
+                 network="baseline"),
+            dict(name="Dynamic mHC", tag=mhc or f"{prefix}mhc", ref="Baseline", stage="eval_mhc", network="mhc"),
+            dict(name="mHC + SFT", tag=sft or f"{prefix}mhc_sft", ref=None, stage="eval_sft", network="mhc"),
+            dict(name="RL-tuned", tag=rl or f"{prefix}mhc_rl", ref="mHC + SFT", stage="eval_rl", network="mhc")]
+
+
+def load_column(results_dir: str, col: dict) -> dict:
+    """eval.json and the per-example records of one column, or the reason they are missing."""
+    d = os.path.join(results_dir, col["tag"])
+    path = os.path.join(d, "eval.json")
+    if not os.path.isfile(path):
+        return dict(missing=f"{path} not found (speedrun stage {col['stage']})")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except json.JSONDecodeError as e:
+        return dict(missing=f"{path} is not valid JSON ({e.msg})")
+    examples = []
+    ex_path = os.path.join(d, "eval_examples.jsonl")
+    if os.path.isfile(ex_path):
+        with open(ex_path) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        examples.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        return dict(missing=f"{ex_path}:{i} is not valid JSON")
+    config = {}
+    cfg_path = os.path.join(d, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            config = json.load(f)
+    return dict(record=record, examples=examples, config=config, path=path)
+
+
+def bpb_of(nats, nbytes, axis=-1):
+    return np.sum(nats, axis=axis) / (LN2 * np.sum(nbytes, axis=axis))
+
+
+def paired_bpb(ref_rows: dict, rows: dict, seed: int = 0) -> dict:
+    """Paired bootstrap of bpb(column) - bpb(reference) over the shared validation rows {id: (nats, bytes)}."""
+    ids = sorted(set(ref_rows) & set(rows), key=lambda i: int(i.split("-")[1]))
+    if len(ids) < 2 or len(ids) != len(rows) or len(ids) != len(ref_rows):
+        return dict(test="paired_bootstrap", error=f"validation rows do not pair ({len(ref_rows)} vs {len(rows)} "
+                                                   f"rows, {len(ids)} shared): different data or settings")
+    na, ba = (np.array([ref_rows[i][k] for i in ids], dtype=np.float64) for k in (0, 1))
+    nb, bb = (np.array([rows[i][k] for i in ids], dtype=np.float64) for k in (0, 1))
+
+    def diff(na_, ba_, nb_, bb_, axis=-1):
+        return bpb_of(nb_, bb_, axis) - bpb_of(na_, ba_, axis)
+
+    res = sps.bootstrap((na, ba, nb, bb), diff, paired=True, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
+                        confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed))
+    dist = res.bootstrap_distribution
+    p = min(1.0, 2 * min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0))))
+    return dict(test="paired_bootstrap", n=len(ids), diff=float(diff(na, ba, nb, bb)),
+                diff_ci95=[float(res.confidence_interval.low), float(res.confidence_interval.high)], p_value=p,
+                resamples=BOOTSTRAP_RESAMPLES)
+
+
+def bpb_cell(col: dict, ref: dict | None) -> dict:
+    rec = col["record"]
+    if "bpb" not in rec.get("results", {}):
+        return dict(missing=f"{col['path']} has no bpb (evaluate with --tasks bpb,...)")
+    cell = dict(value=rec["results"]["bpb"]["val_bpb"], unit="bits per byte", tokens=rec["results"]["bpb"]["tokens"])
+    rows = {r["id"]: (r["nats"], r["bytes"]) for r in col["examples"] if r.get("task") == "bpb"}
+    cell["n"] = len(rows)
+    if len(rows) >= 2:
+        ids = list(rows)
+        n, b = np.array([rows[i][0] for i in ids]), np.array([rows[i][1] for i in ids])
+        ci = sps.bootstrap((n, b), bpb_of, paired=True, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
+                           method="percentile", rng=np.random.default_rng(0)).confidence_interval
+        cell["ci95"] = [float(ci.low), float(ci.high)]
+    if ref is not None:
+        ref_rows = {r["id"]: (r["nats"], r["bytes"]) for r in ref["examples"] if r.get("task") == "bpb"}
+        cell["vs"] = paired_bpb(ref_rows, rows) if rows and ref_rows else dict(
+            test="paired_bootstrap", error="no per-row validation records (re-run base_eval with --tasks bpb)")
+    return cell
+
+
+def task_cell(col: dict, ref: dict | None, task: str) -> dict:
+    res = col["record"].get("results", {}).get(task)
+    if res is None:
+        return dict(missing=f"{col['path']} has no {task} (evaluate with --tasks ...,{task})")
+    recs = {r["id"]: bool(r["correct"]) for r in col["examples"] if r.get("task") == task and "correct" in r}
+    acc = accuracy(list(recs.values())) if recs else dict(n=res["n"], acc=res["score"], ci95=res["ci95"])
+    cell = dict(value=acc["acc"], n=acc["n"], ci95=acc["ci95"], metric=res["metric"], unit="accuracy")
+    if ref is not None:
+        ref_recs = {r["id"]: bool(r["correct"]) for r in ref["examples"] if r.get("task") == task and "correct" in r}
+        shared = sorted(set(recs) & set(ref_recs))
+        if not shared or not len(shared) == len(recs) == len(ref_recs):
+            cell["vs"] = dict(test="mcnemar_exact", error=f"examples do not pair ({len(ref_recs)} vs {len(recs)}, "
+                                                          f"{len(shared)} shared): different subsets")
+        else:
+            cell["vs"] = mcnemar_paired([ref_recs[i] for i in shared], [recs[i] for i in shared])
+    return cell
+
+
+def bench_cells(bench: dict | None, bench_path: str, network: str) -> dict:
+    if bench is None:
+        missing = f"{bench_path} not found (speedrun stage bench_inference)"
+        return {"inference latency": dict(missing=missing), "peak memory": dict(missing=missing)}
+    r = bench["results"].get(network)
+    b1 = r["batch"].get("1") if r else None
+    if b1 is None:
+        missing = f"{bench_path} has no batch-1 figures for the {network} network"
+        return {"inference latency": dict(missing=missing), "peak memory": dict(missing=missing)}
+    note = "random-init weights of the same architecture" + ("" if network == "baseline" else
+                                                            "; SFT and RL-tuned share mHC's network")
+    return {"inference latency": dict(value=b1["decode_ms_per_step"], unit="ms per decoded token, batch 1",
+                                      prefill_ms=b1["prefill_ms"], note=note),
+            "peak memory": dict(value=r["peak_memory_mib"]["1"], unit="MiB, batch-1 generation", note=note)}
+
+
+def build_table(results_dir: str, columns: list[dict], bench_path: str) -> dict:
+    loaded = {c["name"]: {**c, **load_column(results_dir, c)} for c in columns}
+    bench = None
+    if os.path.isfile(bench_path):
+        with open(bench_path) as f:
+            bench = json.load(f)
+    table = {}
+    for c in columns:
+        col = loaded[c["name"]]
+        ref = loaded.get(c["ref"]) if c["ref"] else None
+        if ref is not None and "missing" in ref:
+            ref = None  # the column is reported; its comparison says why it is absent
+        cells = bench_cells(bench, bench_path, c["network"])
+        if "missing" in col:
+            cells.update({row: dict(missing=col["missing"]) for row in ROWS if row not in cells})
+        else:
+            cells["val bpb"] = bpb_cell(col, ref)
+            for row, task in TASK_ROWS:
+                cells[row] = task_cell(col, ref, task)
+        if c["ref"] and (loaded[c["ref"]].get("missing")):
+            for row in ROWS[:-2]:
+                if "missing" not in cells[row]:
+                    cells[row]["vs"] = dict(error=f"reference {c['ref']} missing: {loaded[c['ref']]['missing']}")
+        table[c["name"]] = dict(tag=c["tag"], reference=c["ref"], cells=cells)
+    params = next((loaded[c["name"]].get("config", {}).get("num_params") for c in columns
+                   if loaded[c["name"]].get("config", {}).get("num_params")), None)
+    scale = None if params is None else ("smoke" if params < SMOKE_PARAMS else "full")
+    missing = [dict(column=name, row=row, reason=cell["missing"]) for name, col in table.items()
+               for row, cell in col["cells"].items() if "missing" in cell]
+    return dict(results_dir=results_dir, columns=table, rows=ROWS, scale=scale, num_params=params,
+                missing=missing, bench=bench_path if bench else None)
+
+
+def format_cell(cell: dict, row: str, notes: list[str]) -> str:
+    """One cell as text; a missing cell points to its reason in `notes` (listed under the table)."""
+    if "missing" in cell:
+        if cell["missing"] not in notes:
+            notes.append(cell["missing"])
+        return f"missing [{notes.index(cell['missing']) + 1}]"
+    v = cell["value"]
+    if row == "val bpb":
+        text = f"{v:.4f}" + (f" [{cell['ci95'][0]:.4f}, {cell['ci95'][1]:.4f}]" if "ci95" in cell else "")
+    elif row in ("inference latency", "peak memory"):
+        text = f"{v:.2f} ms" if row == "inference latency" else f"{v:.0f} MiB"
+    else:
+        text = f"{v:.3f} [{cell['ci95'][0]:.3f}, {cell['ci95'][1]:.3f}] n={cell['n']}"
+    vs = cell.get("vs")
+    if vs:
+        if "error" in vs:
+            text += f"; Δ: {vs['error']}"
+        else:
+            fmt = "{:+.4f}" if row == "val bpb" else "{:+.3f}"
+            lo, hi = vs["diff_ci95"]
+            text += f"; Δ {fmt.format(vs['diff'])} [{fmt.format(lo)}, {fmt.format(hi)}], p={vs['p_value']:.3g}"
+    return text
+
+
+def to_markdown(table: dict) -> str:
+    names = list(table["columns"])
+    scale = table["scale"]
+    lines = []
+    if scale == "smoke":
+        lines.append(f"**Smoke scale** ({table['num_params'] / 1e6:.1f} M parameters): these numbers test the "
+                     f"pipeline; they are not findings about mHC.\n")
+    refs = ", ".join(f"{n} vs {c['reference']}" for n, c in table["columns"].items() if c["reference"])
+    lines.append(f"Accuracies: value [95% Wilson CI] n; Δ against the reference column on the same examples "
+                 f"({refs}) with its 95% CI and McNemar's exact p. val bpb: [95% bootstrap CI]; Δ with a paired "
+                 f"bootstrap over the validation rows. Latency and memory: benchmarks.inference (batch 1).\n")
+    lines.append("| | " + " | ".join(f"{n} (`{table['columns'][n]['tag']}`)" for n in names) + " |")
+    lines.append("|---" * (len(names) + 1) + "|")
+    notes: list[str] = []
+    for row in table["rows"]:
+        lines.append(f"| {row} | " + " | ".join(format_cell(table["columns"][n]["cells"][row], row, notes)
+                                                 for n in names) + " |")
+    if notes:
+        lines.append(f"\n{len(table['missing'])} cell(s) missing:\n")
+        lines += [f"{i}. {reason}" for i, reason in enumerate(notes, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: dict) -> str:
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["row", "column", "tag", "value", "ci95_low", "ci95_high", "n", "reference", "diff", "diff_ci95_low",
+                "diff_ci95_high", "p_value", "test", "missing"])
+    for name, col in table["columns"].items():
+        for row in table["rows"]:
+            c = col["cells"][row]
+            vs = c.get("vs") or {}
+            ci = c.get("ci95") or [None, None]
+            dci = vs.get("diff_ci95") or [None, None]
+            w.writerow([row, name, col["tag"], c.get("value"), ci[0], ci[1], c.get("n"), col["reference"],
+                        vs.get("diff"), dci[0], dci[1], vs.get("p_value"), vs.get("test"),
+                        c.get("missing") or vs.get("error")])
+    return out.getvalue()
+
+
+def write_outputs(table: dict, out_dir: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, text in (("comparison.md", to_markdown(table)), ("comparison.csv", to_csv(table)),
+                       ("comparison.json", json.dumps(table, indent=2))):
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        paths[name] = path
+    return paths
+
+
+def add_column_args(p: argparse.ArgumentParser):
+    p.add_argument("--results-dir", default="results", help="where the pipeline wrote its results")
+    p.add_argument("--prefix", default="", help="tag prefix of the default tags (tiny_ for the tiny preset)")
+    p.add_argument("--baseline-tag", default="", help="results folder of the baseline (default <prefix>baseline)")
+    p.add_argument("--mhc-tag", default="", help="results folder of the mHC model (default <prefix>mhc)")
+    p.add_argument("--sft-tag", default="", help="results folder of the fine-tuned mHC model (<prefix>mhc_sft)")
+    p.add_argument("--rl-tag", default="", help="results folder of the RL-tuned evaluation (<prefix>mhc_rl)")
+    p.add_argument("--bench", default="", help="benchmarks.inference JSON (default <results-dir>/bench/inference.json)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    add_column_args(p)
+    p.add_argument("--out-dir", default="", help="output folder (default: <results-dir>)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.results_dir):
+        raise UserError(f"--results-dir {args.results_dir} does not exist")
+    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag)
+    table = build_table(args.results_dir, columns, args.bench or os.path.join(args.results_dir, "bench",
+                                                                              "inference.json"))
+    paths = write_outputs(table, args.out_dir or args.results_dir)
+    print(to_markdown(table))
+    print(f"wrote {', '.join(paths.values())}")
+    return table
+
+
+if __name__ == "__main__":
+    run_main(main)

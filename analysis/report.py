@@ -1,0 +1,210 @@
+"""results/report.md: every table and figure of the paper from what the pipeline wrote, in one file (speedrun's
+last stage).
+
+    python -m analysis.report                          # GPU tags (baseline, mhc, mhc_sft, mhc_rl)
+    python -m analysis.report --prefix tiny_           # the tiny preset
+    python -m analysis.report --results-dir R --prefix tiny_ --out R/report.md
+
+Sections: the wall time of each speedrun stage (<results>/speedrun_stages.jsonl); the Phase-4 comparison table
+(analysis.compare_results, also written as comparison.md/.csv/.json); figures -- training loss and val bpb,
+baseline vs mHC; H_res over training (base_train --mhc-log-every); the H_res heatmaps, composite and Amax gain,
+H_pre/H_post and routing of the mHC model (analysis.visualize_hres, speedrun stage hres_mhc); the gate sweep
+(analysis.gate_sweep); per RL run, the arms with their tests, the distribution of the gates the policy chose and
+gate vs accuracy; then the commit, configs and seeds of every run. Anything missing is listed with the stage that
+makes it; the rest of the report is still written. Figures made here go to <results>/report_figures/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+
+from analysis.compare_results import add_column_args, build_table, columns_for, to_markdown, write_outputs
+from analysis.plots import (per_layer_gates, plot_gate_vs_accuracy, plot_hres_over_training,
+                            plot_rl_gate_distribution, plot_training_curves, read_jsonl)
+from nanochat.common import UserError, git_commit, run_main
+
+HRES_FIGURES = (("hres_heatmaps.png", "H_res per sub-layer: mean over validation tokens, and per-token std"),
+                ("hres_composite.png", "the composite H_res across depth and its Amax gain"),
+                ("hres_pre_post.png", "mean H_pre and H_post per stream"),
+                ("hres_routing.png", "per-token routing of one example"))
+
+
+def stage_times(results_dir: str) -> list[dict]:
+    """The last record of each stage in speedrun_stages.jsonl, in the order the stages first ran."""
+    path = os.path.join(results_dir, "speedrun_stages.jsonl")
+    if not os.path.isfile(path):
+        return []
+    last: dict[str, dict] = {}
+    for rec in read_jsonl(path):
+        last[rec["stage"]] = rec
+    return list(last.values())
+
+
+class Report:
+    def __init__(self, out: str):
+        self.out, self.lines, self.missing = out, [], []
+        self.base = os.path.dirname(os.path.abspath(out))
+
+    def add(self, *lines: str):
+        self.lines += list(lines)
+
+    def figure(self, path: str, caption: str, stage: str):
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            self.add(f"![{caption}]({os.path.relpath(path, self.base)})", f"*{caption}*", "")
+        else:
+            self.note_missing(f"figure {path} ({caption}): not found (speedrun stage {stage})")
+
+    def note_missing(self, text: str):
+        self.missing.append(text)
+        self.add(f"> missing: {text}", "")
+
+    def try_figure(self, make, path: str, caption: str, stage: str):
+        """Make a figure from records; an absent or unreadable input becomes a listed missing item."""
+        try:
+            make(path)
+        except UserError as e:
+            self.note_missing(f"{caption}: {e} (speedrun stage {stage})")
+            return
+        self.figure(path, caption, stage)
+
+
+def rl_section(rep: Report, run_dir: str, fig_dir: str):
+    name = os.path.basename(run_dir)
+    path = os.path.join(run_dir, "eval.json")
+    rep.add(f"### RL run `{name}`", "")
+    if not os.path.isfile(path):
+        rep.note_missing(f"{path} not found (the RL stage did not finish)")
+        return
+    with open(path) as f:
+        ev = json.load(f)
+    vs = {c["b"]: c for c in ev["comparisons"] if c["a"] == "default"}
+    rep.add(f"Action space `{ev['action_space']}`, reward `{ev['reward']}`, {ev['policy_timesteps']} PPO timesteps "
+            f"(the baselines: the same budget), {ev['eval_pool']['count']} held-out problems from "
+            f"`{ev['eval_pool']['source']}`, learned gates {[round(g, 3) for g in ev['default_gates']]}"
+            + (" -- smoke scale." if ev.get("scale") == "smoke" else "."), "",
+            "| arm | accuracy [95% CI] | Δ vs learned (McNemar p) | dense reward [95% CI] | Δ vs learned (t p) | gates |",
+            "|---|---|---|---|---|---|")
+    for arm, r in ev["arms"].items():
+        e, d, c = r["exact"], r["dense"], vs.get(arm)
+        gates = per_layer_gates(r)
+        rep.add(f"| {arm} | {e['acc']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] n={e['n']} | "
+                + (f"{c['exact']['diff']:+.3f} ({c['exact']['p_value']:.2g})" if c else "—") + " | "
+                + f"{d['mean']:.4f} [{d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}] | "
+                + (f"{c['dense']['diff']:+.4f} ({c['dense']['p_value']:.2g})" if c and c["dense"]["p_value"]
+                   is not None else "—") + " | "
+                + ("learned" if gates is None else ", ".join(f"{g:.2f}" for g in gates)) + " |")
+    rep.add("")
+    rep.add(*[f"- {k}: {v}" for k, v in ev["verdicts"].items() if v], "")
+    examples = os.path.join(run_dir, "eval_examples.jsonl")
+    rep.try_figure(lambda p: plot_rl_gate_distribution(
+        [r["gates"] for r in read_jsonl(examples) if r["arm"] == "rl_policy"], p,
+        title=f"{name}: gates the RL policy chose"), os.path.join(fig_dir, f"rl_{name}_gates.png"),
+        f"{name}: the distribution of the gates the RL policy chose", "rl")
+    arms = {a: dict(gates=per_layer_gates(r), acc=r["exact"]["acc"], ci95=r["exact"]["ci95"])
+            for a, r in ev["arms"].items() if per_layer_gates(r) is not None}
+    rep.try_figure(lambda p: plot_gate_vs_accuracy(arms, p, title=f"{name}: gate vs accuracy per arm"),
+                   os.path.join(fig_dir, f"rl_{name}_gate_vs_accuracy.png"), f"{name}: per-layer gate vs accuracy",
+                   "rl")
+
+
+def configs_section(rep: Report, results_dir: str, tags: list[str]):
+    rep.add("## Runs: commit, configs, seeds", "", "| run | git commit | seed | settings |", "|---|---|---|---|")
+    for tag in tags:
+        path = os.path.join(results_dir, tag, "config.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            cfg = json.load(f)
+        model = cfg.get("model", {})
+        settings = ", ".join(f"{k}={model[k]}" for k in ("n_layer", "n_embd", "sequence_len", "mhc_enabled",
+                                                         "mhc_num_streams", "mhc_gate_sample_frac") if k in model)
+        if "num_iterations" in cfg:
+            settings += f", {cfg['num_iterations']} steps"
+        rep.add(f"| `{tag}` | `{cfg.get('git_commit', '?')}` | {cfg.get('seed', '?')} | {settings} |")
+    for path in sorted(glob.glob(os.path.join(results_dir, "rl", "*", "config.json"))):
+        with open(path) as f:
+            cfg = json.load(f)
+        rl = cfg.get("rl_config", {})
+        rep.add(f"| `rl/{os.path.basename(os.path.dirname(path))}` | `{cfg.get('git_commit', '?')}` | "
+                f"{cfg.get('seed', '?')} | {rl.get('action_space')}, {rl.get('reward')} reward "
+                f"({rl.get('reward_baseline')} baseline), {rl.get('total_timesteps')} timesteps, "
+                f"{rl.get('num_envs')} envs |")
+    rep.add("")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    add_column_args(p)
+    p.add_argument("--out", default="", help="report path (default <results-dir>/report.md)")
+    args = p.parse_args(argv)
+    R = args.results_dir
+    if not os.path.isdir(R):
+        raise UserError(f"--results-dir {R} does not exist")
+    out = args.out or os.path.join(R, "report.md")
+    fig_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "report_figures")
+    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag)
+    tags = {c["name"]: c["tag"] for c in columns}
+    rep = Report(out)
+    rep.add("# nanochat-mHC report", "",
+            f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `python -m analysis.report` "
+            f"at commit `{git_commit()}` from `{os.path.abspath(R)}`.", "")
+
+    rep.add("## Speedrun stages", "")
+    times = stage_times(R)
+    if times:
+        rep.add("| stage | wall time | finished |", "|---|---|---|")
+        rep.add(*[f"| {t['stage']} | {t['seconds']} s | {t.get('finished', '')} |" for t in times])
+        rep.add(f"| **total** | **{sum(t['seconds'] for t in times)} s** | |", "")
+    else:
+        rep.note_missing(f"{os.path.join(R, 'speedrun_stages.jsonl')} not found (written by speedrun.sh)")
+
+    rep.add("## Phase-4 comparison", "")
+    table = build_table(R, columns, args.bench or os.path.join(R, "bench", "inference.json"))
+    write_outputs(table, R)
+    rep.add(to_markdown(table))
+    rep.missing += [f"table cell {m['column']} / {m['row']}: {m['reason']}" for m in table["missing"]]
+
+    rep.add("## Figures", "", "### Training")
+    runs = {}
+    for name in ("Baseline", "Dynamic mHC"):
+        path = os.path.join(R, tags[name], "metrics.jsonl")
+        try:
+            runs[name] = read_jsonl(path)
+        except UserError as e:
+            rep.note_missing(f"training curves of {name}: {e}")
+    if runs:
+        rep.try_figure(lambda q: plot_training_curves(runs, q), os.path.join(fig_dir, "training_curves.png"),
+                       "training loss and val bpb, baseline vs mHC", "train")
+    if "Dynamic mHC" in runs:
+        rep.try_figure(lambda q: plot_hres_over_training(runs["Dynamic mHC"], q),
+                       os.path.join(fig_dir, "hres_over_training.png"),
+                       "H_res distance from I and gate over training, per sub-layer", "train_mhc")
+    rep.add("### What the mHC model routes", "")
+    for fname, caption in HRES_FIGURES:
+        rep.figure(os.path.join(R, tags["Dynamic mHC"], "hres", fname), f"{tags['Dynamic mHC']}: {caption}",
+                   "hres_mhc")
+    rep.add("### Gate sweep", "")
+    rep.figure(os.path.join(R, tags["mHC + SFT"], "gate_sweep.png"),
+               f"{tags['mHC + SFT']}: val bpb and dense reward against the gates", "gate_sweep")
+    rep.add("## RL gate controller", "")
+    rl_runs = sorted(d for d in glob.glob(os.path.join(R, "rl", "*")) if os.path.isdir(d))
+    if not rl_runs:
+        rep.note_missing(f"no RL run under {os.path.join(R, 'rl')} (speedrun stages rl_*)")
+    for run_dir in rl_runs:
+        rl_section(rep, run_dir, fig_dir)
+
+    configs_section(rep, R, list(tags.values()))
+    rep.add("## Missing", "")
+    rep.add(*([f"- {m}" for m in rep.missing] or ["Nothing: every cell and every figure is present."]), "")
+    with open(out + ".tmp", "w") as f:
+        f.write("\n".join(rep.lines))
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out} ({len(rep.missing)} missing item(s))")
+    return dict(out=out, missing=rep.missing, table=table)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -97,7 +97,9 @@ def paired_bpb(ref_rows: dict, rows: dict, seed: int = 0) -> dict:
     res = sps.bootstrap((na, ba, nb, bb), diff, paired=True, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
                         confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed))
     dist = res.bootstrap_distribution
-    p = min(1.0, 2 * min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0))))
+    # two-sided bootstrap p-value with the +1 correction (never 0: the resolution is 2 / (resamples + 1))
+    below, above = int(np.sum(dist <= 0)), int(np.sum(dist >= 0))
+    p = min(1.0, 2 * (min(below, above) + 1) / (dist.size + 1))
     return dict(test="paired_bootstrap", n=len(ids), diff=float(diff(na, ba, nb, bb)),
                 diff_ci95=[float(res.confidence_interval.low), float(res.confidence_interval.high)], p_value=p,
                 resamples=BOOTSTRAP_RESAMPLES)

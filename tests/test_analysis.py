@@ -160,7 +160,7 @@ def test_comparison_statistics_match_hand_checked_values(tmp_path):
         table["columns"]["Baseline"]["cells"]["val bpb"]["value"]
     assert bpb["vs"]["diff"] == pytest.approx(exact) and exact < 0
     assert bpb["vs"]["diff_ci95"][0] <= exact <= bpb["vs"]["diff_ci95"][1] < 0  # every resample improves by 10%
-    assert bpb["vs"]["p_value"] == 0.0 and bpb["n"] == 40
+    assert bpb["vs"]["p_value"] == pytest.approx(2 / (compare_results.BOOTSTRAP_RESAMPLES + 1)) and bpb["n"] == 40
     assert table["scale"] == "smoke"
     # missing columns and files are named, with the stage that writes them; the rest of the table is built
     reasons = {m["reason"] for m in table["missing"]}

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from analysis.plots import pyplot, save_figure
 from envs.mhc_env import GateScorer, build_problem_pool, load_frozen_model
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, git_commit, run_main
 from nanochat.config import parse_int_list
@@ -78,9 +79,7 @@ def sweep(scorer: GateScorer, batches, token_bytes, problems, grid, per_layer_gr
 
 
 def plot(result: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "val_bpb", "val bpb (lower is better)"),
                            (axes[1], "dense", "dense reward: mean log p(gold answer), higher is better")):
@@ -96,9 +95,7 @@ def plot(result: dict, path: str):
     axes[0].legend(fontsize=7)
     fig.suptitle(f"gate sweep: {result['checkpoint']}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path + ".tmp.png", dpi=120)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):

@@ -36,18 +36,20 @@ def read_jsonl(path: str) -> list[dict]:
     return records
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path: str):
+def save_figure(fig, path: str, dpi: int = 110):
+    """Write a figure as PNG atomically (temp file + rename) and close it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)
+    fig.savefig(path + ".tmp.png", dpi=dpi)
     os.replace(path + ".tmp.png", path)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def _ema(values, alpha: float = 0.1):
@@ -62,7 +64,7 @@ def plot_training_curves(runs: dict, path: str, title: str = ""):
     """runs: label -> metrics records ({step, loss} per step, {step, val_bpb} per evaluation)."""
     if not runs:
         raise UserError("no runs to plot")
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     for label, recs in runs.items():
         steps = [r for r in recs if "loss" in r]
@@ -78,7 +80,7 @@ def plot_training_curves(runs: dict, path: str, title: str = ""):
         ax.legend(fontsize=8)
     fig.suptitle(title or "training: baseline vs mHC", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_hres_over_training(records: list[dict], path: str, title: str = ""):
@@ -86,7 +88,7 @@ def plot_hres_over_training(records: list[dict], path: str, title: str = ""):
     logged = [r for r in records if "mhc" in r]
     if not logged:
         raise UserError("no mHC statistics in these metrics (train with --mhc-log-every N)")
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     steps = [r["step"] for r in logged]
     S = len(logged[0]["mhc"])
@@ -103,7 +105,7 @@ def plot_hres_over_training(records: list[dict], path: str, title: str = ""):
     a.legend(fontsize=6, ncol=2)
     fig.suptitle(title or "H_res over training, per sub-layer", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_rl_gate_distribution(gates, path: str, labels=None, title: str = ""):
@@ -111,7 +113,7 @@ def plot_rl_gate_distribution(gates, path: str, labels=None, title: str = ""):
     g = np.asarray(gates, dtype=np.float64)
     if g.ndim != 2 or not g.size:
         raise UserError(f"expected a [problems, gates] array of chosen gates (got shape {g.shape})")
-    plt = _plt()
+    plt = pyplot()
     k = g.shape[1]
     fig, axes = plt.subplots(1, k, figsize=(min(3 * k, 14) + 1, 3), squeeze=False)
     for i in range(k):
@@ -123,7 +125,7 @@ def plot_rl_gate_distribution(gates, path: str, labels=None, title: str = ""):
     axes[0, 0].set_ylabel("problems")
     fig.suptitle(title or "gates the RL policy chose (held-out problems)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_gate_vs_accuracy(arms: dict, path: str, title: str = ""):
@@ -132,7 +134,7 @@ def plot_gate_vs_accuracy(arms: dict, path: str, title: str = ""):
     if not arms:
         raise UserError("no arms to plot")
     k = max(len(a["gates"]) for a in arms.values())
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, k, figsize=(min(3.2 * k, 14) + 1, 3.2), squeeze=False)
     for i in range(k):
         ax = axes[0, i]
@@ -147,7 +149,7 @@ def plot_gate_vs_accuracy(arms: dict, path: str, title: str = ""):
     axes[0, -1].legend(fontsize=6, loc="best")
     fig.suptitle(title or "gate vs accuracy per arm", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def per_layer_gates(arm: dict, n_layer: int | None = None) -> list[float] | None:

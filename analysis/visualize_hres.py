@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from analysis.mhc_stats import capture
+from analysis.plots import pyplot, save_figure
 from nanochat.checkpoint import load_model, resolve_checkpoint
 from nanochat.common import UserError, autodetect_device_type, git_commit, run_main
 from nanochat.dataloader import PackedLoader
@@ -93,23 +94,10 @@ def routing_for_text(model, tokenizer, text: str, max_tokens: int = 48) -> tuple
 
 # -- figures -----------------------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
-
-
 def plot_hres_heatmaps(mean: np.ndarray, std: np.ndarray, path: str, title: str = "") -> dict:
     """One row per layer: attention H_res mean | std, MLP H_res mean | std. Returns the arrays drawn, read back
     from the axes ({"mean": [2L, n, n], "std": [2L, n, n]})."""
-    plt = _plt()
+    plt = pyplot()
     S, n = mean.shape[0], mean.shape[-1]
     L = (S + 1) // 2
     fig, axes = plt.subplots(L, 4, figsize=(10, 2.3 * L + 0.6), squeeze=False)
@@ -137,13 +125,12 @@ def plot_hres_heatmaps(mean: np.ndarray, std: np.ndarray, path: str, title: str 
     fig.suptitle(title or "H_res per sub-layer: mean over tokens | per-token std (row i: stream i's new content)",
                  fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return {k: np.stack(v) for k, v in drawn.items()}
 
 
 def plot_composite(gains: dict, path: str, title: str = ""):
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     depth = [r["depth"] for r in gains["prefix"]]
     for key, style, label in (("row_gain_mean", "o-", "forward (row) gain, mean"),
@@ -169,12 +156,11 @@ def plot_composite(gains: dict, path: str, title: str = ""):
     fig.colorbar(im, ax=b, fraction=0.046)
     fig.suptitle(title or "the residual path across depth", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_pre_post(caps: list[dict], path: str, title: str = ""):
-    plt = _plt()
+    plt = pyplot()
     pre = np.stack([c["H_pre"].mean(0).numpy() for c in caps])     # [2L, n]
     post = np.stack([c["H_post"].mean(0).numpy() for c in caps])
     S, n = pre.shape
@@ -190,13 +176,12 @@ def plot_pre_post(caps: list[dict], path: str, title: str = ""):
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "mean H_pre and H_post per stream (over tokens)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_routing(tokens: list[str], h_pre: np.ndarray, path: str, title: str = ""):
     """h_pre [2L, T, n]: colour = the stream each token's H_pre weighs most, per sub-layer."""
-    plt = _plt()
+    plt = pyplot()
     S, T, n = h_pre.shape
     pref = h_pre.argmax(-1)                                          # [2L, T]
     margin = np.sort(h_pre, -1)[..., -1] - np.sort(h_pre, -1)[..., -2] if n > 1 else np.ones((S, T))
@@ -214,8 +199,7 @@ def plot_routing(tokens: list[str], h_pre: np.ndarray, path: str, title: str = "
     fig.suptitle(title or "per-token routing: the stream each token's H_pre prefers (faded: a weak preference)",
                  fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The whole pipeline: setup -> data -> tokenizer -> pretokenize -> baseline and mHC training (identical data and
-# token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag, ARC-Easy/Challenge) -> mHC statistics ->
-# fine-tuning of the mHC model on GSM8K-format problems -> gate sweep -> PPO over the mHC gates of the frozen
-# fine-tuned model, with its black-box baselines and held-out evaluation -> the RL-tuned model's evaluation, the
-# inference benchmark and results/report.md (every table and figure; analysis/report.py).
+# The whole pipeline: setup -> (a fresh clone's small data) -> data -> tokenizer -> pretokenize -> baseline and mHC
+# training (identical data and token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag,
+# ARC-Easy/Challenge) -> the mHC model through lm-evaluation-harness -> mHC statistics -> fine-tuning of the mHC
+# model on GSM8K-format problems -> gate sweep -> PPO over the mHC gates of the frozen fine-tuned model, with its
+# black-box baselines and held-out evaluation -> the RL-tuned model's evaluation, the inference benchmark and
+# results/report.md (every table and figure; analysis/report.py).
 #
 #   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
 #   PRESET=tiny bash speedrun.sh     # force a preset: gpu | tiny
 #   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
 #   SKIP=data,tokenizer bash speedrun.sh
 #   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
-#   (also EXTRA_SFT_ARGS, EXTRA_SWEEP_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages)
+#   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_SWEEP_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages)
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
 #
@@ -42,11 +43,19 @@ case "$preset" in
     rl_args=(--preset gpu)
     rl_gates_run=gsm8k-per_layer-exact            # the RL-tuned column evaluates the per-layer policy's gates
     hres_args=(--tokens 262144 --batch-size 32)
+    lm_eval_args=(--tasks gsm8k,hellaswag,arc_easy,arc_challenge --batch-size 32)   # the harness's own settings
     bench_args=(--depth 12 --head-dim 128 --vocab-size 32768 --seq-len 1024 --dtype bfloat16 --batch-sizes 1,8)
     ;;
   tiny)
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-tiny}"
-    export NANOCHAT_DATA_DIR="${NANOCHAT_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
+    if [ -z "${NANOCHAT_DATA_DIR:-}" ]; then  # ../shared/data beside the clone, else fetch the small sets
+        if [ -d "$repo/../shared/data/gsm8k" ]; then
+            export NANOCHAT_DATA_DIR="$(cd "$repo/../shared/data" && pwd)"
+        else
+            export NANOCHAT_DATA_DIR="$NANOCHAT_BASE_DIR/hub_small_data"
+            fetch_small_data=1
+        fi
+    fi
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
     source_name=local; vocab=4096; base_config=tiny_cpu; mhc_config=tiny_cpu_mhc; prefix=tiny_
     launch=(python -m)
@@ -66,6 +75,9 @@ case "$preset" in
     rl_args=(--preset tiny --task-data local --no-progress)
     rl_gates_run=gsm8k-global-dense
     hres_args=(--tokens 8192)
+    # lm-evaluation-harness through the adapter, 0-shot on the first 20 examples of the local copies (~15 s)
+    lm_eval_args=(--tasks gsm8k,hellaswag,arc_easy,arc_challenge --num-fewshot 0 --limit 20 --max-gen-toks 48
+                  --task-data local)
     bench_args=(--new-tokens 64 --batch-sizes 1 --repeats 3)   # the tiny architecture (the benchmark's default)
     ;;
   *) echo "PRESET must be gpu, tiny or auto (got $preset)" >&2; exit 2 ;;
@@ -77,6 +89,7 @@ read -ra extra_sft <<< "${EXTRA_SFT_ARGS:-}"
 read -ra extra_sweep <<< "${EXTRA_SWEEP_ARGS:-}"
 read -ra extra_rl <<< "${EXTRA_RL_ARGS:-}"
 read -ra extra_bench <<< "${EXTRA_BENCH_ARGS:-}"
+read -ra extra_lm_eval <<< "${EXTRA_LM_EVAL_ARGS:-}"
 results_dir="${RESULTS_DIR:-$repo/results}"
 run_name="${WANDB_RUN:-dummy}"
 markers="$NANOCHAT_BASE_DIR/speedrun"
@@ -97,6 +110,9 @@ stage() {  # stage NAME command...: run once, skip when done (FORCE=1 redoes, SK
     touch "$markers/$name.done"
 }
 
+if [ "${fetch_small_data:-0}" = 1 ]; then  # a fresh clone: the small public sets from the hub, shared/data's layout
+    stage data_fetch python -m nanochat.dataset --source hub-small --out "$NANOCHAT_DATA_DIR"
+fi
 stage data python -m nanochat.dataset --source "$source_name" "${data_args[@]}"
 stage tokenizer python -m scripts.tok_train --source "$source_name" --vocab-size "$vocab"
 stage pretokenize python -m nanochat.dataset --source "$source_name" --pretokenize
@@ -108,6 +124,9 @@ for model in baseline mhc; do
     stage "eval_$model" "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
         "${eval_args[@]}" "${extra_eval[@]}"
 done
+# the same mHC model through lm-evaluation-harness itself (nanochat/lm_eval_adapter.py): results/<tag>/lm_eval.json
+stage lm_eval_mhc python -m scripts.lm_eval --model-tag "${prefix}mhc" --results-dir "$results_dir" \
+    "${lm_eval_args[@]}" "${extra_lm_eval[@]}"
 # what the mHC connections learned, per sub-layer (gates, H_res vs I and vs init, Sinkhorn error): mhc_stats.json;
 # and its routing as figures (H_res heatmaps, the composite across depth and its Amax gain, H_pre/H_post, routing)
 stage stats_mhc python -m analysis.mhc_stats --model-tag "${prefix}mhc" --results-dir "$results_dir"

@@ -134,8 +134,8 @@ def main(argv=None):
     model, tokenizer, path, meta = load_frozen_model(args.checkpoint, args.model_tag, args.step, device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     ctx = autocast_ctx(device.type, dtype)
-    scorer = GateScorer(model, tokenizer, action_space="per_sublayer", reward="dense",
-                        batch_size=4 * args.batch_size, dtype=dtype)
+    scorer = GateScorer(model, tokenizer, action_space="per_sublayer", reward="dense", max_new_tokens=1,
+                        batch_size=4 * args.batch_size, dtype=dtype)  # dense only: no generation room needed
     train_cfg = meta.get("run_config", {}).get("train", {})
     source = train_cfg.get("data_source") or "fineweb"
     pretokenize(source, tokenizer)

@@ -10,7 +10,8 @@ Sections: the wall time of each speedrun stage (<results>/speedrun_stages.jsonl)
 baseline vs mHC; H_res over training (base_train --mhc-log-every); the H_res heatmaps, composite and Amax gain,
 H_pre/H_post and routing of the mHC model (analysis.visualize_hres, speedrun stage hres_mhc); the gate sweep
 (analysis.gate_sweep); per RL run, the arms with their tests, the distribution of the gates the policy chose and
-gate vs accuracy; then the commit, configs and seeds of every run. Anything missing is listed with the stage that
+gate vs accuracy; the lm-evaluation-harness numbers (scripts.lm_eval); then the commit, configs and seeds of every
+run. Anything missing is listed with the stage that
 makes it; the rest of the report is still written. Figures made here go to <results>/report_figures/.
 """
 from __future__ import annotations
@@ -110,6 +111,31 @@ def rl_section(rep: Report, run_dir: str, fig_dir: str):
                    "rl")
 
 
+def harness_section(rep: Report, results_dir: str, tags: list[str]):
+    """lm-evaluation-harness results through the adapter (scripts.lm_eval, speedrun stage lm_eval_mhc): the
+    harness's own metric names and numbers, per task, with n and the task version."""
+    found = False
+    for tag in tags:
+        path = os.path.join(results_dir, tag, "lm_eval.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        if not found:
+            rep.add("| run | task | version | n | shots | metric | value |", "|---|---|---|---|---|---|---|")
+            found = True
+        for task, res in sorted(run["results"].items()):
+            for key, value in sorted(res.items()):
+                if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+                    rep.add(f"| {tag} | {task} | {res.get('version', '')} | {res.get('n', '')} | "
+                            f"{run.get('num_fewshot')} | {key} | {value:.4f} |")
+    if found:
+        rep.add("", "Computed by lm-evaluation-harness itself (`python -m scripts.lm_eval`); "
+                    "`tests/test_lm_eval.py` checks that our evaluator gives the same per-example results.", "")
+    else:
+        rep.note_missing(f"no lm_eval.json under {results_dir}/<tag>/ (speedrun stage lm_eval_mhc)")
+
+
 def configs_section(rep: Report, results_dir: str, tags: list[str]):
     rep.add("## Runs: commit, configs, seeds", "", "| run | git commit | seed | settings |", "|---|---|---|---|")
     for tag in tags:
@@ -196,6 +222,8 @@ def main(argv=None):
     for run_dir in rl_runs:
         rl_section(rep, run_dir, fig_dir)
 
+    rep.add("## lm-evaluation-harness", "")
+    harness_section(rep, R, list(tags.values()))
     configs_section(rep, R, list(tags.values()))
     rep.add("## Missing", "")
     rep.add(*([f"- {m}" for m in rep.missing] or ["Nothing: every cell and every figure is present."]), "")

@@ -123,7 +123,7 @@ def evaluate_arms(scorer, problems, arms: dict, reference: str = "default",
         recs = scorer.score(problems, g, metrics=("exact", "dense"), action_space=space, relative=False)
         for b, r in enumerate(recs):
             records.append(dict(arm=name, id=r["id"], correct=r["correct"], dense=r["dense"],
-                                completion=r["completion"], truncated=r["truncated"],
+                                completion=r["completion"], cut=r["cut"],
                                 gates=None if g is None else g[b].tolist()))
         results[name] = dict(action_space=space, exact=accuracy([r["correct"] for r in recs]),
                              dense=mean_ci([r["dense"] for r in recs]),

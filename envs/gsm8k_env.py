@@ -61,12 +61,17 @@ def load_problems(source: str, *, split: str = "train", count: int = -1, seed: i
     raise UserError(f"problem source must be one of {', '.join(PROBLEM_SOURCES)} (got {source!r})")
 
 
-def fit_problems(problems: list[GenExample], tokenizer, max_len: int) -> tuple[list[GenExample], int]:
-    """Keep the problems whose gold answer fits the model's context (a longer prompt loses its left part, as in
-    evaluation, but the scored answer must survive whole). Returns (kept, number dropped)."""
-    kept = [p for p in problems
-            if 0 < continuation_ids(tokenizer, p.prompt, task_gsm8k.gold_continuation(p.extra["answer"]))[1]
-            < max_len]
+def fit_problems(problems: list[GenExample], tokenizer, max_len: int,
+                 max_new_tokens: int = 0) -> tuple[list[GenExample], int]:
+    """Keep the problems both rewards can score in the model's trained context: the gold answer fits (a longer
+    prompt loses its left part, as in evaluation, but the scored answer must survive whole), and the prompt leaves
+    room for max_new_tokens of generation (evaluation's rule, nanochat.evaluate.fit_prompt). Returns (kept,
+    number dropped)."""
+    def fits(p):
+        n_answer = continuation_ids(tokenizer, p.prompt, task_gsm8k.gold_continuation(p.extra["answer"]))[1]
+        n_prompt = len(tokenizer.encode(p.prompt, prepend=tokenizer.bos_token_id))
+        return 0 < n_answer < max_len and n_prompt + max_new_tokens <= max_len
+    kept = [p for p in problems if fits(p)]
     return kept, len(problems) - len(kept)
 
 
@@ -88,6 +93,10 @@ def exact_rewards(model, tokenizer, problems: list[GenExample], max_new_tokens: 
     """Greedy 0-shot generation for every problem in one batch (KV cache), scored by the GSM8K task. Returns the
     evaluation records (completion, extracted answers, exact_match_*); `correct` is the primary metric."""
     records = run_gen_batch(problems, Engine(model, tokenizer, autocast_ctx), tokenizer, max_new_tokens, 0)
+    skipped = [r["id"] for r in records if "skipped" in r]
+    if skipped:  # fit_problems keeps these out: a skipped row would misalign the gates
+        raise UserError(f"problems {skipped[:3]} do not fit the model's context with {max_new_tokens} new tokens "
+                        f"(filter them with envs.gsm8k_env.fit_problems)")
     for r in records:
         r["correct"] = bool(r[GSM8K_METRIC])
     return records

@@ -164,7 +164,8 @@ class GateScorer:
         return g.reshape(-1, 2).mean(1) if space == "per_layer" else g
 
     def fit(self, problems):
-        return fit_problems(problems, self.tokenizer, self.model.config.sequence_len)
+        """The problems this scorer can score with both rewards (envs.gsm8k_env.fit_problems)."""
+        return fit_problems(problems, self.tokenizer, self.model.config.sequence_len, self.max_new_tokens)
 
     def observations(self, problems) -> np.ndarray:
         """[B, n_embd] question features under the learned gates (cached per problem id)."""
@@ -219,7 +220,7 @@ class GateScorer:
                 if "exact" in metrics:
                     for r, e in zip(recs, exact_rewards(self.model, self.tokenizer, chunk, self.max_new_tokens,
                                                         self.ctx)):
-                        r.update(correct=e["correct"], completion=e["completion"], truncated=e["truncated"])
+                        r.update(correct=e["correct"], completion=e["completion"], cut=e["cut"])
             for r in recs:
                 if self.reward == "exact" and "correct" in r:
                     r["reward"] = float(r["correct"])

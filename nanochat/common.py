@@ -137,6 +137,14 @@ def init_wandb(run_name: str, project: str, config: dict, master: bool):
                         f"locally, or use --run dummy to disable wandb.") from e
 
 
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A tqdm progress bar on rank 0 of long loops (evaluation, data, pretokenization). Quiet under CI
+    (NANOCHAT_CI=1) and, tqdm's default, when the output is not a terminal."""
+    from tqdm import tqdm
+    disable = True if (not is_master() or os.environ.get("NANOCHAT_CI") == "1") else None
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=False, dynamic_ncols=True)
+
+
 def append_jsonl(path: str, record: dict):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:

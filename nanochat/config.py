@@ -74,7 +74,9 @@ class TrainConfig:
     device_batch_size: int = _f(32, "sequences per device per micro-step")
     total_batch_size: int = _f(524288, "tokens per optimizer step (gradient accumulation fills the gap)")
     num_iterations: int = _f(-1, "optimizer steps (-1: derive from --target-param-data-ratio)")
-    target_param_data_ratio: float = _f(20.0, "tokens per parameter when --num-iterations is -1 (Chinchilla)")
+    target_param_data_ratio: float = _f(20.0, "tokens per parameter when --num-iterations is -1 (Chinchilla), "
+                                        "counting the baseline architecture's parameters, mHC or not: baseline and "
+                                        "mHC get the same token budget")
     # optimizer (nanochat's tuned d12 values)
     embedding_lr: float = _f(0.2, "AdamW LR for the token embedding (scaled by 1/sqrt(width/768))")
     unembedding_lr: float = _f(0.004, "AdamW LR for the lm_head (scaled by 1/sqrt(width/768))")
@@ -239,6 +241,8 @@ class EvalConfig:
     eval_tokens: int = _f(10 * 524288, "validation tokens for bpb (per split)")
     max_per_task: int = _f(-1, "examples per downstream task: the first N after a seeded shuffle (-1 = all)")
     seed: int = _f(42, "seed of the --max-per-task subsample")
+    subset: str = _f("random", "--max-per-task takes: random (seeded shuffle) | first (file order, as lm-eval's "
+                     "--limit)")
     max_new_tokens: int = _f(256, "GSM8K: generation limit per problem (greedy; lm-eval's default is 256)")
     task_data: str = _f("auto", "task data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
     strict: bool = _f(False, "fail on a malformed data row instead of counting and skipping it")
@@ -280,6 +284,8 @@ class EvalConfig:
             raise UserError(f"--dtype must be one of auto, float32, bfloat16 (got {self.dtype!r})")
         if self.task_data not in ("auto", "hub", "local"):
             raise UserError(f"--task-data must be one of auto, hub, local (got {self.task_data!r})")
+        if self.subset not in ("random", "first"):
+            raise UserError(f"--subset must be one of random, first (got {self.subset!r})")
         if self.mhc_gates and self.mhc_gates_from:
             raise UserError("pass --mhc-gates or --mhc-gates-from, not both")
         if self.mhc_gates:

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from nanochat.common import UserError, get_base_dir, get_data_dir, print0, run_main
+from nanochat.common import UserError, get_base_dir, get_data_dir, print0, progress, run_main
 
 SOURCES = ("fineweb", "local")
 
@@ -143,7 +143,9 @@ def download_fineweb(num_shards: int, num_workers: int) -> list[str]:
         raise UserError(f"cannot reach {probe} ({type(e).__name__}); this machine looks offline. Use local data "
                         f"instead: NANOCHAT_DATA_DIR=<data dir> python -m nanochat.dataset --source local") from e
     with Pool(min(num_workers, len(todo))) as pool:
-        pool.map(_download_one, [(i, out_dir) for i in todo])
+        for _ in progress(pool.imap_unordered(_download_one, [(i, out_dir) for i in todo]), total=len(todo),
+                          desc="download FineWeb-Edu", unit="shard"):
+            pass
     return list_parquet_files("fineweb")
 
 
@@ -312,7 +314,7 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
         os.replace(meta_path + ".tmp", meta_path)
 
     t0 = time.time()
-    for i, path in enumerate(files):
+    for i, path in enumerate(progress(files, desc=f"pretokenize {source}", unit="shard")):
         name = os.path.basename(path)[: -len(".parquet")]
         st = os.stat(path)
         raw = {"raw_size": st.st_size, "raw_mtime_ns": st.st_mtime_ns}  # a rebuilt raw shard must be redone
@@ -351,11 +353,14 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Prepare pretraining shards (download FineWeb-Edu or build the local "
                                             "source) and optionally pretokenize them.")
-    p.add_argument("--source", default="fineweb", choices=SOURCES,
-                   help="fineweb: download from the HF hub; local: build from $NANOCHAT_DATA_DIR (train splits only)")
+    p.add_argument("--source", default="fineweb", choices=SOURCES + ("hub-small",),
+                   help="fineweb: download from the HF hub; local: build from $NANOCHAT_DATA_DIR (train splits only); "
+                        "hub-small: download the small evaluation and tiny-corpus sets into --out in the layout of "
+                        "shared/data (for a fresh clone without it; nanochat/hub_data.py)")
+    p.add_argument("--out", default="", help="hub-small: the folder to write (then use it as NANOCHAT_DATA_DIR)")
     p.add_argument("-n", "--num-shards", type=int, default=8,
                    help="fineweb: number of train shards to download (plus the val shard); 8 is a small smoke-sized "
                         "download, the speedrun passes its own (default 8)")
@@ -368,8 +373,21 @@ def main():
     p.add_argument("--pretokenize", action="store_true",
                    help="after preparing the raw shards, pretokenize them with the tokenizer from "
                         "`python -m scripts.tok_train`")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
+    if args.source == "hub-small":
+        from nanochat.hub_data import is_complete, write_hub_small
+        if not args.out:
+            raise UserError("--source hub-small needs --out FOLDER (the future NANOCHAT_DATA_DIR)")
+        if is_complete(args.out) and not args.force:
+            print0(f"{args.out} already holds the small sets (pass --force to fetch them again)")
+        else:
+            manifest = write_hub_small(args.out)
+            print0(f"wrote {len(manifest)} files to {args.out}")
+        if args.pretokenize:
+            raise UserError("--source hub-small writes evaluation data, not pretraining shards: build them with "
+                            "NANOCHAT_DATA_DIR=<--out> python -m nanochat.dataset --source local --pretokenize")
+        return
     if args.source == "fineweb":
         download_fineweb(args.num_shards, args.num_workers)
     else:

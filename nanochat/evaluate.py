@@ -13,9 +13,10 @@ import time
 import torch.distributed as dist
 
 from nanochat import task_arc, task_gsm8k, task_hellaswag
+from nanochat.common import UserError, progress
 from nanochat.engine import Engine
-from nanochat.task_common import (GenExample, MCExample, ModelScorer, load_rows, parse_rows, score_mc, subsample,
-                                  wilson_ci)
+from nanochat.stats import wilson_interval
+from nanochat.task_common import GenExample, MCExample, ModelScorer, load_rows, parse_rows, score_mc, subsample
 
 # name -> (kind, data, parser, primary metric, few-shot count). Primary metrics follow common reporting
 # (shared/notes §3): HellaSwag acc_norm, ARC-Easy acc, ARC-Challenge acc_norm, GSM8K flexible exact match.
@@ -27,14 +28,15 @@ TASKS = {
     "arc_challenge": ("mc", task_arc.DATA["arc_challenge"], lambda: task_arc.parse, "acc_norm", 0),
 }
 MC_METRICS = ("acc", "acc_norm", "acc_token_norm")
-GEN_METRICS = ("exact_match_strict", "exact_match_flexible")
+GEN_METRICS = ("exact_match_strict", "exact_match_flexible", "exact_match_flexible_numeric")
 STYLES = {
     "mc": "lm-eval multiple choice, 0-shot: sum of continuation token log-probs (continuation = ' ' + choice, its "
           "tokens taken from the joint context+continuation encoding, BOS first); acc = argmax LL, acc_norm = argmax "
           "LL / len(choice) in characters (lm-eval), acc_token_norm = argmax mean LL per token (karpathy/CORE)",
-    "gen": "generative exact match, greedy; strict = first '#### N' (0-shot) or 'The answer is N' (8-shot CoT), "
-           "flexible = first '#### N' else the last number; ',', '$' and a trailing '.' stripped, compared as "
-           "numbers",
+    "gen": "lm-evaluation-harness gsm8k / gsm8k_cot v3.0, greedy: strict = first '#### N' (0-shot) or 'The answer "
+           "is N.' (8-shot), flexible = last match of (-?[$0-9.,]{2,})|(-?[0-9]+); exact_match with ignore_case and "
+           "regexes_to_ignore ',' '\\$' '(?s).*#### ' '\\.$' against the harness target; "
+           "exact_match_flexible_numeric (an extra, not the harness's) compares the flexible extraction as a number",
 }
 MAX_REASONS = 5  # malformed-row reasons quoted in eval.json (the count covers all of them)
 
@@ -65,21 +67,46 @@ def run_mc_batch(batch: list[MCExample], scorer) -> list[dict]:
     return records
 
 
+def fit_prompt(ex: GenExample, tokenizer, room: int) -> tuple[list[int] | None, int]:
+    """The context rule for generation: the prompt and the generation must fit the model's trained context. A
+    few-shot prompt drops its earliest exemplars until it fits; a prompt that does not fit even without them is
+    refused (None). Returns (prompt ids with BOS, or None; exemplars kept)."""
+    fewshot = ex.extra.get("fewshot", [])
+    query = ex.extra.get("query", ex.prompt)
+    for k in range(len(fewshot), -1, -1):
+        ids = tokenizer.encode("".join(fewshot[len(fewshot) - k:]) + query, prepend=tokenizer.bos_token_id)
+        if len(ids) <= room:
+            return ids, k
+    return None, 0
+
+
 def run_gen_batch(batch: list[GenExample], engine: Engine, tokenizer, max_new_tokens: int,
                   num_fewshot: int) -> list[dict]:
-    room = engine.max_context - max_new_tokens  # prompt tokens that fit with the generation
-    prompts, truncated = [], []
-    for ex in batch:
-        ids = tokenizer.encode(ex.prompt, prepend=tokenizer.bos_token_id)
-        truncated.append(len(ids) > room)
-        prompts.append(ids if len(ids) <= room else [ids[0]] + ids[len(ids) - room + 1:])  # keep BOS, cut the left
-    outs = engine.generate(prompts, max_new_tokens, stop_tokens=[tokenizer.bos_token_id],
-                           stop_strings=task_gsm8k.STOP_STRINGS[num_fewshot])
+    """Greedy generation for a batch of GSM8K examples, scored by the task. The context is the model's trained
+    sequence_len (not the rotary tables' headroom): prompt + max_new_tokens must fit it (fit_prompt). Records say
+    how many exemplars each prompt kept (`exemplars`) and whether some were dropped (`cut`); a refused example is
+    recorded as skipped."""
+    room = engine.model.config.sequence_len - max_new_tokens
+    if room <= 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's trained "
+                        f"context of {engine.model.config.sequence_len} tokens")
+    fitted = [fit_prompt(ex, tokenizer, room) for ex in batch]
+    live = [i for i, (ids, _) in enumerate(fitted) if ids is not None]
+    outs = engine.generate([fitted[i][0] for i in live], max_new_tokens, stop_tokens=[tokenizer.bos_token_id],
+                           stop_strings=task_gsm8k.STOP_STRINGS[num_fewshot]) if live else []
+    by_index = dict(zip(live, outs))
     records = []
-    for ex, out, trunc in zip(batch, outs, truncated):
+    for i, ex in enumerate(batch):
+        ids, kept = fitted[i]
+        if ids is None:
+            records.append(dict(id=ex.id, skipped=f"the prompt does not fit the trained context of "
+                                                  f"{engine.model.config.sequence_len} tokens with {max_new_tokens} "
+                                                  f"new tokens"))
+            continue
+        out = by_index[i]
         res = task_gsm8k.score(ex, out.text, num_fewshot)
         records.append(dict(id=ex.id, reference=ex.reference, completion=out.text, finish=out.finish_reason,
-                            new_tokens=len(out.tokens), truncated=trunc, **res))
+                            new_tokens=len(out.tokens), exemplars=kept, cut=kept < num_fewshot, **res))
     return records
 
 
@@ -92,7 +119,7 @@ def gather_records(records: list[dict], world_size: int) -> list[dict]:
 
 
 def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int, max_per_task: int = -1,
-                  max_new_tokens: int = 256, strict: bool = False, task_data: str = "auto", seed: int = 42,
+                  max_new_tokens: int = 256, strict: bool = False, task_data: str = "auto", seed: int | None = 42,
                   rank: int = 0, world_size: int = 1) -> tuple[dict, list[dict]]:
     """Evaluate one task. Returns (summary for eval.json, per-example records for eval_examples.jsonl); both are
     complete on every rank."""
@@ -115,7 +142,7 @@ def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int,
         run = lambda b: run_gen_batch(b, engine, tokenizer, max_new_tokens, num_fewshot)  # noqa: E731
         metrics = GEN_METRICS
     records = []
-    for batch in batches[rank::world_size]:
+    for batch in progress(batches[rank::world_size], desc=name, unit="batch"):
         for ex, r in zip(batch, run(batch)):
             r["_order"] = order[id(ex)]
             records.append(r)
@@ -130,14 +157,20 @@ def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int,
                    metrics={}, style=STYLES[kind], num_fewshot=num_fewshot, data_source=source, rows=len(rows),
                    malformed=len(malformed), malformed_reasons=malformed[:MAX_REASONS],
                    skipped=len(records) - n, truncated=sum(bool(r.get("truncated")) for r in scored),
+                   cut=sum(bool(r.get("cut")) for r in scored),
                    max_per_task=max_per_task, load_seconds=t_load, seconds=seconds,
                    examples_per_s=len(records) / max(seconds, 1e-9))
     for m in metrics:
         k = sum(bool(r[m]) for r in scored)
-        summary["metrics"][m] = dict(score=k / n if n else None, correct=k, ci95=list(wilson_ci(k, n)))
+        summary["metrics"][m] = dict(score=k / n if n else None, correct=k, ci95=list(wilson_interval(k, n)))
     summary["score"], summary["ci95"] = summary["metrics"][primary]["score"], summary["metrics"][primary]["ci95"]
     if kind == "gen":
         summary["max_new_tokens"] = max_new_tokens
+        summary["context"] = dict(
+            trained_context=model.config.sequence_len, exemplars_requested=num_fewshot,
+            rule="prompt + max_new_tokens must fit the trained context: few-shot prompts drop their earliest "
+                 "exemplars until they fit ('cut' counts them); a prompt that cannot fit is skipped",
+            skipped_reasons=sorted({r["skipped"] for r in records if "skipped" in r})[:MAX_REASONS])
     for r in records:
         r["task"] = name
         if "skipped" not in r:

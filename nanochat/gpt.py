@@ -238,17 +238,25 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight (the embedding lookup is not a
-        matmul) plus the attention score/value products, 12 * L * H * D * T (as nanochat/PaLM)."""
+        """Training FLOPs per token (forward + backward) of every matrix product, as torch's FLOP counter counts
+        them (tests/test_gpt.py checks it exactly):
+        - 6 per weight of a matrix product: the linear layers and mHC's projections phi (not the embedding lookup,
+          the stream embedding, or mHC's biases and gains);
+        - attention's score and value products, 12 * L * H * D * T (nanochat/PaLM: the full T x T);
+        - mHC per sub-layer: H_res @ x (2 n^2 C forward, twice that backward) and the read-out sum_i H_pre[i] x[i]
+          (2 n C forward; backward 2 n C for H_pre's gradient and 2 n C each for H_post's and y's through the
+          write-back), plus the learned final read-out (2 n C forward, 2 n C backward)."""
         cfg = self.config
-        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
-        if hasattr(self, "stream_embed"):
-            matmul_params -= self.stream_embed.numel()  # an addition, not a matmul
+        matrices = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        matrices += [m.phi for m in self.modules() if isinstance(m, (DynamicMHC, StreamReadout)) and m.phi is not None]
+        matmul_params = sum(p.numel() for p in matrices)
         head_dim = cfg.n_embd // cfg.n_head
         flops = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
-        if cfg.mhc_enabled:  # per sub-layer: H_res @ x (2 n^2 C), read-out and write-back (2 n C each), x3 for bwd
-            n = cfg.mhc_num_streams
-            flops += 2 * cfg.n_layer * 3 * (2 * n * n * cfg.n_embd + 4 * n * cfg.n_embd)
+        if cfg.mhc_enabled:
+            n, C = cfg.mhc_num_streams, cfg.n_embd
+            flops += 2 * cfg.n_layer * (6 * n * n * C + 8 * n * C)
+            if hasattr(self, "stream_readout"):
+                flops += 4 * n * C
         return flops
 
     # -- forward --------------------------------------------------------------------------------------------------
@@ -263,8 +271,9 @@ class GPT(nn.Module):
         if self.config.mhc_enabled:  # replicate into n streams (+ stream embedding): [B, T, n*C]
             n = self.config.mhc_num_streams
             x = x.unsqueeze(-2).expand(B, T, n, x.size(-1))
-            if hasattr(self, "stream_embed"):  # zero-mean over streams: it differentiates the streams but is
-                # invisible to a uniform read-out and to the final sum, so the mHC model starts as the baseline
+            if hasattr(self, "stream_embed"):  # zero-mean over streams: it makes the replicated streams differ
+                # without moving their mean; H_pre's and the read-out's stream preferences (0.73 vs 0.5) see the
+                # differences from step 0, so the mHC model does not start as an exact copy of the baseline
                 x = x + (self.stream_embed - self.stream_embed.mean(dim=0)).to(x.dtype)
             x = x.reshape(B, T, -1)
         for block in self.transformer.h:

@@ -2,8 +2,8 @@
 loss falls on the answer tokens only (scripts/sft_train.py).
 
 The prompt is the one evaluation and the RL env use (task_gsm8k.prompt_0shot), the answer is the gold continuation
-the env's dense reward scores, and the trailing blank line is GSM8K's 0-shot stop string, so a fine-tuned model
-learns to stop where evaluation stops reading.
+the env's dense reward scores, and the trailing blank line is the separator that precedes the next `Question:` in
+GSM8K prompts (the harness's stop string), so a fine-tuned model learns to end its answer there.
 
 Rows are tokenised jointly (BOS, prompt, answer), with the answer tokens found as in evaluation (task_common.
 continuation_ids), so the BPE boundary between prompt and answer is the one the model sees at test time. The loader
@@ -20,7 +20,8 @@ from nanochat import task_gsm8k
 from nanochat.common import UserError
 from nanochat.task_common import continuation_ids
 
-ANSWER_END = task_gsm8k.STOP_STRINGS[0][1]  # "\n\n": the 0-shot stop string ends every trained answer
+ANSWER_END = task_gsm8k.FEWSHOT_DELIMITER  # "\n\n": what follows an answer in GSM8K prompts (then "Question:",
+# the harness's stop string), so a fine-tuned model ends its answer where evaluation stops reading
 
 
 def encode_rows(tokenizer, problems, max_len: int) -> tuple[list[tuple[list[int], int]], int]:

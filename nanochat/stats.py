@@ -1,7 +1,7 @@
 """Statistics for reported numbers, from statsmodels and scipy (not hand-written): every accuracy with n and a 95%
 Wilson interval, every paired comparison of two arms on the same examples with a test and the difference's CI.
 
-- accuracy(correct)                  n, k, acc, Wilson 95% CI
+- wilson_interval(k, n), accuracy(correct)   n, k, acc, Wilson 95% CI
 - mcnemar_paired(a, b)               McNemar's exact test on paired 0/1 outcomes, and the accuracy difference b - a
                                      with the Wald 95% interval of a paired difference of proportions
 - mean_ci(x), paired_mean(a, b)      mean with a t interval; paired t-test of b - a (scipy)
@@ -18,13 +18,20 @@ from statsmodels.stats.proportion import proportion_confint
 ALPHA = 0.05
 
 
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n (statsmodels); (nan, nan) when n = 0."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = proportion_confint(k, n, alpha=ALPHA, method="wilson")
+    return (float(lo), float(hi))
+
+
 def accuracy(correct) -> dict:
     c = np.asarray(correct, dtype=bool)
     n, k = int(c.size), int(c.sum())
     if n == 0:
         return dict(n=0, correct=0, acc=None, ci95=None, ci_method="wilson")
-    lo, hi = proportion_confint(k, n, alpha=ALPHA, method="wilson")
-    return dict(n=n, correct=k, acc=k / n, ci95=[float(lo), float(hi)], ci_method="wilson")
+    return dict(n=n, correct=k, acc=k / n, ci95=list(wilson_interval(k, n)), ci_method="wilson")
 
 
 def mcnemar_paired(a, b) -> dict:

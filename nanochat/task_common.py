@@ -1,10 +1,9 @@
 """What the evaluation tasks share: data loading (HF hub, else the local copies), validation of rows with counted
-malformed rows, deterministic subsampling, continuation log-likelihoods, multiple-choice scoring, confidence
-intervals. The tasks themselves are nanochat/task_gsm8k.py, task_hellaswag.py and task_arc.py."""
+malformed rows, deterministic subsampling, continuation log-likelihoods, multiple-choice scoring (confidence
+intervals: nanochat/stats.py). The tasks themselves are nanochat/task_gsm8k.py, task_hellaswag.py and task_arc.py."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -114,26 +113,17 @@ def parse_rows(rows: list, parse, strict: bool, source: str) -> tuple[list, list
     return examples, malformed
 
 
-def subsample(examples: list, max_n: int, seed: int) -> list:
-    """The first max_n examples after a seeded shuffle (all of them, in file order, when max_n < 0): the subset
-    depends only on the data, max_n and the seed, never on the number of ranks."""
+def subsample(examples: list, max_n: int, seed: int | None) -> list:
+    """The first max_n examples after a seeded shuffle (all of them, in file order, when max_n < 0; the first max_n
+    in file order, as lm-eval's --limit takes them, when seed is None): the subset depends only on the data, max_n
+    and the seed, never on the number of ranks."""
     if max_n < 0 or max_n >= len(examples):
         return list(examples)
+    if seed is None:
+        return list(examples[:max_n])
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in sorted(order[:max_n])]
-
-
-def wilson_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (sensible at 0 and 1 and for small n, unlike the normal
-    approximation). z = the 97.5% normal quantile."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,10 +152,11 @@ class ModelScorer:
         self.max_len = max_len or model.config.sequence_len  # the trained context; longer inputs lose their left
 
     @torch.no_grad()
-    def loglikelihoods(self, requests: list[tuple[str, str]]) -> list[dict]:
+    def loglikelihoods(self, requests: list[tuple[str, str]], greedy: bool = False) -> list[dict]:
         """requests: (context, continuation) pairs, scored in one right-padded batch (padding sits after every
-        scored position, so causal attention never sees it). Returns per request {ll, n_tokens, truncated};
-        ll is None when the continuation is empty or does not fit the context window."""
+        scored position, so causal attention never sees it). Returns per request {ll, n_tokens, truncated} (and,
+        with greedy, whether greedy decoding would produce the continuation, lm-eval's is_greedy); ll is None when
+        the continuation is empty or does not fit the context window."""
         out, rows = [], []
         for context, cont in requests:
             ids, n_cont = continuation_ids(self.tokenizer, context, cont)
@@ -191,6 +182,8 @@ class ModelScorer:
             targets = torch.tensor(ids[L - n_cont:], device=device)
             # the token at position t is predicted by the logits at t - 1
             out[i]["ll"] = logp[r, L - n_cont - 1:L - 1].gather(1, targets[:, None]).sum().item()
+            if greedy:
+                out[i]["greedy"] = bool((logp[r, L - n_cont - 1:L - 1].argmax(-1) == targets).all())
         return out
 
 

@@ -19,7 +19,8 @@ import os
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import UserError, compute_cleanup, compute_init, git_commit, print0, resolve_precision, run_main
+from nanochat.common import (UserError, compute_cleanup, compute_init, git_commit, print0, progress,
+                             resolve_precision, run_main)
 from nanochat.config import EvalConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -97,8 +98,10 @@ def main(argv=None):
         for split in ("train", "val"):
             loader = PackedLoader(token_dir, split, cfg.device_batch_size, seq_len, rank=rank,
                                   world_size=world_size, device=device, seed=run_train.get("seed", 0))
-            bpb[f"{split}_bpb"] = evaluate_bpb(model, (loader.next_batch() for _ in range(num_batches)),
-                                               token_bytes, ctx, rows=val_rows if split == "val" else None)
+            batches = progress((loader.next_batch() for _ in range(num_batches)), total=num_batches,
+                               desc=f"{split} bpb", unit="batch")
+            bpb[f"{split}_bpb"] = evaluate_bpb(model, batches, token_bytes, ctx,
+                                               rows=val_rows if split == "val" else None)
             print0(f"{split} bpb: {bpb[f'{split}_bpb']:.4f}")
         results["bpb"] = {**bpb, "tokens": num_batches * tokens_per_batch}
         examples += val_row_records(val_rows, cfg.device_batch_size, rank, world_size)
@@ -107,7 +110,8 @@ def main(argv=None):
         summary, records = evaluate_task(
             name, model, tokenizer, autocast_ctx=ctx, batch_size=cfg.device_batch_size,
             max_per_task=cfg.max_per_task, max_new_tokens=cfg.max_new_tokens, strict=cfg.strict,
-            task_data=cfg.task_data, seed=cfg.seed, rank=rank, world_size=world_size)
+            task_data=cfg.task_data, seed=cfg.seed if cfg.subset == "random" else None, rank=rank,
+            world_size=world_size)
         results[name] = summary
         examples += records
         lo, hi = summary["ci95"] if summary["n"] else (float("nan"), float("nan"))

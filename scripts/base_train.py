@@ -54,6 +54,14 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
                      n_kv_head=n_kv_head, n_embd=n_embd, **mhc)
 
 
+def token_budget_params(model_config: GPTConfig) -> int:
+    """The parameter count the derived horizon (--num-iterations -1) scales with: the baseline architecture's,
+    mHC or not, so the mHC model trains on exactly the baseline's tokens (its own ~1-4% more parameters would
+    otherwise buy it more data)."""
+    with torch.device("meta"):
+        return GPT(dataclasses.replace(model_config, mhc_enabled=False)).num_params()
+
+
 def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: str, path: str):
     saved = dataclasses.asdict(GPTConfig.from_dict(meta["model_config"]))  # keys added since: their defaults
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in dataclasses.asdict(model_config).items()
@@ -101,9 +109,10 @@ def main(argv=None):
     model.init_weights()
     num_params = model.num_params()
     flops_per_token = model.estimate_flops_per_token()
+    budget_params = token_budget_params(model_config)
     num_iterations = cfg.num_iterations
     if num_iterations == -1:
-        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+        num_iterations = max(1, round(cfg.target_param_data_ratio * budget_params / cfg.total_batch_size))
 
     optimizers = setup_optimizers(
         model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr,
@@ -145,6 +154,7 @@ def main(argv=None):
     run_config = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_config), model_tag=model_tag,
                       num_iterations=num_iterations, grad_accum=grad_accum, world_size=world_size, dtype=dtype,
                       compile=use_compile, device_type=device_type, num_params=num_params,
+                      budget_params=budget_params, tokens=num_iterations * cfg.total_batch_size,
                       flops_per_token=flops_per_token, tokenizer=tokenizer.fingerprint, git_commit=git_commit(),
                       seed=cfg.seed)
     if master:

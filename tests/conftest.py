@@ -24,14 +24,32 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def skip_or_fail(reason: str):
+    """Skip when running tests by hand; under CI (NANOCHAT_CI=1, set by .ci/run) a missing requirement is a failure,
+    never a silent skip."""
+    if os.environ.get("NANOCHAT_CI") == "1":
+        pytest.fail(f"{reason} -- required under CI (NANOCHAT_CI=1)")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
-    """Local data copies: $NANOCHAT_DATA_DIR, else <repo>/../shared/data; skip the test if neither exists."""
+    """Local data copies: $NANOCHAT_DATA_DIR, else <repo>/../shared/data; skip (fail under CI) if neither exists."""
     env = os.environ.get("NANOCHAT_DATA_DIR")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
     if not (path / "gsm8k" / "train.jsonl").is_file():
-        pytest.skip(f"shared data not found at {path} (set NANOCHAT_DATA_DIR)")
+        skip_or_fail(f"shared data not found at {path} (set NANOCHAT_DATA_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def harness() -> Path:
+    """lm-evaluation-harness (the [harness] extra): its tasks folder. Skip (fail under CI) when not installed."""
+    try:
+        import lm_eval
+    except ImportError:
+        skip_or_fail("lm-eval is not installed (pip install -e '.[harness]')")
+    return Path(lm_eval.__file__).parent / "tasks"
 
 
 @dataclass

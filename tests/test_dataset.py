@@ -104,3 +104,34 @@ def test_pretokenized_docs_decode_to_source(tiny_base_dir):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_base_dir.token_dir.glob("*.bin")}
     pretokenize("local", tok, num_workers=1)
     assert {p.name: p.stat().st_mtime_ns for p in tiny_base_dir.token_dir.glob("*.bin")} == before
+
+
+def test_hub_small_writer_reproduces_the_shared_layout(shared_data_dir, tmp_path):
+    """Hub-format rows in (the local copies, read as the hub serves them: HellaSwag from its HF arrow, label a
+    string), the same files out, byte for byte."""
+    import datasets
+
+    from nanochat import hub_data
+
+    def fetch_rows(hub_id, config, split):
+        if hub_id == "Rowan/hellaswag":
+            return [dict(r) for r in datasets.load_from_disk(str(shared_data_dir / "hellaswag" / "hf_validation"))]
+        rel = f"gsm8k/{split}.jsonl" if hub_id == "openai/gsm8k" else f"arc/{config}-{split}.jsonl"
+        return [json.loads(line) for line in open(shared_data_dir / rel, encoding="utf-8")]
+
+    manifest = hub_data.write_hub_small(str(tmp_path), fetch_rows,
+                                        lambda url: (shared_data_dir / "tinyshakespeare" / "input.txt").read_bytes())
+    assert set(manifest) == set(hub_data.HUB_FILES) | set(hub_data.TEXT_FILES)
+    for rel in manifest:
+        assert (tmp_path / rel).read_bytes() == (shared_data_dir / rel).read_bytes(), rel
+    assert manifest["gsm8k/test.jsonl"]["rows"] == 1319 and hub_data.is_complete(str(tmp_path))
+
+
+def test_hub_small_without_network_is_one_clear_error(tmp_path, monkeypatch):
+    from nanochat.dataset import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot download openai/gsm8k.*set NANOCHAT_DATA_DIR"):
+        main(["--source", "hub-small", "--out", str(tmp_path / "data")])
+    with pytest.raises(UserError, match="needs --out"):
+        main(["--source", "hub-small"])

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from nanochat.common import UserError
+from nanochat.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128", "--device-batch-size",
-         "2", "--total-batch-size", "256", "--data-source", "local", "--eval-tokens", "1024", "--eval-every", "-1",
+TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "256", "--device-batch-size",
+         "2", "--total-batch-size", "512", "--data-source", "local", "--eval-tokens", "1024", "--eval-every", "-1",
          "--device-type", "cpu", "--dtype", "float32", "--compile", "false", "--num-iterations", "3"]
 TASKS = "gsm8k,gsm8k_8shot,hellaswag,arc_easy,arc_challenge"
 # 4 examples a task in batches of 2: two batches per task, so each of 2 ranks has work; 12 new tokens keep it fast
@@ -57,11 +58,18 @@ def test_tiny_checkpoint_end_to_end(single_run):
     assert set(record["results"]) == set(TASKS.split(","))
     for name, res in record["results"].items():
         assert res["n"] == 4 and res["malformed"] == 0 and res["skipped"] == 0, name
-        assert 0 <= res["score"] <= 1 and res["ci95"][0] <= res["score"] <= res["ci95"][1]
+        k = round(res["score"] * res["n"])
+        assert res["ci95"] == pytest.approx(list(wilson_interval(k, res["n"])))  # the reported interval is k/n's
         assert res["data_source"].startswith("local:") and res["style"] and res["examples_per_s"] > 0
         assert res["metric"] in res["metrics"]
     assert record["results"]["hellaswag"]["rows"] == 10042 and record["results"]["arc_easy"]["rows"] == 2376
-    assert record["results"]["gsm8k_8shot"]["truncated"] == 4  # 8 exemplars do not fit 4 x 128 positions
+    # the context rule: 8 exemplars (~900 tokens) never fit 256 - 12 positions, so every 8-shot prompt drops its
+    # earliest exemplars, and eval.json counts them; the 0-shot prompts fit whole
+    shot8 = record["results"]["gsm8k_8shot"]
+    assert shot8["cut"] == 4 and record["results"]["gsm8k"]["cut"] == 0
+    assert shot8["context"]["trained_context"] == 256 and "earliest exemplars" in shot8["context"]["rule"]
+    kept = [r["exemplars"] for r in examples if r["task"] == "gsm8k_8shot"]
+    assert all(0 <= k < 8 for k in kept) and all(r["cut"] for r in examples if r["task"] == "gsm8k_8shot")
     assert len(examples) == 20
     for r in examples:
         assert {"task", "id", "prediction", "correct"} <= set(r)
@@ -89,7 +97,7 @@ def test_two_gloo_ranks_equal_one_process(single_run, tmp_path):
     one, ex1 = single_run
     assert two["world_size"] == 2 and one["world_size"] == 1
     for name in TASKS.split(","):
-        for key in ("score", "n", "ci95", "metrics", "malformed", "skipped", "truncated"):
+        for key in ("score", "n", "ci95", "metrics", "malformed", "skipped", "truncated", "cut"):
             assert one["results"][name][key] == two["results"][name][key], (name, key)
     assert len(ex1) == len(ex2) == 20
     for a, b in zip(ex1, ex2):

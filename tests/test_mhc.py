@@ -104,7 +104,9 @@ def test_init_near_identity_and_every_parameter_learns(constraint):
     model.capture_mhc(True)
     model(x, x).backward()
     diag = torch.stack([c["H_res"].diagonal(dim1=-2, dim2=-1).mean() for c in model.captured_mhc()])
-    assert diag.mean() >= 0.9 and diag.min() > 0.88   # near the identity: 1 - g(1 - d) = 1 - 0.2 * 0.4
+    # near the identity, at the documented value: diag = 1 - g(1 - d) = 1 - 0.2 * 0.4 = 0.92, give or take the
+    # ~1% dynamic perturbation
+    assert diag.min() > 0.915 and diag.max() < 0.925, diag
     grads = mhc_grads(model)
     assert set(grads) == MHC_PARAM_KINDS
     for kind, g in grads.items():                     # ... and every parameter, in every sub-layer, learns

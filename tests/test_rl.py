@@ -35,7 +35,7 @@ def frozen(tiny_mhc_checkpoint):
 def problems(frozen):
     model, tokenizer = frozen
     probs, _ = load_problems("synthetic", count=24, seed=1, synthetic_steps=[1], synthetic_max_value=10)
-    scorer = GateScorer(model, tokenizer)
+    scorer = GateScorer(model, tokenizer, max_new_tokens=12)  # the longest generation the tests below ask for
     kept, dropped = scorer.fit(probs)
     assert dropped == 0
     return kept

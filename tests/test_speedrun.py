@@ -3,7 +3,9 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,11 +20,12 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path, monkeypatch):
            "EXTRA_SWEEP_ARGS": "--grid 0,1 --per-layer-grid 0 --tokens 2048 --num-problems 4",
            "EXTRA_RL_ARGS": "--total-timesteps 32 --n-steps 16 --num-envs 8 --batch-size 8 --n-epochs 1 "
                             "--train-problems 32 --eval-problems 8 --max-new-tokens 8 --baselines grid",
-           "EXTRA_BENCH_ARGS": "--new-tokens 4 --prompt-len 8 --repeats 1"}
+           "EXTRA_BENCH_ARGS": "--new-tokens 4 --prompt-len 8 --repeats 1",
+           "EXTRA_LM_EVAL_ARGS": "--limit 3 --max-gen-toks 8"}
     out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc",
-              "stats_mhc", "hres_mhc", "sft", "eval_sft", "gate_sweep", "rl_synthetic_global", "rl_gsm8k_global",
+              "lm_eval_mhc", "stats_mhc", "hres_mhc", "sft", "eval_sft", "gate_sweep", "rl_synthetic_global", "rl_gsm8k_global",
               "eval_rl", "bench_inference", "report")
     for stage in stages:
         assert (tmp_path / "base" / "speedrun" / f"{stage}.done").exists(), stage
@@ -41,6 +44,9 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path, monkeypatch):
         tokens[tag] = (config["train"]["total_batch_size"] * config["num_iterations"], config["tokenizer"])
         assert config["model"]["mhc_enabled"] == (tag == "tiny_mhc")
     assert tokens["tiny_baseline"] == tokens["tiny_mhc"]  # identical token budgets and tokenizer
+    harness = json.loads((tmp_path / "results" / "tiny_mhc" / "lm_eval.json").read_text())  # through lm-eval itself
+    assert {t: r["n"] for t, r in harness["results"].items()} == dict(gsm8k=3, hellaswag=3, arc_easy=3,
+                                                                       arc_challenge=3)
     stats = json.loads((tmp_path / "results" / "tiny_mhc" / "mhc_stats.json").read_text())
     assert stats["step"] == 6 and len(stats["sublayers"]) == 4  # --depth 2: 2 layers x (attention, MLP)
     # the RL half: a fine-tuned checkpoint whose loss fell, a gate sweep, and two RL runs with every arm evaluated
@@ -92,3 +98,26 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path, monkeypatch):
     again = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert again.stdout.count("already done") == len(stages)
+
+
+def test_fresh_clone_without_shared_data_fetches_it_or_says_what_to_set(tmp_path):
+    """A clone with no ../shared/data beside it: the tiny preset's first stage fetches the small sets from the hub;
+    offline it stops at once with one clear message. The clone is a copy of the repo's files in a bare folder (a
+    symlink would not do: the kernel resolves `..` through it, back to the real ../shared)."""
+    clone = tmp_path / "clone" / "main"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    assert not (clone.parent.parent / "shared").exists()
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DATA_DIR"}
+    env.update(PRESET="tiny", NANOCHAT_BASE_DIR=str(tmp_path / "base"), RESULTS_DIR=str(tmp_path / "results"),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", NANOCHAT_VENV=str(Path(sys.prefix)))
+    out = subprocess.run(["bash", str(clone / "speedrun.sh")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "[speedrun] data_fetch: python -m nanochat.dataset --source hub-small" in out.stdout
+    assert "cannot download openai/gsm8k" in out.stderr and "set NANOCHAT_DATA_DIR" in out.stderr
+    assert not (tmp_path / "base" / "speedrun" / "data_fetch.done").exists()

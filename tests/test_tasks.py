@@ -13,7 +13,7 @@ from nanochat.common import UserError
 from nanochat.config import EVAL_TASKS
 from nanochat.evaluate import TASKS, run_mc_batch
 from nanochat.task_common import (MalformedRow, MCExample, ModelScorer, TaskData, continuation_ids, load_rows,
-                                  parse_rows, read_jsonl, score_mc, subsample, wilson_ci)
+                                  parse_rows, read_jsonl, score_mc, subsample)
 
 
 def test_task_names_agree():
@@ -30,32 +30,89 @@ def test_gsm8k_normalize(text, value):
     assert task_gsm8k.normalize_number(text) == value
 
 
-@pytest.mark.parametrize("completion, flexible, strict0", [
-    ("so she pays #### $1,200.", "$1,200.", "$1,200."),
-    ("It drops by 5 to -3", "-3", None),                       # no ####: the last number, sign kept
-    ("The total is 18.0 dollars", "18.0", None),
-    ("I do not know.", None, None),                              # no number at all
-    ("#### 7\nQuestion: ... #### 9", "7", "7"),                  # several ####: the first one (GSM8K's ANS_RE)
-    ("12 apples and 3 pears, so 15.", "15", None),               # last number, trailing period dropped
-])
-def test_gsm8k_extraction(completion, flexible, strict0):
+# (completion, flexible, strict 0-shot, strict 8-shot): lm-eval's RegexFilter outputs, "[invalid]" when no match
+EXTRACTIONS = [
+    ("so she pays #### $1,200.", "$1,200.", "[invalid]", "[invalid]"),    # strict: no "$" after "#### "
+    ("It drops by 5 to -3", "-3", "[invalid]", "[invalid]"),               # the last number, sign kept
+    ("The total is 18.0 dollars", "18.0", "[invalid]", "[invalid]"),
+    ("I do not know.", "[invalid]", "[invalid]", "[invalid]"),             # no number at all
+    ("#### 7\nQuestion: ... #### 9", "9", "7", "[invalid]"),              # flexible: the LAST match; strict: first
+    ("12 apples and 3 pears, so 15.", "15.", "[invalid]", "[invalid]"),    # the period is part of the match
+    ("####18", "18", "[invalid]", "[invalid]"),                            # strict needs "#### " with the space
+    ("The answer is $18.", "$18.", "[invalid]", "[invalid]"),              # 8-shot strict: no "$" either
+    ("So 6 + 2 = 8. The answer is 8.", "8.", "[invalid]", "8"),
+    ("The answer is 1,600. Done", "1,600.", "[invalid]", "1,600."),       # the regex's "." eats the space
+]
+
+
+@pytest.mark.parametrize("completion, flexible, strict0, strict8", EXTRACTIONS)
+def test_gsm8k_extraction_is_the_harness_filter(completion, flexible, strict0, strict8):
     assert task_gsm8k.extract_flexible(completion) == flexible
     assert task_gsm8k.extract_strict(completion, 0) == strict0
+    assert task_gsm8k.extract_strict(completion, 8) == strict8
 
 
-def test_gsm8k_correctness():
+# each harness rule against the old, more lenient scoring: (completion, gold answer, shots, strict, flexible)
+HARNESS_RULES = [
+    ("#### 18 then 25", "x\n#### 18", 0, True, False),        # flexible takes the last match (old: first ####)
+    ("####18", "x\n#### 18", 0, False, True),                 # strict needs "#### N" (old: accepted "####18")
+    ("#### $18", "x\n#### 18", 0, False, True),               # strict rejects "$" (old: accepted); flexible strips it
+    ("#### 18.0", "x\n#### 18", 0, False, False),             # strings, not numbers (old: 18.0 == 18)
+    ("The answer is $18.", "x\n#### 18", 8, False, True),     # 8-shot strict rejects "$" (old: accepted)
+    ("The answer is 18.", "x\n#### 18", 8, True, True),
+    ("#### 1,600", "x\n#### 1600", 0, True, True),            # "," is ignored on both sides
+    ("The answer is 1,600.", "x\n#### 1,600", 8, True, True),
+]
+
+
+@pytest.mark.parametrize("completion, answer, shots, strict, flexible", HARNESS_RULES)
+def test_gsm8k_exact_match_follows_the_harness(completion, answer, shots, strict, flexible):
+    ex = task_gsm8k.make_parser(shots)({"question": "q?", "answer": answer}, 0)
+    res = task_gsm8k.score(ex, completion, shots)
+    assert (res["exact_match_strict"], res["exact_match_flexible"]) == (strict, flexible)
+
+
+def test_gsm8k_scoring_agrees_with_lm_eval_itself(harness):
+    """Where lm-eval is installed (CI installs it): its RegexFilter and exact_match_hf_evaluate, configured from its
+    own gsm8k / gsm8k_cot YAMLs, agree with ours on every test string."""
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+    tasks_dir = harness
+    configs = {}
+    for shots, name in ((0, "gsm8k.yaml"), (8, "gsm8k-cot.yaml")):
+        with open(tasks_dir / "gsm8k" / name) as f:
+            configs[shots] = yaml.safe_load(f)
+    for shots, cfg in configs.items():
+        assert cfg["metadata"]["version"] == 3.0
+        filters = {f["name"]: f["filter"][0] for f in cfg["filter_list"]}
+        metric = cfg["metric_list"][0]
+        assert metric["regexes_to_ignore"] == list(task_gsm8k.REGEXES_TO_IGNORE) and metric["ignore_case"]
+        assert [u for u in cfg["generation_kwargs"]["until"]] == task_gsm8k.STOP_STRINGS[shots]
+        strict = RegexFilter(filters["strict-match"]["regex_pattern"])
+        flexible = RegexFilter(filters["flexible-extract"]["regex_pattern"],
+                               group_select=filters["flexible-extract"]["group_select"])
+        cases = [(c, "x\n#### 18") for c, *_ in EXTRACTIONS] + [(c, a) for c, a, *_ in HARNESS_RULES]
+        for completion, answer in cases:
+            ours = task_gsm8k.score(task_gsm8k.make_parser(shots)({"question": "q", "answer": answer}, 0),
+                                    completion, shots)
+            target = answer if shots == 0 else answer.split("####")[-1].strip()
+            for key, flt in (("strict", strict), ("flexible", flexible)):
+                theirs = list(flt.apply([[completion]], [{}]))[0][0]
+                assert ours[f"extracted_{key}"] == theirs, (shots, key, completion)
+                em = exact_match_hf_evaluate([theirs], [target], regexes_to_ignore=metric["regexes_to_ignore"],
+                                             ignore_case=True, ignore_punctuation=False)["exact_match"]
+                assert ours[f"exact_match_{key}"] == bool(em), (shots, key, completion)
+
+
+def test_gsm8k_numeric_equivalence_is_a_separate_column():
     ok = task_gsm8k.is_correct
     assert ok("$1,200.", "1200") and ok("18.0", "18") and ok("-3", "-3")
     assert not ok("3", "-3") and not ok(None, "5") and not ok("1.2.3", "1")
-    # strict: 8-shot expects the exemplars' "The answer is N", 0-shot GSM8K's "#### N"
-    ex = task_gsm8k.make_parser(8)({"question": "q?", "answer": "work\n#### 1,600"}, 3)
-    assert ex.reference == "1,600" and ex.id == "test-3"
-    res = task_gsm8k.score(ex, " 1000 + 600 = 1600. The answer is 1600.\n", 8)
-    assert res["exact_match_strict"] and res["exact_match_flexible"]
-    res = task_gsm8k.score(ex, " 1000 + 600 = 1600, or 17", 8)
-    assert not res["exact_match_strict"] and not res["exact_match_flexible"]
-    res = task_gsm8k.score(ex, " The answer is 16.\n#### 1600", 0)
-    assert res["exact_match_strict"] and res["exact_match_flexible"] and res["extracted_strict"] == "1600"
+    ex = task_gsm8k.make_parser(0)({"question": "q?", "answer": "work\n#### 18"}, 3)
+    res = task_gsm8k.score(ex, "so #### 18.0", 0)
+    assert res["exact_match_flexible_numeric"] and not res["exact_match_flexible"] and not res["exact_match_strict"]
+    assert ex.reference == "18" and ex.id == "test-3"
 
 
 def test_gsm8k_prompts_and_exemplars():
@@ -77,9 +134,13 @@ def test_gsm8k_real_references(shared_data_dir):
     rows = read_jsonl(str(shared_data_dir / "gsm8k" / "test.jsonl"))
     examples, malformed = parse_rows(rows, task_gsm8k.make_parser(0), strict=False, source="gsm8k")
     assert len(examples) == 1319 and malformed == []
-    # the reference answer is always correct against itself, commas included
-    assert all(task_gsm8k.is_correct(task_gsm8k.extract_flexible(r["answer"]), ex.reference)
-               for r, ex in zip(rows, examples))
+    # the gold answer scores as correct under both extractions: the reference is written the harness's way
+    # (the last line "#### N"), read independently of the regexes under test
+    for r, ex in zip(rows, examples):
+        final = r["answer"].strip().splitlines()[-1]
+        assert final.startswith("#### ") and ex.reference == final[5:].strip()
+        res = task_gsm8k.score(ex, r["answer"], 0)
+        assert res["exact_match_strict"] and res["exact_match_flexible"], r["answer"][-40:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,11 +285,12 @@ def test_subsample_is_deterministic():
 
 
 def test_wilson_interval():
-    lo, hi = wilson_ci(0, 10)
-    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson_ci(50, 100)
+    from nanochat.stats import wilson_interval  # statsmodels' proportion_confint, against published values
+    lo, hi = wilson_interval(0, 10)
+    assert lo == pytest.approx(0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
-    assert wilson_ci(10, 10)[1] == pytest.approx(1.0) and all(map(math.isnan, wilson_ci(0, 0)))
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and all(map(math.isnan, wilson_interval(0, 0)))
 
 
 def test_malformed_rows_counted_or_fatal(tmp_path):

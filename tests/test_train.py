@@ -136,15 +136,15 @@ def test_base_eval_writes_eval_json(tiny_base_dir, tmp_path):
     results = tmp_path / "results"
     run_train(TINY + ["--num-iterations", "3", "--model-tag", "evalme", "--results-dir", str(results)])
     from scripts.base_eval import main as eval_main
-    eval_main(["--model-tag", "evalme", "--eval-tokens", "2048", "--device-batch-size", "4", "--results-dir",
-               str(results)])
+    eval_main(["--model-tag", "evalme", "--eval-tokens", "1024", "--device-batch-size", "4", "--results-dir",
+               str(results)])  # the in-training evaluation's tokens and batches (TINY)
     record = json.loads((results / "evalme" / "eval.json").read_text())
     assert record["step"] == 3
     bpb = record["results"]["bpb"]
     assert 0 < bpb["val_bpb"] < 20 and 0 < bpb["train_bpb"] < 20
     # the val bpb at the last training step and the standalone evaluation agree (same tokens, same model)
     last_val = [r["val_bpb"] for r in read_metrics(results, "evalme") if "val_bpb" in r][-1]
-    assert last_val > 0
+    assert last_val == pytest.approx(bpb["val_bpb"], abs=1e-6)
     with pytest.raises(UserError, match="no checkpoint for model tag 'missing'"):
         eval_main(["--model-tag", "missing"])
     with pytest.raises(UserError, match="unknown task"):
@@ -256,3 +256,16 @@ def test_mhc_log_every_records_h_res_over_training_and_resumes(tiny_base_dir, tm
         assert a["h_res_dist_identity"] == pytest.approx(b["h_res_dist_identity"], abs=1e-6)
     with pytest.raises(UserError, match="--mhc-log-every set but mHC is off"):
         run_train(TINY + ["--mhc-log-every", "2", "--model-tag", "off", "--results-dir", str(tmp_path)])
+
+
+def test_derived_horizon_gives_baseline_and_mhc_the_same_tokens(tiny_base_dir, tmp_path):
+    """--num-iterations -1 scales with the baseline architecture's parameters for both models (the mHC model's own
+    extra parameters would buy it ~4% more tokens at this size)."""
+    common = TINY + ["--num-iterations", "-1", "--target-param-data-ratio", "0.02", "--results-dir", str(tmp_path)]
+    run_train(common + ["--model-tag", "budget_base"])
+    run_train(common + ["--model-tag", "budget_mhc", "--mhc-enabled"])
+    base, mhc = (json.loads((tmp_path / t / "config.json").read_text()) for t in ("budget_base", "budget_mhc"))
+    assert mhc["num_params"] > 1.02 * base["num_params"]  # mHC really is bigger
+    assert mhc["budget_params"] == base["budget_params"] == base["num_params"]
+    assert mhc["num_iterations"] == base["num_iterations"] == round(0.02 * base["num_params"] / 256)
+    assert mhc["tokens"] == base["tokens"]

@@ -1,0 +1,92 @@
+"""lm-evaluation-harness through our adapter gives the same per-example results as our own evaluator, and the
+script's bad input. Needs the [harness] extra (CI installs it; under CI a missing harness fails, never skips)."""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from nanochat.common import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+TASKS = ["gsm8k", "hellaswag", "arc_easy", "arc_challenge"]
+N = 50
+
+
+@pytest.fixture(scope="module")
+def long_context_checkpoint(tiny_base_dir):
+    """A random mHC model with a 512-token context (every 0-shot GSM8K prompt fits with the generation, so the
+    harness's and our context rules never differ) and O(1) logits (no near-ties between choices or tokens)."""
+    from nanochat.checkpoint import checkpoint_root, save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=512, vocab_size=tiny_base_dir.tokenizer.vocab_size, n_layer=2, n_head=2,
+                    n_kv_head=2, n_embd=64, out_proj_init_scale=1.0, mhc_enabled=True)
+    model = GPT(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+    meta = dict(model_config=dataclasses.asdict(cfg), tokenizer=tiny_base_dir.tokenizer.fingerprint, seed=0,
+                run_config=dict(model_tag="lm_eval_mhc", train=dict(data_source="local", seed=0)))
+    return save_checkpoint(checkpoint_root("lm_eval_mhc"), 1, model, [], meta)
+
+
+def test_the_harness_through_the_adapter_equals_our_evaluator(harness, long_context_checkpoint):
+    from nanochat.evaluate import evaluate_task
+    from nanochat.lm_eval_adapter import NanochatLM
+    from scripts.lm_eval import run_harness
+    lm = NanochatLM(checkpoint=long_context_checkpoint, batch_size=8, max_gen_toks=16)
+    results, samples, source = run_harness(lm, TASKS, "local", num_fewshot=0, limit=N, max_gen_toks=16)
+    assert source == "local" and all(results[t]["n"] == N for t in TASKS)
+    ours = {}
+    for task in TASKS:
+        summary, records = evaluate_task(task, lm.model, lm.tokenizer, autocast_ctx=nullcontext(), batch_size=8,
+                                         max_per_task=N, max_new_tokens=16, task_data="local", seed=None)
+        assert summary["n"] == N and summary["skipped"] == 0 and summary["cut"] == 0
+        ours[task] = {r["id"]: r for r in records}
+    for task in ("hellaswag", "arc_easy", "arc_challenge"):
+        rows = [s for s in samples if s["task"] == task]
+        assert len(rows) == N
+        for s in rows:
+            mine = ours[task][str(s["doc"]["ind"] if task == "hellaswag" else s["doc"]["id"])]
+            assert [ll for ll, _ in s["filtered_resps"]] == pytest.approx(mine["lls"], abs=1e-4)
+            assert bool(s["acc"]) == mine["acc"] and bool(s["acc_norm"]) == mine["acc_norm"], (task, s["doc_id"])
+        assert results[task]["acc,none"] == pytest.approx(sum(r["acc"] for r in ours[task].values()) / N)
+        assert results[task]["acc_norm,none"] == pytest.approx(sum(r["acc_norm"] for r in ours[task].values()) / N)
+    for flt, key in (("strict-match", "exact_match_strict"), ("flexible-extract", "exact_match_flexible")):
+        rows = [s for s in samples if s["task"] == "gsm8k" and s["filter"] == flt]
+        assert len(rows) == N
+        for s in rows:
+            mine = ours["gsm8k"][f"test-{s['doc_id']}"]
+            assert s["resps"][0][0] == mine["completion"]  # the same generation, token for token
+            assert s["filtered_resps"][0] == mine["extracted_" + key.split("_")[-1]]
+            assert bool(s["exact_match"]) == mine[key], (flt, s["doc_id"])
+        assert results["gsm8k"][f"exact_match,{flt}"] == pytest.approx(
+            sum(r[key] for r in ours["gsm8k"].values()) / N)
+
+
+def test_lm_eval_script_bad_input(harness, long_context_checkpoint, tmp_path, monkeypatch):
+    from scripts.lm_eval import main
+    with pytest.raises(UserError, match="no local copy"):
+        main(["--checkpoint", long_context_checkpoint, "--tasks", "mmlu", "--task-data", "local"])
+    with pytest.raises(UserError, match="unknown lm-evaluation-harness task.*not_a_task"):
+        main(["--checkpoint", long_context_checkpoint, "--tasks", "not_a_task", "--task-data", "hub"])
+    with pytest.raises(UserError, match="--model-tag"):
+        main(["--tasks", "gsm8k"])
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no tokenizer there
+    with pytest.raises(UserError, match="no tokenizer"):
+        main(["--checkpoint", long_context_checkpoint, "--tasks", "hellaswag", "--task-data", "local"])
+    # the harness missing: the message says how to install it
+    import builtins
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError("No module named 'lm_eval'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    from scripts.lm_eval import import_harness
+    with pytest.raises(UserError, match=r"pip install -e '\.\[harness\]'"):
+        import_harness()

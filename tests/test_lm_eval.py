@@ -3,6 +3,7 @@ script's bad input. Needs the [harness] extra (CI installs it; under CI a missin
 from __future__ import annotations
 
 import dataclasses
+import json
 from contextlib import nullcontext
 
 import pytest
@@ -65,6 +66,48 @@ def test_the_harness_through_the_adapter_equals_our_evaluator(harness, long_cont
             assert bool(s["exact_match"]) == mine[key], (flt, s["doc_id"])
         assert results["gsm8k"][f"exact_match,{flt}"] == pytest.approx(
             sum(r[key] for r in ours["gsm8k"].values()) / N)
+    # analysis.harness_agreement, on the same records, agrees (and finds one flipped verdict)
+    from analysis.harness_agreement import compare
+    records = [r for task in TASKS for r in ours[task].values()]
+    agreement = compare(records, samples)
+    assert {t: (r["compared"], len(r["disagreements"])) for t, r in agreement.items()} == {t: (N, 0) for t in TASKS}
+    flipped = next(r for r in records if r["task"] == "arc_easy")
+    flipped["acc"] = not flipped["acc"]
+    assert [d["field"] for d in compare(records, samples)["arc_easy"]["disagreements"]] == ["acc"]
+
+
+def test_harness_agreement_script(tmp_path):
+    """The command line: agreement exits 0 and writes its JSON; a flipped verdict exits 1; no overlap is named."""
+    from analysis.harness_agreement import main
+    ours, harness = tmp_path / "ours", tmp_path / "harness"
+    ours.mkdir()
+    harness.mkdir()
+    mine = [dict(task="hellaswag", id="7", acc=True, acc_norm=False),
+            dict(task="gsm8k", id="test-3", completion=" 5", extracted_strict="[invalid]", extracted_flexible="5",
+                 exact_match_strict=False, exact_match_flexible=True)]
+    theirs = [dict(task="hellaswag", doc_id=0, doc=dict(ind=7), acc=1.0, acc_norm=0.0),
+              dict(task="gsm8k", doc_id=3, filter="strict-match", resps=[[" 5"]], filtered_resps=["[invalid]"],
+                   exact_match=0.0),
+              dict(task="gsm8k", doc_id=3, filter="flexible-extract", resps=[[" 5"]], filtered_resps=["5"],
+                   exact_match=1.0)]
+
+    def write(folder, name, rows):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write(ours, "eval_examples.jsonl", mine)
+    write(harness, "lm_eval_samples.jsonl", theirs)
+    result = main(["--ours", str(ours), "--harness", str(harness)])
+    assert {t: (r["compared"], r["disagreements"]) for t, r in result.items()} == {"hellaswag": (1, []),
+                                                                                    "gsm8k": (1, [])}
+    assert json.loads((ours / "harness_agreement.json").read_text())["tasks"]["gsm8k"]["compared"] == 1
+    theirs[2]["filtered_resps"] = ["6"]
+    write(harness, "lm_eval_samples.jsonl", theirs)
+    with pytest.raises(SystemExit) as e:
+        main(["--ours", str(ours), "--harness", str(harness)])
+    assert e.value.code == 1
+    write(ours, "eval_examples.jsonl", [dict(task="hellaswag", id="8", acc=True, acc_norm=True)])
+    write(harness, "lm_eval_samples.jsonl", theirs[:1])
+    with pytest.raises(UserError, match="no example is in both"):
+        main(["--ours", str(ours), "--harness", str(harness)])
 
 
 def test_lm_eval_script_bad_input(harness, long_context_checkpoint, tmp_path, monkeypatch):

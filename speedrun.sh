@@ -15,12 +15,22 @@
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
 #
-# Each stage leaves a marker in $NANOCHAT_BASE_DIR/speedrun/; training stages run with --resume, so an
-# interrupted run (Ctrl-C, preemption) picks up from its last checkpoint when the script is started again.
+#   bash speedrun.sh --help          # this text; every setting is an environment variable, no other argument
+#
+# Each stage leaves a marker in $NANOCHAT_BASE_DIR/speedrun/ that records its settings (command line, config files);
+# a stage is skipped only while those settings are unchanged and its outputs exist, else it says why and reruns
+# (scripts/stage.sh). Training stages run with --resume, so an interrupted run (Ctrl-C, preemption) picks up from
+# its last checkpoint when the script is started again.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+[ $# -eq 0 ] || case "$1" in  # before the set-up below: --help must launch nothing
+  -h|--help) sed -n '2,/^set -euo/p' "$repo/speedrun.sh" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) echo "speedrun.sh: unknown argument '$1': settings are environment variables (bash speedrun.sh --help)" >&2
+     exit 2 ;;
+esac
 cd "$repo"
 source scripts/setup_env.sh
+source scripts/stage.sh
 
 preset="${PRESET:-auto}"
 eval_tasks=bpb,gsm8k,gsm8k_8shot,hellaswag,arc_easy,arc_challenge
@@ -32,15 +42,17 @@ case "$preset" in
     ngpu="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     source_name=fineweb; vocab=32768; base_config=baseline; mhc_config=dynamic_mhc; prefix=
-    launch=(torchrun --standalone --nproc_per_node="$ngpu" -m)
+    launch=(python -m scripts.launch --standalone --nproc_per_node="$ngpu" -m)   # torchrun, short endings
     sep=(--)
     data_args=(-n "${NUM_SHARDS:-240}")
+    data_out="$NANOCHAT_BASE_DIR/base_data/fineweb"   # the shards (nanochat/dataset.py's layout)
     eval_args=(--eval-tokens 10485760 --device-batch-size 32 --tasks "$eval_tasks")  # every example of every task
     # fine-tune on GSM8K train + synthetic problems; sweep and RL on GSM8K (train for RL, test held out)
     sft_args=(--data gsm8k,synthetic)
     sweep_args=(--problems gsm8k --split test --num-problems 256 --tokens 1048576 --batch-size 32)
     rl_runs=("gsm8k global" "gsm8k per_layer")   # the PRD's global gate, then its per-layer ablation
     rl_args=(--preset gpu)
+    rl_reward=exact                               # configs/rl_gpu.toml's reward: the last part of each RL run's tag
     rl_gates_run=gsm8k-per_layer-exact            # the RL-tuned column evaluates the per-layer policy's gates
     hres_args=(--tokens 262144 --batch-size 32)
     lm_eval_args=(--tasks gsm8k,hellaswag,arc_easy,arc_challenge --batch-size 32)   # the harness's own settings
@@ -61,6 +73,7 @@ case "$preset" in
     launch=(python -m)
     sep=()
     data_args=()
+    data_out="$NANOCHAT_BASE_DIR/base_data/local/manifest.json"   # written last, once the shards are built
     # a smoke-sized subset (~30 s per model on 2 cores): the tiny models score near chance anyway; the task data is
     # the local copy (the hub is not tried, so an offline box does not wait on it)
     eval_args=(--eval-tokens 65536 --device-batch-size 8 --tasks "$eval_tasks" --max-per-task 20
@@ -73,6 +86,7 @@ case "$preset" in
                 --per-layer-grid 0,0.5,1)
     rl_runs=("synthetic global" "gsm8k global --total-timesteps 512 --eval-problems 128 --max-new-tokens 128")
     rl_args=(--preset tiny --task-data local --no-progress)
+    rl_reward=dense                               # configs/rl_tiny.toml's reward: the last part of each RL run's tag
     rl_gates_run=gsm8k-global-dense
     hres_args=(--tokens 8192)
     # lm-evaluation-harness through the adapter, 0-shot on the first 20 examples of the local copies (~15 s)
@@ -92,68 +106,84 @@ read -ra extra_bench <<< "${EXTRA_BENCH_ARGS:-}"
 read -ra extra_lm_eval <<< "${EXTRA_LM_EVAL_ARGS:-}"
 results_dir="${RESULTS_DIR:-$repo/results}"
 run_name="${WANDB_RUN:-dummy}"
-markers="$NANOCHAT_BASE_DIR/speedrun"
-mkdir -p "$markers"
+stage_markers="$NANOCHAT_BASE_DIR/speedrun"      # scripts/stage.sh: the markers and the stage times
+stage_times="$results_dir/speedrun_stages.jsonl"
+mkdir -p "$stage_markers"
 echo "[speedrun] preset=$preset base_dir=$NANOCHAT_BASE_DIR"
+ckpt="$NANOCHAT_BASE_DIR/checkpoints"
+tokenizer_json="$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json"  # nanochat/tokenizer.py's get_tokenizer_dir()
 
-stage() {  # stage NAME command...: run once, skip when done (FORCE=1 redoes, SKIP=a,b skips)
-    local name="$1"; shift
-    if [[ ",${SKIP:-}," == *",$name,"* ]]; then echo "[speedrun] $name: skipped (SKIP)"; return; fi
-    if [ -f "$markers/$name.done" ] && [ -z "${FORCE:-}" ]; then echo "[speedrun] $name: already done"; return; fi
-    echo "[speedrun] $name: $*"
-    local t0=$SECONDS
-    "$@"
-    echo "[speedrun] $name: done in $((SECONDS - t0)) s"
-    mkdir -p "$results_dir"  # the wall time of every stage, for analysis.report
-    printf '{"stage": "%s", "seconds": %d, "finished": "%s"}\n' "$name" "$((SECONDS - t0))" \
-        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$results_dir/speedrun_stages.jsonl"
-    touch "$markers/$name.done"
-}
-
+# Each stage names its outputs (--out) and the files besides its --config whose content it depends on (--dep): a
+# new tokenizer makes pretokenizing and training stale (training then stops with a clear message, not a mix).
 if [ "${fetch_small_data:-0}" = 1 ]; then  # a fresh clone: the small public sets from the hub, shared/data's layout
-    stage data_fetch python -m nanochat.dataset --source hub-small --out "$NANOCHAT_DATA_DIR"
+    stage data_fetch --out "$NANOCHAT_DATA_DIR/MANIFEST.json" -- \
+        python -m nanochat.dataset --source hub-small --out "$NANOCHAT_DATA_DIR"
 fi
-stage data python -m nanochat.dataset --source "$source_name" "${data_args[@]}"
-stage tokenizer python -m scripts.tok_train --source "$source_name" --vocab-size "$vocab"
-stage pretokenize python -m nanochat.dataset --source "$source_name" --pretokenize
+stage data --out "$data_out" -- python -m nanochat.dataset --source "$source_name" "${data_args[@]}"
+stage tokenizer --out "$tokenizer_json" -- python -m scripts.tok_train --source "$source_name" --vocab-size "$vocab"
+stage pretokenize --out "$NANOCHAT_BASE_DIR/tokenized" --dep "$tokenizer_json" -- \
+    python -m nanochat.dataset --source "$source_name" --pretokenize
 for model in baseline mhc; do
     config=$base_config; [ "$model" = mhc ] && config=$mhc_config
     tag="${prefix}${model}"
-    stage "train_$model" "${launch[@]}" scripts.base_train "${sep[@]}" --config "$config" --model-tag "$tag" \
+    stage "train_$model" --out "$results_dir/$tag/config.json" --out "$ckpt/$tag" --dep "$tokenizer_json" -- \
+        "${launch[@]}" scripts.base_train "${sep[@]}" --config "$config" --model-tag "$tag" \
         --run "$run_name" --resume --results-dir "$results_dir" "${extra_train[@]}"
-    stage "eval_$model" "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
+    stage "eval_$model" --out "$results_dir/$tag/eval.json" -- \
+        "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "$tag" --results-dir "$results_dir" \
         "${eval_args[@]}" "${extra_eval[@]}"
 done
 # the same mHC model through lm-evaluation-harness itself (nanochat/lm_eval_adapter.py): results/<tag>/lm_eval.json
-stage lm_eval_mhc python -m scripts.lm_eval --model-tag "${prefix}mhc" --results-dir "$results_dir" \
+stage lm_eval_mhc --out "$results_dir/${prefix}mhc/lm_eval.json" -- \
+    python -m scripts.lm_eval --model-tag "${prefix}mhc" --results-dir "$results_dir" \
     "${lm_eval_args[@]}" "${extra_lm_eval[@]}"
 # what the mHC connections learned, per sub-layer (gates, H_res vs I and vs init, Sinkhorn error): mhc_stats.json;
 # and its routing as figures (H_res heatmaps, the composite across depth and its Amax gain, H_pre/H_post, routing)
-stage stats_mhc python -m analysis.mhc_stats --model-tag "${prefix}mhc" --results-dir "$results_dir"
-stage hres_mhc python -m analysis.visualize_hres --model-tag "${prefix}mhc" --results-dir "$results_dir" \
-    "${hres_args[@]}"
+stage stats_mhc --out "$results_dir/${prefix}mhc/mhc_stats.json" -- \
+    python -m analysis.mhc_stats --model-tag "${prefix}mhc" --results-dir "$results_dir"
+stage hres_mhc --out "$results_dir/${prefix}mhc/hres/hres.json" -- \
+    python -m analysis.visualize_hres --model-tag "${prefix}mhc" --results-dir "$results_dir" "${hres_args[@]}"
 # the RL half (scripts/train_rl.py): fine-tune the mHC model on GSM8K-format problems (tiny models score 0 on GSM8K
 # otherwise), check that the gate matters (gate sweep), then PPO over its gates with the baselines it must beat
-stage sft "${launch[@]}" scripts.sft_train "${sep[@]}" --model-tag "${prefix}mhc" --output-tag "${prefix}mhc_sft" \
+stage sft --out "$results_dir/${prefix}mhc_sft/config.json" --out "$ckpt/${prefix}mhc_sft" -- \
+    "${launch[@]}" scripts.sft_train "${sep[@]}" --model-tag "${prefix}mhc" --output-tag "${prefix}mhc_sft" \
     --run "$run_name" --resume --results-dir "$results_dir" "${sft_args[@]}" "${extra_sft[@]}"
-stage eval_sft "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
+stage eval_sft --out "$results_dir/${prefix}mhc_sft/eval.json" -- \
+    "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
     --results-dir "$results_dir" "${eval_args[@]}" "${extra_eval[@]}"
-stage gate_sweep python -m analysis.gate_sweep --model-tag "${prefix}mhc_sft" --results-dir "$results_dir" \
+stage gate_sweep --out "$results_dir/${prefix}mhc_sft/gate_sweep.json" -- \
+    python -m analysis.gate_sweep --model-tag "${prefix}mhc_sft" --results-dir "$results_dir" \
     "${sweep_args[@]}" "${extra_sweep[@]}"
 for rl_run in "${rl_runs[@]}"; do
     read -ra run <<< "$rl_run"   # problems, action space, then flags of this run only
-    stage "rl_${run[0]}_${run[1]}" python scripts/train_rl.py --model-tag "${prefix}mhc_sft" --problems "${run[0]}" \
+    rl_tag="${prefix}mhc_sft-${run[0]}-${run[1]}-$rl_reward"   # scripts/train_rl.py's default --tag
+    # --preset NAME reads configs/rl_NAME.toml (not a --config the stage runner can see)
+    stage "rl_${run[0]}_${run[1]}" --out "$results_dir/rl/$rl_tag/eval.json" --out "$ckpt/rl/$rl_tag" \
+        --dep "configs/rl_$preset.toml" -- \
+        python scripts/train_rl.py --model-tag "${prefix}mhc_sft" --problems "${run[0]}" \
         --action-space "${run[1]}" --run "$run_name" --resume --results-dir "$results_dir" "${rl_args[@]}" \
         "${run[@]:2}" "${extra_rl[@]}"
 done
 # Phase 4: the RL-tuned model (the fine-tuned model at the gates the GSM8K policy chose), inference cost, the report
-stage eval_rl "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
+stage eval_rl --out "$results_dir/${prefix}mhc_rl/eval.json" -- \
+    "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
     --output-tag "${prefix}mhc_rl" --mhc-gates-from "$results_dir/rl/${prefix}mhc_sft-${rl_gates_run}/eval.json" \
     --results-dir "$results_dir" "${eval_args[@]}" "${extra_eval[@]}"
-stage bench_inference python -m benchmarks.inference "${bench_args[@]}" --skip-no-cache \
+stage bench_inference --out "$results_dir/bench/inference.json" -- \
+    python -m benchmarks.inference "${bench_args[@]}" --skip-no-cache \
     --out "$results_dir/bench/inference.json" "${extra_bench[@]}"
-stage report python -m analysis.report --results-dir "$results_dir" --prefix "$prefix"
+stage report --out "$results_dir/report.md" -- python -m analysis.report --results-dir "$results_dir" --prefix "$prefix"
 if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablation inside Muon (scripts/ns_ablation.py)
-    stage ns_ablation python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
+    stage ns_ablation --out "$results_dir/ns_ablation/$preset/summary.json" -- \
+        python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
 fi
-echo "[speedrun] finished: $results_dir/report.md (and $results_dir/${prefix}*, $results_dir/rl/)"
+made=()  # point only at what exists (SKIP, or a failed optional output, can leave any of these out)
+for path in "$results_dir/report.md" "$results_dir/${prefix}"{baseline,mhc,mhc_sft,mhc_rl} "$results_dir/rl" \
+            "$results_dir/bench" "$results_dir/ns_ablation"; do
+    [ -e "$path" ] && made+=("${path#"$repo"/}")
+done
+if [ ${#made[@]} -gt 0 ]; then
+    echo "[speedrun] finished: ${made[*]}"
+else
+    echo "[speedrun] finished: nothing was written under $results_dir (every stage skipped?)"
+fi

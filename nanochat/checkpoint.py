@@ -4,17 +4,22 @@ Layout: <base_dir>/checkpoints/<model_tag>/step_<NNNNNN>/
     model.safetensors   weights (no pickle on load)
     optim.pt            optimizer states and RNG states, loaded with torch.load(weights_only=True)
     meta.json           model config, resolved run config, step, data position, seed, git commit,
-                        and the size + sha256 of the two files above (written last)
+                        the size + sha256 of the two files above, and its own sha256 (written last)
 A checkpoint is written into step_<N>.tmp/ and renamed into place, so a crash mid-write never leaves a
-half-written step_<N>/; a truncated or altered file is caught by the recorded sha256 on load.
+half-written step_<N>/. Re-saving a step moves the old one aside (step_<N>.old/) before the rename, so a crash at
+any point leaves a complete checkpoint (recover_interrupted_saves puts it back). Non-finite weights are never
+written. On load a truncated or altered file, an edited meta.json or a step that disagrees with its folder name is
+caught; latest_intact_checkpoint falls back to the newest checkpoint that passes, and says so.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +28,11 @@ from safetensors.torch import load_file, save_file
 from nanochat.common import UserError, get_base_dir
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+ASIDE = ".old"  # a step being re-saved is moved to step_<N>.old/ until its replacement is in place
+
+
+def warn(msg: str):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def checkpoint_root(model_tag: str) -> str:
@@ -53,15 +63,38 @@ def list_checkpoints(root: str) -> list[str]:
     return [os.path.join(root, name) for _, name in steps]
 
 
-def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizers, meta: dict, keep: int = 2,
-                    rng_state: dict | None = None) -> str:
-    """Write step_<step>/ atomically, then delete all but the newest `keep` checkpoints. Returns its path."""
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step_{step:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def meta_digest(meta: dict) -> str:
+    """sha256 of meta.json's content without its own digest (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def recover_interrupted_saves(root: str):
+    """Undo what a crash mid-save leaves behind: a step_<N>.old/ whose replacement never arrived goes back into
+    place; a leftover step_<N>.tmp/ (never complete: the rename is the commit) is removed, with a message."""
+    if not os.path.isdir(root):
+        return
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(ASIDE) and STEP_DIR.match(name[:-len(ASIDE)]):
+            final = path[:-len(ASIDE)]
+            if os.path.isdir(final):
+                shutil.rmtree(path)
+            else:
+                os.rename(path, final)
+                warn(f"restored {final}: a re-save of that step was interrupted before its replacement was in place")
+        elif name.endswith(".tmp") and STEP_DIR.match(name[:-len(".tmp")]):
+            shutil.rmtree(path, ignore_errors=True)
+            warn(f"removed {path}: an unfinished checkpoint write from an interrupted run")
+
+
+def _write_checkpoint_files(tmp: str, step: int, weights: dict, optimizers, meta: dict, rng_state: dict | None):
     save_file(weights, os.path.join(tmp, "model.safetensors"))
     torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state or {}},
                os.path.join(tmp, "optim.pt"))
@@ -71,15 +104,52 @@ def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizers, me
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    full = {**meta, "step": step, "files": files}
+    full["meta_sha256"] = meta_digest(full)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({**meta, "step": step, "files": files}, f, indent=2)
+        json.dump(full, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    # torch.save reports ENOSPC as a RuntimeError from its zip writer, safetensors as its own error type
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e) \
+        or "enforce fail at inline_container" in str(e)
+
+
+def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizers, meta: dict, keep: int = 2,
+                    rng_state: dict | None = None) -> str:
+    """Write step_<step>/ atomically, then delete all but the newest `keep` checkpoints. Returns its path.
+    Refuses non-finite weights (the last good checkpoint stays the newest); a failed write (a full disk) removes
+    its partial files and says which path failed and that the previous checkpoints are intact."""
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    bad = non_finite_tensors(weights)
+    if bad:
+        prev = latest_checkpoint(root)
+        raise UserError(f"not saving step {step}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): the run diverged. The last good checkpoint is "
+                        f"{prev or '(none)'}; lower the learning rates or resume from it")
+    os.makedirs(root, exist_ok=True)
+    recover_interrupted_saves(root)
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    os.makedirs(tmp)
+    try:
+        _write_checkpoint_files(tmp, step, weights, optimizers, meta, rng_state)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(root)
+        what = "the disk is full" if _is_disk_full(e) else f"the write failed ({type(e).__name__}: {e})"
+        raise UserError(f"cannot write checkpoint {tmp}: {what}. The previous checkpoint "
+                        f"{prev or '(none)'} is intact; free space and resume from it") from None
+    if os.path.exists(final):  # re-saving the same step: move the old one aside first, never delete it first
+        os.rename(final, final + ASIDE)
+        _fsync_dir(root)
     os.rename(tmp, final)
     _fsync_dir(root)
+    shutil.rmtree(final + ASIDE, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -99,6 +169,16 @@ def read_meta(path: str) -> dict:
     for key in ("step", "model_config", "files"):
         if key not in meta:
             raise UserError(f"checkpoint {path} is corrupted: meta.json has no {key!r}")
+    if "meta_sha256" in meta:
+        if meta_digest(meta) != meta["meta_sha256"]:
+            raise UserError(f"checkpoint {path} is corrupted: meta.json does not match its recorded sha256 "
+                            f"(edited by hand?)")
+    else:
+        warn(f"checkpoint {path}: meta.json has no checksum (written by an older version); not verified")
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != meta["step"]:
+        raise UserError(f"checkpoint {path} is corrupted: meta.json says step {meta['step']}, the folder says "
+                        f"{int(m.group(1))}")
     return meta
 
 
@@ -139,6 +219,29 @@ def load_checkpoint(path: str, device="cpu", load_optimizer: bool = True):
 def latest_checkpoint(root: str) -> str | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+def latest_intact_checkpoint(root: str, load_optimizer: bool = True) -> str | None:
+    """The newest checkpoint under root that passes its integrity checks (for --resume). A newer one that fails
+    is reported, with why, and skipped; when checkpoints exist but none is intact, that is an error -- a resume
+    never starts from scratch silently. None only when there is no checkpoint at all."""
+    ckpts = list_checkpoints(root)
+    names = ("model.safetensors", "optim.pt") if load_optimizer else ("model.safetensors",)
+    failures = []
+    for path in reversed(ckpts):
+        try:
+            verify_checkpoint(path, read_meta(path), names)
+        except UserError as e:
+            failures.append(str(e))
+            warn(f"{e}; trying an older checkpoint")
+            continue
+        if failures:
+            warn(f"falling back to {path}, the newest intact checkpoint")
+        return path
+    if ckpts:
+        raise UserError(f"no intact checkpoint in {root}: " + "; ".join(failures) +
+                        ". Nothing was overwritten: move the folder aside to start over")
+    return None
 
 
 def resolve_checkpoint(model_tag: str, step: int = -1) -> str:

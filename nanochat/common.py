@@ -97,11 +97,44 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def cpu_bf16_support(cpuinfo: str | None = None) -> tuple[bool, str]:
+    """(whether this CPU computes bf16 natively, torch's CPU capability, e.g. 'AVX2'). Native = an avx512_bf16 or
+    amx_bf16 flag (x86) or bf16 feature (Arm) in /proc/cpuinfo; unknown (no /proc/cpuinfo) counts as native, so that
+    we never warn without evidence."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return True, capability
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}), capability
+
+
+_warned_cpu_bf16 = False
+
+
 def resolve_precision(device_type: str, dtype: str, compile_flag: str = "false"):
     """--dtype auto -> bfloat16 on CUDA, float32 on the CPU; --compile auto -> on CUDA only.
-    Returns (dtype, use_compile, autocast context)."""
+    Returns (dtype, use_compile, autocast context). Warns once when bf16 is asked for on a CPU without native bf16
+    (emulated bf16 matmuls there run ~30x slower than float32)."""
+    global _warned_cpu_bf16
     dtype = dtype if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     use_compile = compile_flag == "true" or (compile_flag == "auto" and device_type == "cuda")
+    if device_type == "cpu" and dtype == "bfloat16" and not _warned_cpu_bf16:
+        native, capability = cpu_bf16_support()
+        if not native:
+            _warned_cpu_bf16 = True
+            print0(f"warning: --dtype bfloat16 on a CPU without native bf16 (capability {capability}): expect ~30x "
+                   f"slower than float32", file=sys.stderr)
     return dtype, use_compile, autocast_ctx(device_type, dtype)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import os
 import sys
 import tomllib
@@ -153,7 +155,32 @@ def _coerce(cls, key: str, value, source: str):
     expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[ftype]
     if isinstance(value, bool) and ftype != "bool" or not isinstance(value, expected):
         raise UserError(f"{source}: key {key!r} expects a {ftype} (got {value!r})")
+    if ftype == "float" and not math.isfinite(value):
+        raise UserError(f"{source}: key {key!r} must be a finite number (got {value!r})")
     return float(value) if ftype == "float" else value
+
+
+def finite_float(text: str) -> float:
+    """argparse type for float flags: `nan < 0` is False, so a NaN or inf would pass every range check later."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+    return value
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """argparse with the error first and short: a mistyped flag gets a "did you mean" suggestion instead of the
+    whole usage (which --help still prints)."""
+
+    def error(self, message: str):
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for bad in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(bad.split("=")[0], flags, n=1, cutoff=0.6)
+                if close:
+                    hint += f"\n  {bad}: did you mean {close[0]}?"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n(run with --help to list every flag)\n")
 
 
 def resolve_config_path(name_or_path: str) -> str:
@@ -200,13 +227,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
+            parser.add_argument(flag, type={"int": int, "float": finite_float, "str": str}[f.type],
                                 default=argparse.SUPPRESS, help=help_text)
 
 
 def build_config(cls, argv, description: str, extra_args=None):
     """Parse argv into an instance of `cls`. Returns (config, parsed_namespace)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # a typo must not match a prefix
+    parser = ConfigArgumentParser(description=description, allow_abbrev=False)  # a typo must not match a prefix
     parser.add_argument("--config", default=None,
                         help="named config in configs/ (e.g. baseline, tiny_cpu) or a path to a .toml file")
     if extra_args:

@@ -71,25 +71,51 @@ class PackedLoader:
         if not os.path.isfile(meta_path):
             raise UserError(f"no pretokenized data in {token_dir} (missing meta.json); run "
                             f"`python -m nanochat.dataset --source <source> --pretokenize`")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if not meta.get("complete"):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            complete, source = meta.get("complete"), meta.get("source", "<source>")
+        except (OSError, ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; a list has no .get
+            raise UserError(f"{meta_path} is corrupted ({type(e).__name__}: {e}); delete {token_dir} and pretokenize "
+                            f"again with `python -m nanochat.dataset --source <source> --pretokenize`") from e
+        redo = f"delete {token_dir} and rerun `python -m nanochat.dataset --source {source} --pretokenize`"
+        if not complete:
             raise UserError(f"pretokenization in {token_dir} did not finish; rerun "
-                            f"`python -m nanochat.dataset --source {meta.get('source', '<source>')} --pretokenize`")
+                            f"`python -m nanochat.dataset --source {source} --pretokenize`")
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.rank, self.world_size, self.seed, self.window_docs = rank, world_size, seed, window_docs
         self.device = torch.device(device)
         self.shuffle = split == "train"
         self.shuffle_rows = self.shuffle if shuffle_rows is None else shuffle_rows
-        self.bos_token_id = meta["bos_token_id"]
+        try:
+            self.bos_token_id, self.vocab_size = int(meta["bos_token_id"]), int(meta["vocab_size"])
+            dtype = np.dtype(meta["dtype"])
+            if dtype.name not in ("uint16", "uint32"):
+                raise ValueError(f"token dtype {dtype.name} is neither uint16 nor uint32")
+            shards = [(str(s["name"]), int(s["num_tokens"])) for s in meta["shards"] if s["split"] == split]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{meta_path} is corrupted ({type(e).__name__}: {e}); {redo}") from e
 
         # memory-map the split's shards; global doc d lives in shard doc_shard[d] at offset doc_start[d]
-        self._tokens, starts, shard_ids, lengths = [], [], [], []
-        for s in (sh for sh in meta["shards"] if sh["split"] == split):
-            idx = np.load(os.path.join(token_dir, s["name"] + ".idx.npy"), allow_pickle=False)
-            if s["num_tokens"] == 0:
+        self._tokens, self._bin_paths, starts, shard_ids, lengths = [], [], [], [], []
+        for name, num_tokens in shards:
+            bin_path, idx_path = os.path.join(token_dir, name + ".bin"), os.path.join(token_dir, name + ".idx.npy")
+            try:
+                idx = np.load(idx_path, allow_pickle=False)
+                bin_size = os.path.getsize(bin_path)
+            except (OSError, ValueError) as e:
+                raise UserError(f"pretokenized shard {name} in {token_dir} is missing or unreadable "
+                                f"({type(e).__name__}: {e}); {redo}") from e
+            # the .bin must hold exactly the tokens the index points at: a truncated or padded file would misalign
+            # every document after the damage
+            if (idx.ndim != 1 or len(idx) < 1 or idx.dtype.kind not in "iu" or idx[0] != 0
+                    or (np.diff(idx) < 0).any() or idx[-1] != num_tokens or bin_size != num_tokens * dtype.itemsize):
+                raise UserError(f"{bin_path} and {idx_path} do not agree with {meta_path} ({num_tokens} tokens of "
+                                f"{dtype.name} expected, the .bin has {bin_size} bytes); {redo}")
+            if num_tokens == 0:
                 continue
-            self._tokens.append(np.memmap(os.path.join(token_dir, s["name"] + ".bin"), dtype=meta["dtype"], mode="r"))
+            self._tokens.append(np.memmap(bin_path, dtype=dtype, mode="r"))
+            self._bin_paths.append(bin_path)
             starts.append(idx[:-1])
             lengths.append(np.diff(idx))
             shard_ids.append(np.full(len(idx) - 1, len(self._tokens) - 1, dtype=np.int32))
@@ -203,6 +229,13 @@ class PackedLoader:
         for d, n in plan:
             start = self.doc_start[d]
             out[pos:pos + n] = self._tokens[self.doc_shard[d]][start:start + n]
+            # an id >= vocab would index past the embedding (IndexError on the CPU, a device assert on CUDA)
+            if n and out[pos:pos + n].max() >= self.vocab_size:
+                bad = int(np.argmax(out[pos:pos + n] >= self.vocab_size))
+                raise UserError(f"{self._bin_paths[self.doc_shard[d]]}: token {start + bad} (in the document "
+                                f"starting at token {start}) is id {out[pos + bad]}, but the vocab size is "
+                                f"{self.vocab_size}: the pretokenized data is corrupted or from another tokenizer; "
+                                f"delete {os.path.dirname(self._bin_paths[0])} and pretokenize again")
             pos += n
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,20 @@
 """Pretraining text: raw parquet shards (downloaded or built locally) and their pretokenized form.
 
 Layout under $NANOCHAT_BASE_DIR (default ~/.cache/nanochat):
-    base_data/<source>/shard_XXXXX.parquet        raw text, one `text` column; the LAST shard is the val split
+    base_data/<source>/shard_XXXXX.parquet        raw text, one `text` column
+    base_data/local/manifest.json                 the local build's record: names its train shards and val shard
     tokenized/<source>-<tok fingerprint>/         pretokenized shards (see `pretokenize`)
 
 Sources:
     fineweb  FineWeb-Edu (karpathy/fineweb-edu-100b-shuffle on the HF hub): shards 0..N-1 for train plus shard 1822
-             (the dataset's last shard) for val; it keeps its upstream name, so it sorts last.
+             (the dataset's last shard) for val, identified by that name.
     local    built from $NANOCHAT_DATA_DIR, TRAIN splits only (tinyshakespeare, GSM8K train, ARC-Easy/Challenge
              train), shuffled and split into train shards plus one val shard. Eval test/validation splits are never read.
+             The val shard is the one its manifest.json names.
+The val split is always identified by name, never as "the last file": a stray shard_*.parquet in the folder is
+ignored with a warning instead of silently becoming the validation data.
+Bad input (a missing or null field, a non-object JSON line, non-UTF-8 or binary text, an unreadable parquet file) is
+a UserError naming the file and the line or row.
 
 Commands (each step skips work that is already done):
     python -m nanochat.dataset --source fineweb -n 8                 # download 8 train shards + the val shard
@@ -21,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
+import warnings
 from multiprocessing import Pool
 from typing import Iterator
 
@@ -33,6 +41,8 @@ SOURCES = ("fineweb", "local")
 
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
 FINEWEB_MAX_SHARD = 1822  # index of the last shard upstream; nanochat uses it as the val shard
+FINEWEB_VAL_SHARD = f"shard_{FINEWEB_MAX_SHARD:05d}.parquet"
+SHARD_NAME = re.compile(r"shard_(\d{5})\.parquet")
 DOWNLOAD_TRIES = 5
 DOWNLOAD_TIMEOUT_S = 30  # per connect/read, not for the whole ~100 MB file
 DOWNLOAD_CHUNK = 1 << 20
@@ -59,31 +69,116 @@ def _prepare_command(source: str) -> str:
 
 
 def list_parquet_files(source: str) -> list[str]:
-    """Sorted raw shard paths of a source (the last one is the val split)."""
+    """Sorted paths of every shard_*.parquet in a source's folder (split_files says which are train and val)."""
     d = source_dir(source)
     if not os.path.isdir(d):
         return []
     return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.startswith("shard_") and f.endswith(".parquet")]
 
 
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        if not isinstance(m, dict):
+            raise ValueError(f"a JSON {type(m).__name__}, not an object")
+        return m
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is corrupted ({e}); rebuild with `{_prepare_command('local')} --force`") from e
+
+
+def _split_names(source: str) -> tuple[list[str], str]:
+    """(train shard names, val shard name) as the writer recorded them: fineweb by its fixed upstream val name,
+    local by its manifest."""
+    d = source_dir(source)
+    if source == "fineweb":
+        names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+        train = [n for n in names if SHARD_NAME.fullmatch(n) and int(n[6:11]) < FINEWEB_MAX_SHARD]
+        return train, FINEWEB_VAL_SHARD
+    manifest_path = os.path.join(d, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return [], ""  # not built (or the build was interrupted: the manifest is written last)
+    m = _read_manifest(manifest_path)
+    try:
+        train = m.get("train_files") or [f"shard_{i:05d}.parquet" for i in range(int(m["train_shards"]))]
+        val = m["val_shard"]
+        if not (isinstance(val, str) and all(isinstance(n, str) for n in train)):
+            raise TypeError("shard names must be strings")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{manifest_path} does not name the train and val shards ({type(e).__name__}: {e}); "
+                        f"rebuild with `{_prepare_command('local')} --force`") from e
+    return list(train), val
+
+
 def split_files(source: str, split: str) -> list[str]:
-    """Raw shards of one split: train = all but the last shard, val = the last shard."""
+    """Raw shards of one split. The val shard is identified by name (see _split_names); shard files that are
+    neither train nor val are ignored with a warning."""
     if split not in ("train", "val"):
         raise UserError(f"split must be 'train' or 'val' (got {split!r})")
-    files = list_parquet_files(source)
-    if len(files) < 2:
-        raise UserError(f"source {source!r} needs at least 2 shards (train + val) in {source_dir(source)}, found "
-                        f"{len(files)}; prepare it with `{_prepare_command(source)}`")
-    return files[:-1] if split == "train" else files[-1:]
+    d = source_dir(source)
+    train, val = _split_names(source)
+    present = {os.path.basename(f) for f in list_parquet_files(source)}
+    if not train or val not in present:
+        raise UserError(f"source {source!r} needs train shards and its val shard {val or '(unknown)'} in {d}, "
+                        f"found {len(present)} shard files; prepare it with `{_prepare_command(source)}`")
+    missing = [n for n in train if n not in present]
+    if missing:
+        raise UserError(f"{d} lacks the train shard(s) {', '.join(missing)}; prepare the source again with "
+                        f"`{_prepare_command(source)}{' --force' if source == 'local' else ''}`")
+    unexpected = sorted(present - set(train) - {val})
+    if unexpected:
+        warnings.warn(f"ignoring {len(unexpected)} unexpected shard file(s) in {d}: {', '.join(unexpected[:5])}"
+                      f"{' ...' if len(unexpected) > 5 else ''} (neither a train shard nor the val shard {val})",
+                      stacklevel=2)
+    return [os.path.join(d, n) for n in (train if split == "train" else [val])]
+
+
+def _open_parquet(path: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        redo = (f"rebuild with `{_prepare_command('local')} --force`" if os.path.basename(os.path.dirname(path))
+                == "local" else "delete it and download it again (`python -m nanochat.dataset --source fineweb`)")
+        raise UserError(f"{path} is not a readable parquet file ({type(e).__name__}: {e}); {redo}") from e
+    if "text" not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no `text` column (columns: {', '.join(pf.schema_arrow.names)})")
+    return pf
+
+
+def iter_shard_texts(path: str) -> Iterator[list[str]]:
+    """The `text` column of one raw shard, a row group at a time (bounded memory on 100 MB shards), checked to be
+    strings: a null, a number or undecodable bytes is a UserError naming the file and row."""
+    import pyarrow as pa
+    pf = _open_parquet(path)
+    row0 = 0
+    for rg in range(pf.num_row_groups):
+        try:
+            col = pf.read_row_group(rg, columns=["text"]).column("text")
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise UserError(f"{path}: row group {rg} (rows from {row0}) cannot be read ({type(e).__name__}: {e})") \
+                from e
+        try:
+            texts = col.to_pylist()
+        except UnicodeDecodeError:  # a string column holding invalid UTF-8: find the row
+            for i, b in enumerate(col.cast(pa.binary()).to_pylist()):
+                if b is not None:
+                    _decode_utf8(b, path, f" row {row0 + i}", nul_ok=True)
+            raise UserError(f"{path}: row group {rg} (rows from {row0}) is not UTF-8 text") from None
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                what = "null" if t is None else f"a {type(t).__name__}"
+                raise UserError(f"{path}: row {row0 + i}: `text` is {what}, expected a string")
+        yield texts
+        row0 += len(texts)
 
 
 def iter_documents(source: str, split: str) -> Iterator[str]:
     """Yield the documents (strings) of a split, shard by shard, row group by row group."""
-    import pyarrow.parquet as pq
     for path in split_files(source, split):
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        for texts in iter_shard_texts(path):
+            yield from texts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,34 +247,77 @@ def download_fineweb(num_shards: int, num_workers: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # local source
 
+def _decode_utf8(data: bytes, path: str, line: int | str | None = None, nul_ok: bool = False) -> str:
+    """UTF-8 text without NUL characters (a NUL means a binary file); errors name the file and the line (counted
+    here when not given)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = line if line is not None else data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{at} is not UTF-8 text (byte {data[e.start]:#04x}); is it a binary file?") from None
+    nul = -1 if nul_ok else text.find("\x00")
+    if nul >= 0:
+        at = line if line is not None else text[:nul].count("\n") + 1
+        raise UserError(f"{path}:{at} contains a NUL character: a binary file, not text")
+    return text
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; anything but a JSON object is a UserError naming the line."""
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_utf8(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, path, lineno)  # BOM
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got a {type(row).__name__}")
+            rows.append((lineno, row))
+    return rows
+
+
+def _field(row: dict, key: str, where: str, kind: type = str):
+    """row[key], which must be a `kind`; else a UserError naming file:line and the key."""
+    if key not in row:
+        raise UserError(f"{where}: missing key {key!r} (keys: {', '.join(map(repr, row))})")
+    v = row[key]
+    if not isinstance(v, kind):
+        raise UserError(f"{where}: {key!r} is {'null' if v is None else 'a ' + type(v).__name__}, "
+                        f"expected a {kind.__name__}")
+    return v
+
+
+def _arc_doc(row: dict, where: str) -> str:
+    choices = _field(row, "choices", where, dict)
+    labels, texts = (_field(choices, key, f"{where} choices", list) for key in ("label", "text"))
+    if len(labels) != len(texts) or not all(isinstance(x, str) for x in labels + texts):
+        raise UserError(f"{where}: choices need as many string labels as string texts "
+                        f"(got {len(labels)} labels, {len(texts)} texts)")
+    body = "\n".join(f"{lab}. {txt}" for lab, txt in zip(labels, texts))
+    return f"{_field(row, 'question', where)}\n{body}\nAnswer: {_field(row, 'answerKey', where)}"
+
+
 def _local_docs(data_dir: str) -> tuple[list[str], dict[str, int]]:
     """All training documents from the local TRAIN files, in file order, and the doc count per file."""
     docs_by_file: dict[str, list[str]] = {}
 
-    with open(os.path.join(data_dir, "tinyshakespeare/input.txt"), encoding="utf-8") as f:
-        turns = [t.strip() for t in f.read().split("\n\n") if t.strip()]  # blank lines separate speaker turns
+    path = os.path.join(data_dir, "tinyshakespeare/input.txt")
+    with open(path, "rb") as f:
+        text = _decode_utf8(f.read(), path)
+    turns = [t.strip() for t in text.split("\n\n") if t.strip()]  # blank lines separate speaker turns
     docs_by_file["tinyshakespeare/input.txt"] = [
         "\n\n".join(turns[i:i + SHAKESPEARE_TURNS_PER_DOC]) for i in range(0, len(turns), SHAKESPEARE_TURNS_PER_DOC)]
 
-    def read_jsonl(rel: str) -> list[dict]:
-        path = os.path.join(data_dir, rel)
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{lineno} is not valid JSON ({e})") from e
-        return rows
-
-    docs_by_file["gsm8k/train.jsonl"] = [r["question"] + "\n" + r["answer"] for r in read_jsonl("gsm8k/train.jsonl")]
+    path = os.path.join(data_dir, "gsm8k/train.jsonl")
+    docs_by_file["gsm8k/train.jsonl"] = [
+        _field(r, "question", f"{path}:{n}") + "\n" + _field(r, "answer", f"{path}:{n}") for n, r in _read_jsonl(path)]
     for rel in ("arc/ARC-Easy-train.jsonl", "arc/ARC-Challenge-train.jsonl"):
-        docs = []
-        for r in read_jsonl(rel):
-            choices = "\n".join(f"{lab}. {txt}" for lab, txt in zip(r["choices"]["label"], r["choices"]["text"]))
-            docs.append(f"{r['question']}\n{choices}\nAnswer: {r['answerKey']}")
-        docs_by_file[rel] = docs
+        path = os.path.join(data_dir, rel)
+        docs_by_file[rel] = [_arc_doc(r, f"{path}:{n}") for n, r in _read_jsonl(path)]
 
     all_docs = [d for rel in LOCAL_TRAIN_FILES for d in docs_by_file[rel]]
     return all_docs, {rel: len(docs_by_file[rel]) for rel in LOCAL_TRAIN_FILES}
@@ -199,8 +337,7 @@ def build_local(seed: int = 0, val_fraction: float = 0.05, force: bool = False) 
     out_dir = source_dir("local")
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.isfile(manifest_path) and not force:
-        with open(manifest_path) as f:
-            m = json.load(f)
+        m = _read_manifest(manifest_path)
         if m.get("seed") != seed or m.get("val_fraction") != val_fraction:
             raise UserError(f"{out_dir} was built with seed={m.get('seed')} val_fraction={m.get('val_fraction')}; "
                             f"pass --force to rebuild with seed={seed} val_fraction={val_fraction}")
@@ -233,11 +370,14 @@ def build_local(seed: int = 0, val_fraction: float = 0.05, force: bool = False) 
     chunks = np.array_split(np.arange(len(train_docs)), LOCAL_TRAIN_SHARDS)
     for i, idx in enumerate(chunks):
         _write_parquet(os.path.join(out_dir, f"shard_{i:05d}.parquet"), [train_docs[j] for j in idx])
-    _write_parquet(os.path.join(out_dir, f"shard_{LOCAL_TRAIN_SHARDS:05d}.parquet"), val_docs)  # last = val
+    val_name = f"shard_{LOCAL_TRAIN_SHARDS:05d}.parquet"
+    _write_parquet(os.path.join(out_dir, val_name), val_docs)
 
+    # the manifest names the splits: readers take val from it, never from the file order
     manifest = {"data_dir": os.path.abspath(data_dir), "source_files": counts, "seed": seed,
                 "val_fraction": val_fraction, "num_train_docs": len(train_docs), "num_val_docs": len(val_docs),
-                "train_shards": LOCAL_TRAIN_SHARDS, "val_shard": f"shard_{LOCAL_TRAIN_SHARDS:05d}.parquet"}
+                "train_shards": LOCAL_TRAIN_SHARDS, "val_shard": val_name,
+                "train_files": [f"shard_{i:05d}.parquet" for i in range(LOCAL_TRAIN_SHARDS)]}
     with open(manifest_path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=2)
     os.replace(manifest_path + ".tmp", manifest_path)  # written last: its presence means the build finished
@@ -277,20 +417,16 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
     shard_XXXXX.bin      all documents' tokens back to back, each document prefixed with BOS (uint16, or uint32
                          for vocabularies above 65536)
     shard_XXXXX.idx.npy  int64 [num_docs + 1], start offset of each document in the .bin (last entry = num tokens)
-    meta.json            dtype, vocab size, BOS id, per-shard doc/token counts and split (the last shard is val)
+    meta.json            dtype, vocab size, BOS id, per-shard doc/token counts and split (val: see split_files)
 
     Why pretokenize: with the documents' token counts known up front, the packing plan of the loader depends only
     on document lengths, so every rank computes the same global row order cheaply and only reads its own rows'
     tokens. Resuming from a checkpoint and DDP-vs-single-process equivalence are then exact.
     Writes are atomic and finished shards are skipped, so an interrupted run can simply be started again.
     """
-    import pyarrow.parquet as pq
     if num_workers < 1:
         raise UserError(f"--num-workers must be >= 1 (got {num_workers})")
-    files = list_parquet_files(source)
-    if len(files) < 2:
-        raise UserError(f"no raw shards to pretokenize in {source_dir(source)} (need train + val); prepare them with "
-                        f"`{_prepare_command(source)}`")
+    files = [(f, "train") for f in split_files(source, "train")] + [(f, "val") for f in split_files(source, "val")]
     out_dir = tokenized_dir(source, tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -314,7 +450,7 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
         os.replace(meta_path + ".tmp", meta_path)
 
     t0 = time.time()
-    for i, path in enumerate(progress(files, desc=f"pretokenize {source}", unit="shard")):
+    for path, split in progress(files, desc=f"pretokenize {source}", unit="shard"):
         name = os.path.basename(path)[: -len(".parquet")]
         st = os.stat(path)
         raw = {"raw_size": st.st_size, "raw_mtime_ns": st.st_mtime_ns}  # a rebuilt raw shard must be redone
@@ -323,10 +459,8 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
         if info is None or any(old.get(k) != v for k, v in raw.items()):
             bin_path, idx_path = os.path.join(out_dir, name + ".bin"), os.path.join(out_dir, name + ".idx.npy")
             offsets = [0]
-            pf = pq.ParquetFile(path)
             with open(bin_path + ".tmp", "wb") as f:
-                for rg in range(pf.num_row_groups):  # row group at a time keeps memory bounded on 100 MB shards
-                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                for texts in iter_shard_texts(path):
                     for ids in tokenizer.encode_batch(texts, prepend=bos, num_threads=num_workers):
                         np.asarray(ids, dtype=dtype).tofile(f)
                         offsets.append(offsets[-1] + len(ids))
@@ -337,16 +471,16 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
             info = {"num_docs": len(offsets) - 1, "num_tokens": offsets[-1]}
             print0(f"pretokenized {name}: {info['num_docs']} docs, {info['num_tokens']} tokens "
                    f"({time.time() - t0:.1f}s so far)")
-        split = "val" if i == len(files) - 1 else "train"
         meta["shards"].append({"name": name, "split": split, **info, **raw})
         write_meta()  # after every shard, so an interrupted run resumes where it stopped
 
     shards = meta["shards"]
-    meta["val_shard"] = shards[-1]["name"]
+    val = next(s for s in shards if s["split"] == "val")
+    meta["val_shard"] = val["name"]
     meta["complete"] = True
     write_meta()
     n_train = sum(s["num_tokens"] for s in shards if s["split"] == "train")
-    print0(f"pretokenized {source}: train {n_train:,} tokens, val {shards[-1]['num_tokens']:,} tokens, "
+    print0(f"pretokenized {source}: train {n_train:,} tokens, val {val['num_tokens']:,} tokens, "
            f"{time.time() - t0:.1f}s -> {out_dir}")
     return out_dir
 

@@ -122,11 +122,17 @@ def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int,
                   max_new_tokens: int = 256, strict: bool = False, task_data: str = "auto", seed: int | None = 42,
                   rank: int = 0, world_size: int = 1) -> tuple[dict, list[dict]]:
     """Evaluate one task. Returns (summary for eval.json, per-example records for eval_examples.jsonl); both are
-    complete on every rank."""
+    complete on every rank. A task with nothing to score (an empty file, every row malformed, every example skipped)
+    is a UserError naming the data, never a result with n = 0."""
     kind, data, make_parse, primary, num_fewshot = TASKS[name]
     t0 = time.perf_counter()
     rows, source = load_rows(data, task_data)
+    if not rows:
+        raise UserError(f"task {name}: {source} has no rows (an empty file?)")
     examples, malformed = parse_rows(rows, make_parse(), strict, source)
+    if not examples:
+        raise UserError(f"task {name}: none of the {len(rows)} rows of {source} is a valid example (first reasons: "
+                        f"{'; '.join(malformed[:3])})")
     examples = subsample(examples, max_per_task, seed)
     t_load = time.perf_counter() - t0
     order = {id(ex): i for i, ex in enumerate(examples)}  # by object, so duplicate ids in a file cannot collide
@@ -153,6 +159,10 @@ def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int,
 
     scored = [r for r in records if "skipped" not in r]
     n = len(scored)
+    if n == 0:
+        reasons = sorted({r["skipped"] for r in records})[:MAX_REASONS]
+        raise UserError(f"task {name}: none of the {len(records)} examples from {source} could be scored "
+                        f"({'; '.join(reasons)})")
     summary = dict(metric=primary, score=None, n=n, ci95=None, ci_method="wilson",
                    metrics={}, style=STYLES[kind], num_fewshot=num_fewshot, data_source=source, rows=len(rows),
                    malformed=len(malformed), malformed_reasons=malformed[:MAX_REASONS],

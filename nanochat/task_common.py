@@ -51,12 +51,19 @@ class TaskData:
 
 
 def read_jsonl(path: str) -> list:
-    """One entry per line: the parsed object, or a MalformedRow for a line that is not JSON (so one bad line is
-    counted instead of aborting the file; the arrow JSON reader behind load_dataset('json') rejects the whole
-    file, or a column whose type changes from row to row)."""
+    """One entry per line: the parsed object, or a MalformedRow for a line that is not UTF-8 or not JSON (so one bad
+    line is counted instead of aborting the file; the arrow JSON reader behind load_dataset('json') rejects the whole
+    file, or a column whose type changes from row to row). Read as bytes: a text-mode read dies on the first
+    non-UTF-8 byte with a UnicodeDecodeError."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a BOM on the first line is not an error
+            except UnicodeDecodeError as e:
+                rows.append(MalformedRow(f"line {i + 1} is not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                         f"{e.start + 1})"))
+                continue
             if not line.strip():
                 continue
             try:

@@ -4,6 +4,10 @@ Files written by `Tokenizer.save(dir)` (no pickle anywhere, so loading a downloa
 - `tokenizer.json`: {"format", "pattern", "mergeable_ranks": [base64 token bytes, in rank order], "special_tokens": {str: id}}
 - `token_bytes.npy`: int32 [vocab_size], the UTF-8 byte length of each token id (0 for special tokens). Bits-per-byte
   evaluation divides the summed loss by these byte counts, so the metric does not depend on the vocabulary.
+  It is a pure function of tokenizer.json: `load` recomputes it and refuses a file that differs, so the fingerprint
+  (a hash of tokenizer.json) covers it too and a tampered copy can never rescale val bpb.
+`load` also validates tokenizer.json (distinct tokens, all 256 byte tokens, special ids right after the ranks, a
+sane vocab size), so a damaged file is a clear error instead of a Rust panic or a silently wrong vocabulary.
 
 Plain text is always encoded with `encode_ordinary`: a special-token string typed inside user text stays plain text
 and can never inject a control token. Special tokens are added only through `prepend=` or `encode_special`.
@@ -37,6 +41,7 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKEN_BYTES_NPY = "token_bytes.npy"
 FORMAT = "nanochat-tiktoken-v1"
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # byte-level BPE needs all 256 bytes plus the specials
+MAX_VOCAB_SIZE = 1 << 20  # 5x the largest tiktoken vocab (o200k); beyond it a file is damaged, not ambitious
 DEFAULT_NUM_THREADS = 8  # tiktoken's own default for batch encoding
 
 
@@ -60,6 +65,8 @@ class Tokenizer:
         if vocab_size < MIN_VOCAB_SIZE:
             raise UserError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} "
                             f"special tokens), got {vocab_size}")
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise UserError(f"--vocab-size must be at most {MAX_VOCAB_SIZE}, got {vocab_size}")
         import rustbpe
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
@@ -67,6 +74,13 @@ class Tokenizer:
         # tiktoken needs ranks 0..n-1; the specials are numbered right after them
         assert sorted(ranks.values()) == list(range(len(ranks))), "rustbpe returned non-contiguous ranks"
         special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        got = len(ranks) + len(special)
+        # rustbpe stops merging when no pair is left: too little (or empty) text gives a smaller vocab than asked,
+        # and every model size and cache downstream would silently follow it
+        if got < vocab_size:
+            raise UserError(f"the training text yields a vocabulary of only {got} tokens ({len(ranks) - 256} merges), "
+                            f"smaller than the {vocab_size} asked for: the input is empty or too small (check the "
+                            f"raw shards), or ask for --vocab-size {got} or less")
         return cls(bpe.get_pattern(), ranks, special)
 
     def _to_json_dict(self) -> dict:
@@ -92,7 +106,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str) -> "Tokenizer":
-        """Load from tokenizer.json (+ token_bytes.npy when present); never unpickles."""
+        """Load from tokenizer.json (+ token_bytes.npy when present, verified); never unpickles."""
         path = os.path.join(directory, TOKENIZER_JSON)
         if not os.path.isfile(path):
             raise UserError(f"tokenizer file {path} not found; train one with `python -m scripts.tok_train`")
@@ -101,9 +115,19 @@ class Tokenizer:
                 d = json.load(f)
             if d.get("format") != FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, expected {FORMAT!r}")
-            ranks = {base64.b64decode(s, validate=True): i for i, s in enumerate(d["mergeable_ranks"])}
-            special = {str(k): int(v) for k, v in d["special_tokens"].items()}
-            tok = cls(str(d["pattern"]), ranks, special)
+            tokens, special = d["mergeable_ranks"], d["special_tokens"]
+            if not isinstance(tokens, list) or not isinstance(special, dict):
+                raise TypeError("mergeable_ranks must be a list and special_tokens an object")
+            if not MIN_VOCAB_SIZE <= len(tokens) + len(special) <= MAX_VOCAB_SIZE:
+                raise _Invalid(f"vocab size {len(tokens) + len(special)} is outside "
+                               f"[{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}]")
+            tokens = [base64.b64decode(t, validate=True) for t in tokens]
+            special = {str(k): v for k, v in special.items()}
+            _validate_vocab(tokens, special)
+            tok = cls(str(d["pattern"]), {t: i for i, t in enumerate(tokens)}, special)
+        except _Invalid as e:
+            raise UserError(f"tokenizer file {path} is invalid: {e}; retrain with `python -m scripts.tok_train`") \
+                from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             raise UserError(f"tokenizer file {path} is corrupted ({type(e).__name__}: {e}); "
                             f"retrain with `python -m scripts.tok_train`") from e
@@ -115,9 +139,16 @@ class Tokenizer:
                 tb = np.load(npy, allow_pickle=False)
             except (ValueError, OSError) as e:
                 raise UserError(f"{npy} is corrupted ({e}); retrain with `python -m scripts.tok_train`") from e
-            if tb.shape != (tok.vocab_size,):
-                raise UserError(f"{npy} has shape {tb.shape}, expected ({tok.vocab_size},) to match {path}")
-            tok._token_bytes = tb.astype(np.int32)
+            if tb.shape != (tok.vocab_size,) or tb.dtype.kind not in "iu":
+                raise UserError(f"{npy} holds {tb.dtype} {tb.shape}, expected integers of shape ({tok.vocab_size},) "
+                                f"to match {path}")
+            expected = tok._token_bytes_array()
+            bad = np.flatnonzero(tb != expected)
+            if len(bad):  # val bpb divides by these counts: a wrong file silently rescales it
+                i = int(bad[0])
+                raise UserError(f"{npy} does not match {path}: {len(bad)} token ids differ (id {i}: {tb[i]} bytes in "
+                                f"the file, {expected[i]} in the tokenizer); delete it to have it recomputed, or "
+                                f"retrain with `python -m scripts.tok_train`")
         return tok
 
     # ---- properties ---------------------------------------------------------------------------------------------
@@ -170,16 +201,50 @@ class Tokenizer:
         return self.enc.decode_single_token_bytes(token_id)
 
     def _token_bytes_array(self) -> np.ndarray:
-        if self._token_bytes is None:
-            special_ids = set(self.special_tokens.values())
-            self._token_bytes = np.array(
-                [0 if i in special_ids else len(self.id_to_token_bytes(i)) for i in range(self.vocab_size)],
-                dtype=np.int32)
+        if self._token_bytes is None:  # special tokens stay 0 bytes
+            tb = np.zeros(self.vocab_size, dtype=np.int32)
+            for tok, rank in self.mergeable_ranks.items():
+                tb[rank] = len(tok)
+            self._token_bytes = tb
         return self._token_bytes
 
     def token_bytes(self) -> torch.Tensor:
         """int64 [vocab_size]: UTF-8 byte length of each token, 0 for special tokens (for bits per byte)."""
         return torch.from_numpy(self._token_bytes_array().astype(np.int64))
+
+
+class _Invalid(Exception):
+    """tokenizer.json parses but describes no usable vocabulary (the message says why)."""
+
+
+def _validate_vocab(tokens: list[bytes], special: dict) -> None:
+    """Raise _Invalid unless tokens (in rank order) and special ids form one dense id space 0..V-1 (what tiktoken
+    needs: duplicates make it panic, and a gap or a huge id silently inflates vocab_size)."""
+    first: dict[bytes, int] = {}
+    for i, t in enumerate(tokens):
+        if t in first:
+            raise _Invalid(f"duplicate mergeable token {t!r} at ranks {first[t]} and {i}")
+        first[t] = i
+    missing = [b for b in range(256) if bytes([b]) not in first]
+    if missing:  # byte-level BPE: without every single byte some text cannot be encoded at all
+        raise _Invalid(f"{len(missing)} of the 256 single-byte tokens are missing (e.g. {bytes([missing[0]])!r})")
+    n, owner = len(tokens), {}
+    for name, i in special.items():
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise _Invalid(f"special token {name!r} has id {i!r}, not an integer")
+        if 0 <= i < n:
+            raise _Invalid(f"special token {name!r} has id {i}, which is already the mergeable token {tokens[i]!r}")
+        if i in owner:
+            raise _Invalid(f"special tokens {owner[i]!r} and {name!r} share id {i}")
+        owner[i] = name
+    ids = sorted(owner)
+    if ids and ids[-1] >= MAX_VOCAB_SIZE:
+        raise _Invalid(f"special token {owner[ids[-1]]!r} has id {ids[-1]}, an absurd vocab size of {ids[-1] + 1} "
+                       f"(at most {MAX_VOCAB_SIZE})")
+    if ids != list(range(n, n + len(ids))):
+        shown = ", ".join(map(str, ids[:12])) + (", ..." if len(ids) > 12 else "")
+        raise _Invalid(f"special token ids must be {n}..{n + len(ids) - 1}, right after the {n} mergeable tokens "
+                       f"(got {shown})")
 
 
 def get_tokenizer_dir() -> str:

@@ -1,18 +1,45 @@
 """Training-loop helpers shared by the training scripts (base_train, sft_train, train_rl): a graceful stop on
-SIGINT/SIGTERM and metrics files that stay consistent across a resume."""
+SIGINT/SIGTERM, one writer per run (an OS file lock), resume that refuses changed settings, and metrics files
+that stay consistent across a resume."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
+from nanochat.common import UserError
+
+
+def read_metrics(path: str) -> list[dict]:
+    """metrics.jsonl's records. A partial last line (a crash or a full disk mid-append) is dropped with a warning;
+    a bad line elsewhere is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.readlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "step" not in rec:
+                raise ValueError("not a record with a 'step'")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"warning: {path}:{i + 1}: dropping a partial last line ({e})", file=sys.stderr, flush=True)
+                continue
+            raise UserError(f"{path}:{i + 1}: not a metrics record ({e}); fix or remove that line") from None
+        records.append(rec)
+    return records
+
 
 def truncate_metrics(path: str, step: int):
     """On resume, drop records logged after the checkpoint (and its evaluations -- val bpb, val answer loss, mHC
-    statistics -- which are redone at that step) so the curves have no duplicated steps."""
+    statistics -- which are redone at that step) so the curves have no duplicated steps. Rewritten atomically."""
     if not os.path.exists(path):
         return
 
@@ -20,10 +47,88 @@ def truncate_metrics(path: str, step: int):
         redone = ("val_bpb", "val_answer_loss", "mhc")
         return rec["step"] < step or (rec["step"] == step and not any(k in rec for k in redone))
 
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and keep(json.loads(line))]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    kept = [rec for rec in read_metrics(path) if keep(rec)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in kept)
+    os.replace(path + ".tmp", path)
+
+
+_HELD: dict[str, object] = {}  # lock path -> open file, held by this process
+
+
+class RunLock:
+    """One writer per run: an exclusive OS lock (flock) on <folder>/.lock for each folder the run owns (its
+    checkpoints, its results). The kernel releases it when the process exits, crashes or is killed with -9, so a
+    stale lock never blocks a later run. A second run gets an error naming the holder's PID. Within one process
+    a new lock on the same folder replaces the old one: runs in one process are sequential (a main() that raised
+    may still be referenced by a traceback, e.g. in tests)."""
+
+    def __init__(self, folders: list[str], what: str):
+        self.files = []
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.realpath(os.path.join(folder, ".lock"))
+            if path in _HELD:
+                _HELD.pop(path).close()
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                self.release()
+                raise UserError(f"{what} is in use by another run (PID {holder}, lock {path}): wait for it to "
+                                f"finish or stop it, or choose another tag") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            self.files.append(f)
+            _HELD[path] = f
+
+    def release(self):
+        for f in self.files:
+            _HELD.pop(os.path.realpath(f.name), None)
+            f.close()  # closing the descriptor releases the flock
+        self.files = []
+
+
+def acquire_run_lock(folders: list[str], what: str, master: bool, device) -> RunLock | None:
+    """RunLock on rank 0, with every rank told the outcome (so a refused torchrun run stops on all ranks)."""
+    lock, error = None, ""
+    if master:
+        try:
+            lock = RunLock(folders, what)
+        except UserError as e:
+            error = str(e)
+    if dist.is_initialized():
+        flag = torch.tensor([1 if error else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not error:
+            error = f"{what} is in use by another run (see rank 0's message)"
+    if error:
+        raise UserError(error)
+    return lock
+
+
+# Settings that change only logging, evaluation, saving or placement, not the trained model: these may change
+# on --resume (the change is recorded in metrics.jsonl); any other difference is refused.
+RESUMABLE_CHANGES = ("run", "model_tag", "resume", "log_every", "eval_every", "eval_tokens", "save_every",
+                     "keep_checkpoints", "results_dir", "mhc_log_every", "device_type", "compile", "device_batch_size")
+
+
+def check_resume_settings(saved: dict, now: dict, path: str, allowed=RESUMABLE_CHANGES) -> dict:
+    """Compare the run settings stored in the checkpoint with this invocation's. Returns the allowed changes
+    ({key: [old, new]}); any other difference is refused with the keys named (the checkpoint's optimizer state,
+    schedule and data order would silently keep the old values while config.json recorded the new ones)."""
+    changed = {k: [saved.get(k), v] for k, v in now.items() if k in saved and saved[k] != v}
+    refused = {k: ov for k, ov in changed.items() if k not in allowed}
+    if refused:
+        detail = "; ".join(f"--{k.replace('_', '-')}: checkpoint {o!r}, now {n!r}" for k, (o, n) in refused.items())
+        raise UserError(f"cannot resume from {path} with different settings ({detail}). Resume with the "
+                        f"checkpoint's values, or start a new run under another --model-tag")
+    return {k: ov for k, ov in changed.items() if k in allowed}
 
 
 class StopFlag:

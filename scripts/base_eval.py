@@ -8,13 +8,18 @@
 Writes <results_dir>/<model_tag>/eval.json (per task: score, n, 95% CI, scoring style, malformed/skipped counts;
 plus the checkpoint, its step and the git commit) and eval_examples.jsonl (per example: task, id, prediction,
 correct and the details), so that two models can be compared example by example. Examples are sharded across
-ranks (nanochat/evaluate.py).
+ranks (nanochat/evaluate.py). Both files are rewritten (atomically) as each task finishes: eval.json's `status`,
+`finished` and `pending` say how far the run got, so SIGINT (exit 130), SIGTERM (143) or a bad task file keeps the
+tasks that finished.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import signal
+import sys
+import threading
 
 import torch.distributed as dist
 
@@ -64,9 +69,76 @@ def apply_gates(model, cfg: EvalConfig) -> dict | None:
     return dict(source=source, given=list(values), per_sublayer=model.get_mhc_gates())
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during the evaluation (a KeyboardInterrupt, so that no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def atomic_write(path: str, text: str):
+    """A reader (or a kill) never sees a half-written file: write a .tmp, then rename it over the old one."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_progress(out_dir: str, record: dict, examples: list[dict]):
+    """eval_examples.jsonl first, then eval.json: eval.json never lists a task whose examples are not on disk."""
+    atomic_write(os.path.join(out_dir, "eval_examples.jsonl"), "".join(json.dumps(r) + "\n" for r in examples))
+    atomic_write(os.path.join(out_dir, "eval.json"), json.dumps(record, indent=2))
+
+
 def main(argv=None):
+    """Evaluate; SIGINT/SIGTERM exit 130/143 with the finished tasks saved (the handlers are restored on return, for
+    callers in the same process)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set from there
+        return evaluate(argv)
+    saved = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return evaluate(argv)
+    except Interrupted as e:  # still loading: nothing of this run to save
+        print0(f"\ninterrupted by {signal.Signals(e.signum).name} before any task ran; nothing written",
+               file=sys.stderr)
+        sys.exit(128 + e.signum)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def run_bpb(cfg: EvalConfig, model, tokenizer, token_bytes, ctx, device, meta: dict, rank: int, world_size: int):
+    """Train and val bits per byte on the training source. Returns (result for eval.json, per-row val records)."""
+    run_train = meta.get("run_config", {}).get("train", {})
+    data_source = run_train.get("data_source", "fineweb")
+    seq_len = model.config.sequence_len
+    if rank == 0:
+        pretokenize(data_source, tokenizer)
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+    token_dir = tokenized_dir(data_source, tokenizer)
+    tokens_per_batch = cfg.device_batch_size * seq_len * world_size
+    num_batches = max(1, cfg.eval_tokens // tokens_per_batch)
+    bpb, val_rows = {}, []
+    for split in ("train", "val"):
+        loader = PackedLoader(token_dir, split, cfg.device_batch_size, seq_len, rank=rank,
+                              world_size=world_size, device=device, seed=run_train.get("seed", 0))
+        batches = progress((loader.next_batch() for _ in range(num_batches)), total=num_batches,
+                           desc=f"{split} bpb", unit="batch")
+        bpb[f"{split}_bpb"] = evaluate_bpb(model, batches, token_bytes, ctx,
+                                           rows=val_rows if split == "val" else None)
+        print0(f"{split} bpb: {bpb[f'{split}_bpb']:.4f}")
+    return {**bpb, "tokens": num_batches * tokens_per_batch}, val_row_records(val_rows, cfg.device_batch_size,
+                                                                              rank, world_size)
+
+
+def evaluate(argv=None):
     cfg, _ = build_config(EvalConfig, argv, description=__doc__.split("\n")[0])
-    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
+    device_type, device, _, rank, _, world_size = compute_init(cfg.device_type)
     dtype, _, ctx = resolve_precision(device_type, cfg.dtype)
 
     path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
@@ -79,61 +151,69 @@ def main(argv=None):
     if gates:
         print0(f"mHC gates: {gates['source']}: {gates['per_sublayer']}")
     token_bytes = tokenizer.token_bytes().to(device)
-    run_train = meta.get("run_config", {}).get("train", {})
-    data_source = run_train.get("data_source", "fineweb")
-    seq_len = model.config.sequence_len
+    data_source = meta.get("run_config", {}).get("train", {}).get("data_source", "fineweb")
     print0(f"evaluating {path} (step {meta['step']}) on {data_source} data")
 
-    results, examples = {}, []
     tasks = cfg.task_list()
-    if "bpb" in tasks:
-        if rank == 0:
-            pretokenize(data_source, tokenizer)
-        if is_ddp:
-            dist.barrier()
-        token_dir = tokenized_dir(data_source, tokenizer)
-        tokens_per_batch = cfg.device_batch_size * seq_len * world_size
-        num_batches = max(1, cfg.eval_tokens // tokens_per_batch)
-        bpb, val_rows = {}, []
-        for split in ("train", "val"):
-            loader = PackedLoader(token_dir, split, cfg.device_batch_size, seq_len, rank=rank,
-                                  world_size=world_size, device=device, seed=run_train.get("seed", 0))
-            batches = progress((loader.next_batch() for _ in range(num_batches)), total=num_batches,
-                               desc=f"{split} bpb", unit="batch")
-            bpb[f"{split}_bpb"] = evaluate_bpb(model, batches, token_bytes, ctx,
-                                               rows=val_rows if split == "val" else None)
-            print0(f"{split} bpb: {bpb[f'{split}_bpb']:.4f}")
-        results["bpb"] = {**bpb, "tokens": num_batches * tokens_per_batch}
-        examples += val_row_records(val_rows, cfg.device_batch_size, rank, world_size)
+    results, examples = {}, []
+    out_dir = os.path.join(cfg.results_dir, model_tag)
+    eval_path = os.path.join(out_dir, "eval.json")
+    record = dict(checkpoint=path, step=meta["step"], status="running", finished=[], pending=list(tasks),
+                  results=results, eval_config=dataclasses.asdict(cfg), mhc_gates=gates, git_commit=git_commit(),
+                  dtype=dtype, world_size=world_size)
 
-    for name in (t for t in tasks if t != "bpb"):
-        summary, records = evaluate_task(
-            name, model, tokenizer, autocast_ctx=ctx, batch_size=cfg.device_batch_size,
-            max_per_task=cfg.max_per_task, max_new_tokens=cfg.max_new_tokens, strict=cfg.strict,
-            task_data=cfg.task_data, seed=cfg.seed if cfg.subset == "random" else None, rank=rank,
-            world_size=world_size)
-        results[name] = summary
-        examples += records
-        lo, hi = summary["ci95"] if summary["n"] else (float("nan"), float("nan"))
-        score = f"{summary['score']:.4f}" if summary["n"] else "n/a"
-        print0(f"{name}: {summary['metric']} {score} [{lo:.3f}, {hi:.3f}] n={summary['n']} "
-               f"(malformed {summary['malformed']}, skipped {summary['skipped']}) "
-               f"{summary['examples_per_s']:.2f} examples/s from {summary['data_source']}")
+    def save(status: str, **extra):
+        """eval.json's status, the finished tasks and the pending ones (the one running included)."""
+        if rank == 0:  # every rank holds all the results (gathered); one writes
+            record.update(status=status, finished=list(results), pending=[t for t in tasks if t not in results],
+                          **extra)
+            save_progress(out_dir, record, examples)
 
     if rank == 0:
-        out_dir = os.path.join(cfg.results_dir, model_tag)
         os.makedirs(out_dir, exist_ok=True)
-        record = dict(checkpoint=path, step=meta["step"], results=results, eval_config=dataclasses.asdict(cfg),
-                      mhc_gates=gates, git_commit=git_commit(), dtype=dtype, world_size=world_size)
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump(record, f, indent=2)
-        if examples:
-            with open(os.path.join(out_dir, "eval_examples.jsonl"), "w") as f:
-                for r in examples:
-                    f.write(json.dumps(r) + "\n")
-        print0(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    try:
+        save("running")  # replaces an earlier run's files at once, so they cannot pass for this run's
+        if "bpb" in tasks:
+            bpb, rows = run_bpb(cfg, model, tokenizer, token_bytes, ctx, device, meta, rank, world_size)
+            examples += rows
+            results["bpb"] = bpb
+            save("running")
+        for name in (t for t in tasks if t != "bpb"):
+            summary, records = evaluate_task(
+                name, model, tokenizer, autocast_ctx=ctx, batch_size=cfg.device_batch_size,
+                max_per_task=cfg.max_per_task, max_new_tokens=cfg.max_new_tokens, strict=cfg.strict,
+                task_data=cfg.task_data, seed=cfg.seed if cfg.subset == "random" else None, rank=rank,
+                world_size=world_size)
+            examples += records
+            results[name] = summary
+            save("running")
+            lo, hi = summary["ci95"]
+            print0(f"{name}: {summary['metric']} {summary['score']:.4f} [{lo:.3f}, {hi:.3f}] n={summary['n']} "
+                   f"(malformed {summary['malformed']}, skipped {summary['skipped']}) "
+                   f"{summary['examples_per_s']:.2f} examples/s from {summary['data_source']}")
+    except KeyboardInterrupt as e:  # Interrupted (our handlers), or a caller's KeyboardInterrupt
+        stop(getattr(e, "signum", signal.SIGINT), save, tasks, results, eval_path, rank)
+    except Exception as e:
+        # a bad task file (or a bug) fails the run, but the tasks that finished stay in eval.json
+        save("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    save("complete")
+    print0(f"wrote {eval_path}")
     compute_cleanup()
 
+
+def stop(signum: int, save, tasks: list[str], results: dict, eval_path: str, rank: int):
+    """Save the finished tasks and exit 128 + signum (130 SIGINT, 143 SIGTERM) with one line, on every rank (under
+    torchrun the terminal's Ctrl-C, or the agent's SIGTERM, reaches each rank)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the last write short
+    name = signal.Signals(signum).name
+    save(f"interrupted ({name})")
+    if rank == 0:
+        pending = [t for t in tasks if t not in results]
+        print(f"\ninterrupted by {name}: finished {', '.join(results) or 'no task'} (saved in {eval_path}); "
+              f"not finished: {', '.join(pending)}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 if __name__ == "__main__":
     run_main(main)

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanochat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import (checkpoint_root, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
+                                 recover_interrupted_saves, save_checkpoint)
 from nanochat.common import (UserError, append_jsonl, compute_cleanup, compute_init, git_commit,
                              init_wandb, print0, resolve_precision, run_main)
 from nanochat.config import TrainConfig, build_config
@@ -32,7 +33,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import apply_schedules, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import StopFlag, truncate_metrics
+from nanochat.training import StopFlag, acquire_run_lock, check_resume_settings, truncate_metrics
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, for MFU
 
@@ -95,12 +96,20 @@ def main(argv=None):
     results_dir = os.path.join(cfg.results_dir, model_tag)
     metrics_path = os.path.join(results_dir, "metrics.jsonl")
 
+    # one writer per model tag: its checkpoints and its results folder (released on exit, crash or kill -9)
+    lock = acquire_run_lock([ckpt_root, results_dir], f"model tag {model_tag!r}", master, device)
+    if master:
+        recover_interrupted_saves(ckpt_root)
+    if is_ddp:
+        dist.barrier()
     resume_path = latest_checkpoint(ckpt_root)
     if resume_path and not cfg.resume:
         raise UserError(f"checkpoints already exist in {ckpt_root}: pass --resume to continue that run, or "
                         f"choose another --model-tag (or delete the folder to start over)")
-    if cfg.resume and not resume_path:
-        print0(f"--resume: no checkpoint in {ckpt_root} yet, starting from scratch")
+    if cfg.resume:
+        resume_path = latest_intact_checkpoint(ckpt_root)  # falls back past a damaged newest one, says so
+        if not resume_path:
+            print0(f"--resume: no checkpoint in {ckpt_root} yet, starting from scratch")
 
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
@@ -128,11 +137,18 @@ def main(argv=None):
     token_dir = tokenized_dir(cfg.data_source, tokenizer)
     train_loader = PackedLoader(token_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=rank,
                                 world_size=world_size, device=device, seed=cfg.seed)
+    if train_loader.vocab_size != tokenizer.vocab_size:  # the loader checks ids against its own meta.json
+        raise UserError(f"pretokenized data in {token_dir} records vocab size {train_loader.vocab_size}, the "
+                        f"tokenizer has {tokenizer.vocab_size}: delete that folder and rerun `python -m "
+                        f"nanochat.dataset --source {cfg.data_source} --pretokenize`")
 
     step = 0
+    resumed_changes = {}
     if resume_path and cfg.resume:
         weights, optim_payload, meta = load_checkpoint(resume_path, device=device)
         check_resume_compatible(meta, model_config, tokenizer.fingerprint, resume_path)
+        resumed_changes = check_resume_settings(meta.get("run_config", {}).get("train", {}),
+                                                dataclasses.asdict(cfg), resume_path)
         model.load_state_dict(weights)
         for opt, state in zip(optimizers, optim_payload["optimizers"]):
             opt.load_state_dict(state)
@@ -145,7 +161,10 @@ def main(argv=None):
         step = meta["step"]
         if master:
             truncate_metrics(metrics_path, step)
-        print0(f"resumed from {resume_path} at step {step}")
+            if resumed_changes:  # what changed at this step, so the curves can be read honestly
+                append_jsonl(metrics_path, {"step": step, "config_change": resumed_changes})
+        print0(f"resumed from {resume_path} at step {step}"
+               + (f" (changed: {', '.join(resumed_changes)})" if resumed_changes else ""))
 
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     if is_ddp:
@@ -159,8 +178,10 @@ def main(argv=None):
                       seed=cfg.seed)
     if master:
         os.makedirs(results_dir, exist_ok=True)
-        with open(os.path.join(results_dir, "config.json"), "w") as f:
+        config_path = os.path.join(results_dir, "config.json")
+        with open(config_path + ".tmp", "w") as f:
             json.dump(run_config, f, indent=2)
+        os.replace(config_path + ".tmp", config_path)
     wandb_run = init_wandb(cfg.run, "nanochat-mhc", run_config, master)
 
     print0(f"model: {num_params:,} params | {model_config.n_layer} layers, width {model_config.n_embd}, "
@@ -205,6 +226,9 @@ def main(argv=None):
         if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             val_bpb = eval_val_bpb()
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            if not math.isfinite(val_bpb):
+                raise UserError(f"val bpb is {val_bpb} at step {step}: the model diverged; not saving. The last "
+                                f"good checkpoint is {latest_checkpoint(ckpt_root) or '(none)'}")
             if master:
                 append_jsonl(metrics_path, {"step": step, "val_bpb": val_bpb})
             wandb_run.log({"step": step, "val/bpb": val_bpb})
@@ -234,6 +258,11 @@ def main(argv=None):
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # never step on (or later save) a diverged model: check before the update (one sync per step)
+        if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
+            raise UserError(f"training diverged at step {step}: loss {loss_sum.item() / grad_accum} / grad norm "
+                            f"{grad_norm.item()} is not finite; no update was applied and nothing was saved. Lower "
+                            f"the learning rates, or resume from the last checkpoint in {ckpt_root}")
         lrm = apply_schedules(optimizers, step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio,
                               cfg.final_lr_frac)
         for opt in optimizers:
@@ -273,6 +302,8 @@ def main(argv=None):
         print0(f"final val bpb: {val_bpb:.4f}")
     wandb_run.finish()
     compute_cleanup()
+    if lock:
+        lock.release()
     if signum:
         print0(f"stopped by signal {signum} at step {step}; continue with --resume")
         sys.exit(128 + signum)

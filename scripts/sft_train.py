@@ -30,8 +30,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from envs.gsm8k_env import load_problems
-from nanochat.checkpoint import (check_tokenizer, checkpoint_root, latest_checkpoint, load_checkpoint, read_meta,
-                                 resolve_checkpoint, save_checkpoint)
+from nanochat.checkpoint import (check_tokenizer, checkpoint_root, latest_checkpoint, latest_intact_checkpoint,
+                                 load_checkpoint, read_meta, recover_interrupted_saves, resolve_checkpoint,
+                                 save_checkpoint)
 from nanochat.common import (UserError, append_jsonl, compute_cleanup, compute_init, git_commit,
                              init_wandb, print0, resolve_precision, run_main)
 from nanochat.config import SFTConfig, TrainConfig, build_config, parse_int_list
@@ -40,7 +41,7 @@ from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import apply_schedules, setup_optimizers
 from nanochat.sft_data import SFTLoader, collate, encode_rows
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import StopFlag, truncate_metrics
+from nanochat.training import StopFlag, acquire_run_lock, truncate_metrics
 
 # settings that may change on --resume (they do not change what is trained)
 RESUMABLE_CHANGES = {"resume", "run", "log_every", "eval_every", "save_every", "keep_checkpoints", "results_dir",
@@ -121,10 +122,18 @@ def main(argv=None):
     ckpt_root = checkpoint_root(output_tag)
     results_dir = os.path.join(cfg.results_dir, output_tag)
     metrics_path = os.path.join(results_dir, "metrics.jsonl")
+    # one writer per output tag: its checkpoints and results (released on exit, crash or kill -9)
+    lock = acquire_run_lock([ckpt_root, results_dir], f"output tag {output_tag!r}", master, device)
+    if master:
+        recover_interrupted_saves(ckpt_root)
+    if is_ddp:
+        dist.barrier()
     resume_path = latest_checkpoint(ckpt_root)
     if resume_path and not cfg.resume:
         raise UserError(f"checkpoints already exist in {ckpt_root}: pass --resume to continue that run, or choose "
                         f"another --output-tag (or delete the folder to start over)")
+    if cfg.resume:
+        resume_path = latest_intact_checkpoint(ckpt_root)  # falls back past a damaged newest one, says so
 
     train_problems, val_problems, sources = fine_tuning_problems(cfg)
     max_len = model_config.sequence_len
@@ -256,6 +265,8 @@ def main(argv=None):
         print0(f"final val answer loss: {val_loss:.4f}")
     wandb_run.finish()
     compute_cleanup()
+    if lock:
+        lock.release()
     if signum:
         print0(f"stopped by signal {signum} at step {step}; continue with --resume")
         sys.exit(128 + signum)

@@ -18,7 +18,7 @@ from nanochat.tokenizer import Tokenizer, get_tokenizer_dir, iter_capped
 EVAL_MAX_CHARS = 10_000_000  # enough val text for a stable bytes/token figure, small enough to encode in seconds
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe, used through tiktoken).")
     p.add_argument("--vocab-size", type=int, default=32768,
                    help="vocabulary size including the special tokens (default 32768 = 2^15)")
@@ -30,7 +30,7 @@ def main():
     p.add_argument("--source", default="fineweb", choices=SOURCES, help="pretraining source (default fineweb)")
     p.add_argument("--out-dir", default=None,
                    help="where to save tokenizer.json and token_bytes.npy (default $NANOCHAT_BASE_DIR/tokenizer)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.max_chars <= 0:
         raise UserError(f"--max-chars must be > 0 (got {args.max_chars})")
     if args.doc_cap <= 0:

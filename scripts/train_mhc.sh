@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the Dynamic mHC GPT with torchrun on this node or a cluster: same data and token budget as the baseline.
 #   bash scripts/train_mhc.sh [extra base_train flags]
-# Environment: as scripts/train_baseline.sh; CONFIG defaults to dynamic_mhc, MODEL_TAG to mhc.
+#   CONFIG=tiny_cpu_mhc bash scripts/train_mhc.sh     # the tiny preset's model, in speedrun.sh's tiny base dir
+# CONFIG defaults to dynamic_mhc, MODEL_TAG to mhc (tiny_mhc for a tiny_* CONFIG).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-exec bash "$repo/scripts/torchrun_train.sh" --config "${CONFIG:-dynamic_mhc}" --model-tag "${MODEL_TAG:-mhc}" "$@"
+WRAPPER=train_mhc DEFAULT_CONFIG=dynamic_mhc DEFAULT_TAG=mhc exec bash "$repo/scripts/torchrun_train.sh" "$@"

@@ -36,11 +36,11 @@ from envs.gate_search import evaluate_arms, evolution_strategy, grid_search, ran
 from envs.mhc_env import GSM8KMHCVecEnv, build_problem_pool, build_scorer
 from envs.ppo_controller import (ControllerCallback, build_ppo, load_policy, policy_gates, restore, take_snapshot,
                                  write_snapshot)
-from nanochat.checkpoint import latest_checkpoint
+from nanochat.checkpoint import latest_checkpoint, latest_intact_checkpoint, recover_interrupted_saves
 from nanochat.common import (UserError, autodetect_device_type, get_base_dir, git_commit, init_wandb,
                              resolve_precision, run_main)
 from nanochat.config import RLConfig, build_config, parse_int_list, resolve_config_path
-from nanochat.training import StopFlag, truncate_metrics
+from nanochat.training import RunLock, StopFlag, truncate_metrics
 
 SMOKE_PARAMS = 50e6  # below this a result is a smoke test of the pipeline, never a finding (DESIGN.md §6b)
 PRESETS = ("tiny", "gpu")  # configs/rl_tiny.toml, configs/rl_gpu.toml
@@ -208,6 +208,8 @@ def main(argv=None):
                                   obs_dim=scorer.model.config.n_embd),
                 rl_config=dataclasses.asdict(cfg), controlled_checkpoint=ckpt_path, train_pool=train_info,
                 eval_pool=eval_info, git_commit=git_commit(), seed=cfg.seed)
+    lock = RunLock([ckpt_root, out_dir], f"RL run {tag!r}")  # one writer per run (freed on exit, crash, kill -9)
+    recover_interrupted_saves(ckpt_root)
     atomic_json(os.path.join(out_dir, "config.json"), {**meta, "tag": tag, "default_gates": default_gates,
                                                        "device_type": device_type, "dtype": dtype})
 
@@ -215,6 +217,8 @@ def main(argv=None):
     if existing and not (cfg.resume or cfg.eval_only):
         raise UserError(f"policy checkpoints already exist in {ckpt_root}: pass --resume to continue that run, "
                         f"--eval-only to evaluate it, or choose another --tag")
+    if existing:
+        existing = latest_intact_checkpoint(ckpt_root)  # falls back past a damaged newest one, says so
     if cfg.eval_only and not existing:
         raise UserError(f"--eval-only: no policy checkpoint in {ckpt_root} (train first, or check --tag)")
     if existing:
@@ -284,6 +288,7 @@ def main(argv=None):
         if text:
             print(f"{key}: {text}")
     print(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    lock.release()
     return summary
 
 

@@ -61,8 +61,9 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     payload = os.path.join(path, "optim.pt")
     torch.save({"optimizers": [], "rng": {}, "evil": Evil()}, payload)
     meta = json.load(open(os.path.join(path, "meta.json")))
-    from nanochat.checkpoint import _sha256
+    from nanochat.checkpoint import _sha256, meta_digest
     meta["files"]["optim.pt"] = {"bytes": os.path.getsize(payload), "sha256": _sha256(payload)}
+    meta["meta_sha256"] = meta_digest(meta)  # an attacker who also rewrites meta.json's own checksum
     json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
     with pytest.raises(UserError, match="cannot be loaded safely"):
         load_checkpoint(path)

@@ -1,0 +1,351 @@
+"""Damaged inputs are UserErrors that name the file (and line or row), never a bare traceback or a silently wrong
+number: tokenizer files (token_bytes.npy, tokenizer.json), the local corpus, raw parquet shards, pretokenized
+shards, a stray shard in the raw folder, and tokenizer training text that cannot give the asked vocab size.
+
+Every test works on its own small copy (a few hundred documents), never on the shared session fixtures."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanochat.common import UserError
+
+VOCAB = 300  # small enough to train in milliseconds, above MIN_VOCAB_SIZE (265)
+# (file, how many leading lines to keep) of the small local corpus
+SUBSET = {"tinyshakespeare/input.txt": 1500, "gsm8k/train.jsonl": 150, "arc/ARC-Easy-train.jsonl": 80,
+          "arc/ARC-Challenge-train.jsonl": 80}
+
+
+def _env(monkeypatch, base: Path, data: Path | None = None):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    if data is not None:
+        monkeypatch.setenv("NANOCHAT_DATA_DIR", str(data))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, shared_data_dir):
+    """A small local corpus (data dir), its built raw shards, a vocab-300 tokenizer and its pretokenized shards."""
+    from nanochat.dataset import build_local, iter_documents, pretokenize, tokenized_dir
+    from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+
+    root = tmp_path_factory.mktemp("faults")
+    data = root / "data"
+    for rel, n in SUBSET.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        with open(shared_data_dir / rel, "rb") as f:
+            (data / rel).write_bytes(b"".join(line for _, line in zip(range(n), f)))
+    with pytest.MonkeyPatch.context() as mp:
+        _env(mp, root / "base", data)
+        build_local(seed=0, val_fraction=0.1)
+        tok = Tokenizer.train(iter_documents("local", "train"), VOCAB)
+        tok.save(get_tokenizer_dir())
+        pretokenize("local", tok, num_workers=1)
+        token_dir = Path(tokenized_dir("local", tok))
+    return dict(data=data, base=root / "base", tok=tok, token_rel=token_dir.relative_to(root / "base"))
+
+
+@pytest.fixture
+def base(small, tmp_path, monkeypatch) -> Path:
+    """A private copy of the small base dir (raw shards, tokenizer, pretokenized shards), set as NANOCHAT_BASE_DIR."""
+    dst = tmp_path / "base"
+    shutil.copytree(small["base"], dst)
+    _env(monkeypatch, dst, small["data"])
+    return dst
+
+
+# ---- tokenizer files ---------------------------------------------------------------------------------------------
+
+def test_tampered_token_bytes_refused(base):
+    from nanochat.tokenizer import Tokenizer
+    tdir = base / "tokenizer"
+    npy = tdir / "token_bytes.npy"
+    good = np.load(npy)
+    assert Tokenizer.load(tdir).token_bytes().tolist() == good.tolist()  # positive control
+    np.save(npy, good * 2)  # doubled byte counts would halve val bpb
+    with pytest.raises(UserError, match=r"token_bytes\.npy does not match .*tokenizer\.json"):
+        Tokenizer.load(tdir)
+    np.save(npy, good.astype(np.float64) + 0.5)
+    with pytest.raises(UserError, match=r"token_bytes\.npy holds float64"):
+        Tokenizer.load(tdir)
+    npy.unlink()  # derived data: recomputed when absent
+    assert Tokenizer.load(tdir).token_bytes().tolist() == good.tolist()
+
+
+def _edit_tokenizer(tdir: Path, edit) -> None:
+    path = tdir / "tokenizer.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("duplicate_rank", r"duplicate mergeable token .* at ranks 100 and 290"),
+    ("special_is_byte_token", r"special token '<\|bos\|>' has id 65, which is already the mergeable token b'A'"),
+    ("special_is_merge", r"special token '<\|user_end\|>' has id 280, which is already the mergeable token"),
+    ("specials_share_id", r"special tokens '<\|bos\|>' and '<\|user_start\|>' share id"),
+    ("absurd_special_id", r"special token .<\|bos\|>. has id 1000000000, an absurd vocab size of 1000000001"),
+    ("special_gap", r"special token ids must be 291\.\.299"),
+    ("absurd_rank_count", r"vocab size 1048876 is outside \[265, 1048576\]"),
+    ("missing_byte", r"1 of the 256 single-byte tokens are missing \(e\.g\. b'A'\)"),
+])
+def test_invalid_tokenizer_refused(base, fault, match):
+    from nanochat.tokenizer import Tokenizer
+    tdir = base / "tokenizer"
+    (tdir / "token_bytes.npy").unlink()
+
+    def edit(d):
+        ranks, special = d["mergeable_ranks"], d["special_tokens"]
+        if fault == "duplicate_rank":
+            ranks[290] = ranks[100]
+        elif fault == "special_is_byte_token":
+            special["<|bos|>"] = 65
+        elif fault == "special_is_merge":
+            special["<|user_end|>"] = 280
+        elif fault == "specials_share_id":
+            special["<|user_start|>"] = special["<|bos|>"]
+        elif fault == "absurd_special_id":
+            special["<|bos|>"] = 10 ** 9
+        elif fault == "special_gap":
+            special["<|bos|>"] += 100
+        elif fault == "absurd_rank_count":
+            ranks.extend(ranks[-1:] * (1 << 20))
+        elif fault == "missing_byte":
+            ranks[65] = base64.b64encode(b"\x00zz\x01").decode()  # a new token instead of b"A"
+
+    Tokenizer.load(tdir)  # positive control
+    _edit_tokenizer(tdir, edit)
+    with pytest.raises(UserError, match=r"tokenizer\.json is invalid: " + match):
+        Tokenizer.load(tdir)
+
+
+# ---- local corpus (build_local) ----------------------------------------------------------------------------------
+
+def _replace_line(path: Path, lineno: int, new: bytes) -> None:
+    lines = path.read_bytes().split(b"\n")
+    lines[lineno - 1] = new
+    path.write_bytes(b"\n".join(lines))
+
+
+def _row(path: Path, lineno: int) -> dict:
+    return json.loads(path.read_bytes().split(b"\n")[lineno - 1])
+
+
+@pytest.mark.parametrize("rel, lineno, fault, match", [
+    ("gsm8k/train.jsonl", 3, "missing_key", r"gsm8k/train\.jsonl:3: missing key 'answer'"),
+    ("gsm8k/train.jsonl", 7, "null_field", r"gsm8k/train\.jsonl:7: 'question' is null, expected a str"),
+    ("gsm8k/train.jsonl", 5, "non_utf8", r"gsm8k/train\.jsonl:5 is not UTF-8 text \(byte 0xff\)"),
+    ("arc/ARC-Easy-train.jsonl", 2, "array_row", r"ARC-Easy-train\.jsonl:2: expected a JSON object, got a list"),
+    ("arc/ARC-Challenge-train.jsonl", 4, "null_choices", r"ARC-Challenge-train\.jsonl:4: 'choices' is null"),
+    ("arc/ARC-Challenge-train.jsonl", 6, "choice_number",
+     r"ARC-Challenge-train\.jsonl:6: choices need as many string labels as string texts"),
+    ("arc/ARC-Easy-train.jsonl", 9, "not_json", r"ARC-Easy-train\.jsonl:9 is not valid JSON"),
+    ("tinyshakespeare/input.txt", 40, "non_utf8", r"input\.txt:40 is not UTF-8 text"),
+    ("tinyshakespeare/input.txt", 12, "binary", r"input\.txt:12 contains a NUL character"),
+])
+def test_bad_local_corpus_names_file_and_line(small, tmp_path, monkeypatch, rel, lineno, fault, match):
+    from nanochat.dataset import build_local
+    data = tmp_path / "data"
+    shutil.copytree(small["data"], data)
+    _env(monkeypatch, tmp_path / "base", data)
+    path = data / rel
+    if fault in ("non_utf8", "binary"):
+        line = path.read_bytes().split(b"\n")[lineno - 1]
+        _replace_line(path, lineno, line[:10] + (b"\xff\xfe" if fault == "non_utf8" else b"\x00\x01\x02") + line[10:])
+    elif fault == "array_row":
+        _replace_line(path, lineno, b'["a question", "an answer"]')
+    elif fault == "not_json":
+        _replace_line(path, lineno, b'{"question": ')
+    else:
+        row = _row(path, lineno)
+        if fault == "missing_key":
+            del row["answer"]
+        elif fault == "null_field":
+            row["question"] = None
+        elif fault == "null_choices":
+            row["choices"] = None
+        elif fault == "choice_number":
+            row["choices"]["label"] = row["choices"]["label"][:-1]
+        _replace_line(path, lineno, json.dumps(row).encode())
+    with pytest.raises(UserError, match=match) as e:
+        build_local(seed=0, val_fraction=0.1)
+    assert str(data) in str(e.value)  # the full path, not just the base name
+    assert not (tmp_path / "base" / "base_data" / "local" / "manifest.json").exists()
+
+
+def test_utf8_bom_in_jsonl_is_fine(small, tmp_path, monkeypatch):
+    from nanochat.dataset import build_local, iter_documents
+    data = tmp_path / "data"
+    shutil.copytree(small["data"], data)
+    _env(monkeypatch, tmp_path / "base", data)
+    path = data / "gsm8k" / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    build_local(seed=0, val_fraction=0.1)
+    assert any(_row(path, 2)["question"] in d for d in iter_documents("local", "train"))
+
+
+# ---- raw parquet shards (iter_documents, pretokenize, tok_train) -------------------------------------------------
+
+def _write_shard(path: Path, column, name="text") -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({name: column}), path, row_group_size=2)
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("junk", r"shard_00001\.parquet is not a readable parquet file"),
+    ("null_text", r"shard_00001\.parquet: row 3: `text` is null, expected a string"),
+    ("int_text", r"shard_00001\.parquet: row 0: `text` is a int, expected a string"),
+    ("binary_text", r"shard_00001\.parquet: row 0: `text` is a bytes, expected a string"),
+    ("non_utf8_text", r"shard_00001\.parquet: row 3 is not UTF-8 text \(byte 0xff\)"),
+    ("no_text_column", r"shard_00001\.parquet has no `text` column \(columns: content\)"),
+])
+@pytest.mark.parametrize("reader", ["iter_documents", "pretokenize", "tok_train"])
+def test_bad_raw_shard_names_file_and_row(base, small, fault, match, reader):
+    import pyarrow as pa
+
+    from nanochat.dataset import iter_documents, pretokenize
+    raw = base / "base_data" / "local"
+    shard = raw / "shard_00001.parquet"
+    if fault == "junk":
+        shard.write_bytes(b"PAR1 this is not parquet at all")
+    elif fault == "null_text":
+        _write_shard(shard, ["a", "b", "c", None, "e"])
+    elif fault == "int_text":
+        _write_shard(shard, [1, 2, 3])
+    elif fault == "binary_text":
+        _write_shard(shard, pa.array([b"ok", b"\xff\xfe binary", b"x"], type=pa.binary()))
+    elif fault == "non_utf8_text":  # a string column holding invalid UTF-8 (pyarrow does not validate on write)
+        _write_shard(shard, pa.array([b"a", b"b", b"c", b"bad \xff", b"e"], type=pa.binary()).view(pa.string()))
+    else:
+        _write_shard(shard, ["a", "b"], name="content")
+    with pytest.raises(UserError, match=match) as e:
+        if reader == "iter_documents":
+            list(iter_documents("local", "train"))
+        elif reader == "pretokenize":
+            pretokenize("local", small["tok"], num_workers=1)
+        else:
+            from scripts import tok_train
+            tok_train.main(["--source", "local", "--vocab-size", str(VOCAB)])
+    assert str(shard) in str(e.value)
+
+
+# ---- pretokenized shards (PackedLoader) --------------------------------------------------------------------------
+
+def _loader(base, small, split="val"):
+    from nanochat.dataloader import PackedLoader
+    return PackedLoader(str(base / small["token_rel"]), split, batch_size=2, seq_len=32)
+
+
+def test_garbage_token_ids_name_the_bin(base, small):
+    tdir = base / small["token_rel"]
+    loader = _loader(base, small)
+    for _ in range(3):
+        x, _ = loader.next_batch()  # positive control
+        assert int(x.max()) < small["tok"].vocab_size
+    meta = json.loads((tdir / "meta.json").read_text())
+    val = tdir / (meta["val_shard"] + ".bin")
+    tokens = np.fromfile(val, dtype=np.uint16)
+    tokens[1::7] = 60000  # ids far beyond the vocab (300): the embedding would raise IndexError
+    tokens.tofile(val)
+    with pytest.raises(UserError, match=rf"{meta['val_shard']}\.bin: token \d+ .* is id 60000, but the vocab size "
+                                        rf"is {small['tok'].vocab_size}"):
+        _loader(base, small).next_batch()
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("truncated_bin", r"shard_00000\.bin and .*shard_00000\.idx\.npy do not agree with .*meta\.json"),
+    ("missing_idx", r"pretokenized shard shard_00000 .* is missing or unreadable"),
+    ("junk_meta", r"meta\.json is corrupted \(JSONDecodeError"),
+    ("meta_no_shards", r"meta\.json is corrupted \(KeyError: 'shards'\)"),
+])
+def test_damaged_pretokenized_shards(base, small, fault, match):
+    tdir = base / small["token_rel"]
+    meta_path = tdir / "meta.json"
+    if fault == "truncated_bin":
+        data = (tdir / "shard_00000.bin").read_bytes()
+        (tdir / "shard_00000.bin").write_bytes(data[: len(data) // 2])
+    elif fault == "missing_idx":
+        (tdir / "shard_00000.idx.npy").unlink()
+    elif fault == "junk_meta":
+        meta_path.write_text('{"complete": tr')
+    else:
+        meta = json.loads(meta_path.read_text())
+        del meta["shards"]
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=match):
+        _loader(base, small, "train")
+
+
+# ---- which shard is val --------------------------------------------------------------------------------------------
+
+def test_extra_local_shard_is_not_val(base, small):
+    from nanochat.dataset import iter_documents, pretokenize, split_files
+    val_before = list(iter_documents("local", "val"))
+    train_before = list(iter_documents("local", "train"))
+    stray = base / "base_data" / "local" / "shard_00099.parquet"
+    _write_shard(stray, ["A STRAY DOCUMENT"])
+    with pytest.warns(UserWarning, match=r"ignoring 1 unexpected shard file\(s\) in .*: shard_00099\.parquet"):
+        assert list(iter_documents("local", "val")) == val_before
+    with pytest.warns(UserWarning, match="shard_00099"):
+        assert list(iter_documents("local", "train")) == train_before
+    with pytest.warns(UserWarning, match="shard_00099"):
+        out = Path(pretokenize("local", small["tok"], num_workers=1))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["val_shard"] == "shard_00004" and "shard_00099" not in [s["name"] for s in meta["shards"]]
+    # an older manifest without train_files (the number of train shards only) still resolves the same way
+    manifest_path = base / "base_data" / "local" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["train_files"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="shard_00099"):
+        assert [Path(p).name for p in split_files("local", "val")] == ["shard_00004.parquet"]
+    # no manifest: an unfinished build, never "the last file is val"
+    manifest_path.unlink()
+    with pytest.raises(UserError, match="nanochat.dataset --source local"):
+        split_files("local", "val")
+
+
+def test_fineweb_val_is_the_named_shard(tmp_path, monkeypatch):
+    from nanochat.dataset import iter_documents
+    _env(monkeypatch, tmp_path)
+    raw = tmp_path / "base_data" / "fineweb"
+    raw.mkdir(parents=True)
+    _write_shard(raw / "shard_00000.parquet", ["train 0"])
+    _write_shard(raw / "shard_00001.parquet", ["train 1"])
+    _write_shard(raw / "shard_01822.parquet", ["the val doc"])
+    assert list(iter_documents("fineweb", "val")) == ["the val doc"]
+    _write_shard(raw / "shard_01900.parquet", ["sorts last, but is not val"])
+    with pytest.warns(UserWarning, match="shard_01900"):
+        assert list(iter_documents("fineweb", "val")) == ["the val doc"]
+    with pytest.warns(UserWarning, match="shard_01900"):
+        assert list(iter_documents("fineweb", "train")) == ["train 0", "train 1"]
+    (raw / "shard_01822.parquet").unlink()
+    with pytest.raises(UserError, match=r"val shard shard_01822\.parquet"):
+        list(iter_documents("fineweb", "train"))
+
+
+# ---- tokenizer training input ------------------------------------------------------------------------------------
+
+def test_empty_training_text_refused(tmp_path, monkeypatch):
+    from nanochat.tokenizer import Tokenizer
+    from scripts import tok_train
+    _env(monkeypatch, tmp_path)
+    raw = tmp_path / "base_data" / "local"
+    raw.mkdir(parents=True)
+    _write_shard(raw / "shard_00000.parquet", [""] * 20)
+    _write_shard(raw / "shard_00001.parquet", ["val"])
+    (raw / "manifest.json").write_text(json.dumps({"train_files": ["shard_00000.parquet"],
+                                                   "val_shard": "shard_00001.parquet"}))
+    with pytest.raises(UserError, match=r"vocabulary of only 265 tokens .* smaller than the 512 asked for"):
+        tok_train.main(["--source", "local", "--vocab-size", "512"])
+    assert not (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    # too little text for the asked size is the same error; enough for a smaller one is fine
+    text = ["hello hello hello world"] * 50
+    with pytest.raises(UserError, match=r"only 275 tokens .* than the 300 asked for"):
+        Tokenizer.train(iter(text), 300)
+    assert Tokenizer.train(iter(text), 275).vocab_size == 275

@@ -14,6 +14,7 @@
 #   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_SWEEP_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages)
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
+#   RUN_NGPT_CAMPAIGN=1 bash speedrun.sh      # also run the nGPT campaign (configs/sweeps/; tiny: ~3 min, 2 seeds)
 #
 #   bash speedrun.sh --help          # this text; every setting is an environment variable, no other argument
 #
@@ -177,9 +178,17 @@ if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablati
     stage ns_ablation --out "$results_dir/ns_ablation/$preset/summary.json" -- \
         python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
 fi
+if [ "${RUN_NGPT_CAMPAIGN:-0}" = 1 ]; then  # optional: seed 004's nGPT hyperparameter campaign (scripts/sweep.py)
+    if [ "$preset" = tiny ]; then campaign=(ngpt_campaign_tiny --seeds 0,1); else campaign=(ngpt_campaign); fi
+    # the sweep file is a setting of the stage; finished runs are skipped by the runner itself on a rerun
+    stage ngpt_campaign --out "$results_dir/sweeps/${campaign[0]}/summary.md" \
+        --dep "configs/sweeps/${campaign[0]}.toml" -- \
+        python -m scripts.sweep "configs/sweeps/${campaign[0]}.toml" "${campaign[@]:1}" --drop-checkpoints \
+        --out "$results_dir/sweeps/${campaign[0]}"
+fi
 made=()  # point only at what exists (SKIP, or a failed optional output, can leave any of these out)
 for path in "$results_dir/report.md" "$results_dir/${prefix}"{baseline,mhc,mhc_sft,mhc_rl} "$results_dir/rl" \
-            "$results_dir/bench" "$results_dir/ns_ablation"; do
+            "$results_dir/bench" "$results_dir/ns_ablation" "$results_dir/sweeps"; do
     [ -e "$path" ] && made+=("${path#"$repo"/}")
 done
 if [ ${#made[@]} -gt 0 ]; then

@@ -70,6 +70,18 @@ class TrainConfig:
     mhc_stream_embed_std: float = _f(_MHC.mhc_stream_embed_std, "mHC: init std of the stream embedding")
     mhc_readout: str = _f(_MHC.mhc_readout, "mHC: streams -> head, learned (sigmoid-weighted, as DeepSeek-V4) | sum "
                           "(HC; the last sub-layer's H_res then cancels)")
+    # nGPT (--arch ngpt; README "nGPT"); defaults from GPTConfig
+    arch: str = _f(_MHC.arch, "gpt (the baseline) | ngpt (normalized Transformer: weights and hidden states on the "
+                   "unit sphere)")
+    scalar_alpha: bool = _f(_MHC.scalar_alpha, "ngpt: one eigen learning rate alpha per sub-layer instead of one "
+                            "per dimension")
+    ngpt_alpha_init: float = _f(_MHC.ngpt_alpha_init, "ngpt: initial alpha_A, alpha_M (NVIDIA/ngpt: 0.05)")
+    logit_scale: float = _f(_MHC.logit_scale, "ngpt: initial logit scale s_z (> 0; logits = s_z * cosines)")
+    lazy_proj_freq: int = _f(1, "ngpt: renormalise the weights every N optimizer steps (1 = every step, as the "
+                             "reference; >= 1)")
+    ngpt_optimizer: str = _f("adamw", "ngpt: adamw (every matrix at --ngpt-lr) | muon (hidden matrices on Muon at "
+                             "--matrix-lr; wte, lm_head on AdamW at --ngpt-lr)")
+    ngpt_lr: float = _f(1e-3, "ngpt: AdamW LR of the matrices; alpha and the s_* scales get 0.3x it")
     # data
     data_source: str = _f("fineweb", "fineweb (FineWeb-Edu shards) | local (train splits under $NANOCHAT_DATA_DIR)")
     # batch and horizon
@@ -136,6 +148,7 @@ class TrainConfig:
         if mhc_set and not self.mhc_enabled:  # else the run would silently train the baseline
             flags = ", ".join("--" + name.replace("_", "-") for name in mhc_set)
             raise UserError(f"{flags} set but mHC is off: add --mhc-enabled (or drop the mHC settings)")
+        self._validate_ngpt()
         if self.num_kv_heads < 0:
             raise UserError(f"--num-kv-heads must be >= 0 (got {self.num_kv_heads})")
         if self.muon_ns_steps < 0:
@@ -144,6 +157,40 @@ class TrainConfig:
             ns_schedule(resolve_ns_coeffs(self.muon_ns_coeffs), self.muon_ns_steps or None)
         except UserError as e:
             raise UserError(f"--muon-ns-coeffs {self.muon_ns_coeffs!r} / --muon-ns-steps {self.muon_ns_steps}: {e}")
+
+    def _validate_ngpt(self):
+        check_choices(self, dict(arch=("gpt", "ngpt"), ngpt_optimizer=("adamw", "muon")))
+        if self.lazy_proj_freq < 1:
+            raise UserError(f"--lazy-proj-freq must be >= 1 (1 = every step; got {self.lazy_proj_freq})")
+        for name in ("logit_scale", "ngpt_alpha_init", "ngpt_lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+
+        def changed_flags(names) -> str:  # the flags among `names` set away from their defaults
+            return ", ".join("--" + n.replace("_", "-") for n in names if getattr(self, n) != defaults[n])
+
+        ngpt_only = ("scalar_alpha", "ngpt_alpha_init", "logit_scale", "lazy_proj_freq", "ngpt_optimizer", "ngpt_lr")
+        if self.arch != "ngpt":
+            if changed_flags(ngpt_only):  # else the run would silently train the baseline
+                raise UserError(f"{changed_flags(ngpt_only)} set but --arch is {self.arch!r}: add --arch ngpt")
+            return
+        if self.mhc_enabled:
+            raise UserError("--arch ngpt with --mhc-enabled: mHC mixes n residual streams with a doubly stochastic "
+                            "H_res, and averages of unit vectors leave the sphere nGPT keeps its hidden states on "
+                            "(README, nGPT). Drop --mhc-enabled")
+        for name, why in (("weight_decay", "the weights live on the unit sphere, decay would only fight the "
+                           "projection"), ("warmup_ratio", "as the reference, nGPT trains without LR warmup")):
+            if getattr(self, name) != 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} with --arch ngpt: must be 0 "
+                                f"({why})")
+        unused = ["embedding_lr", "unembedding_lr", "scalar_lr"]
+        if self.ngpt_optimizer == "adamw":
+            unused.append("matrix_lr")
+        if changed_flags(unused):  # these LRs belong to the gpt recipe; a silently ignored flag would mislead a sweep
+            muon = "" if self.ngpt_optimizer == "muon" else ", or --ngpt-optimizer muon (then --matrix-lr is Muon's)"
+            raise UserError(f"{changed_flags(unused)} not used with --arch ngpt: set --ngpt-lr (the matrices; the "
+                            f"vectors get 0.3x it){muon}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
 - parameter-free RMSNorm: pre-norm in each block, after the token embedding and before the head
 - untied token embedding and lm_head, logit softcap
 - attention through scaled_dot_product_attention (flash kernel on GPU), grouped-query attention capable
+
+arch="ngpt": the normalized Transformer (nGPT, arXiv 2410.01131, after NVIDIA/ngpt): embeddings, weight rows along
+the d_model axis and hidden states on the unit sphere; h <- Norm(h + |alpha| (Norm(block(h)) - h)) per sub-layer;
+no RMSNorm, no final norm, no softcap; learned scales s_qk (queries and keys), s_u (MLP up) and s_z (logits).
+The training loop renormalises the weights after optimizer steps (GPT.project_weights, scripts/base_train.py).
 """
 from __future__ import annotations
 
@@ -51,6 +56,13 @@ class GPTConfig:
                                        # the model knows the whole range an RL controller explores
     mhc_stream_embed_std: float = 1.0  # breaks the symmetry of the replicated streams (x has unit RMS too)
     mhc_readout: str = "learned"      # streams -> head: learned sigmoid-weighted sum (V4's hc_head) | sum (HC)
+    # architecture: gpt (the baseline above) | ngpt (the normalized Transformer; see the module docstring)
+    arch: str = "gpt"
+    scalar_alpha: bool = False        # ngpt: one eigen learning rate per sub-layer instead of one per dimension
+    ngpt_alpha_init: float = 0.05     # ngpt: initial |alpha_A|, |alpha_M| (NVIDIA/ngpt's value)
+    logit_scale: float = 10.0         # ngpt: initial s_z; logits are s_z * cosines in [-1, 1], so s_z = 1 (the
+                                      # reference's) starts near-uniform and needs ~1e2 steps to grow (the seed's
+                                      # campaign used 10-15)
 
     def validate(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -64,6 +76,13 @@ class GPTConfig:
             raise UserError(f"head dim {self.n_embd // self.n_head} must be even for rotary embeddings")
         if self.logit_softcap < 0:
             raise UserError(f"logit_softcap must be >= 0 (got {self.logit_softcap})")
+        if self.arch not in ARCHS:
+            raise UserError(f"arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
+        if not self.logit_scale > 0 or not self.ngpt_alpha_init > 0:
+            raise UserError(f"logit_scale and ngpt_alpha_init must be > 0 (got {self.logit_scale}, "
+                            f"{self.ngpt_alpha_init})")
+        if self.arch == "ngpt" and self.mhc_enabled:
+            raise UserError(NGPT_MHC_ERROR)
         if self.mhc_enabled:
             validate_mhc_args(self.mhc_num_streams, self.mhc_sinkhorn_iters, self.mhc_sinkhorn_tau,
                               self.mhc_constraint, self.mhc_res_init_diag, self.mhc_gate_init,
@@ -84,6 +103,10 @@ class GPTConfig:
         return cls(**d)
 
 
+ARCHS = ("gpt", "ngpt")
+NGPT_MHC_ERROR = ("arch ngpt cannot be combined with mHC (mhc_enabled): mHC mixes n residual streams with a doubly "
+                  "stochastic H_res, and averages of unit vectors leave the sphere nGPT keeps its hidden states on; "
+                  "renormalising every stream would change what H_res and nGPT's alpha mean (no published form)")
 ROTARY_HEADROOM = 4  # generation may run past the training context; beyond this the tables must be rebuilt
 
 
@@ -99,6 +122,28 @@ def model_dims_from_depth(depth: int, aspect_ratio: int = 64, head_dim: int = 12
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Projection onto the unit sphere along `dim` (nGPT's Norm)."""
+    return F.normalize(x, dim=dim)
+
+
+class Scale(nn.Module):
+    """A learned vector with NVIDIA/ngpt's reparametrisation: stored = `scale` at init, effective = stored *
+    init / scale. Adam moves the stored value by ~lr per step whatever its size, so `scale` sets this vector's
+    effective learning rate: a scale of 1/sqrt(C) makes it move sqrt(C) x init x lr per step."""
+
+    def __init__(self, size: int, init: float, scale: float):
+        super().__init__()
+        self.init, self.scale = init, scale
+        self.weight = nn.Parameter(torch.empty(size))
+
+    def reset_parameters(self):
+        nn.init.constant_(self.weight, self.scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight * (self.init / self.scale)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -118,6 +163,9 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.ngpt = config.arch == "ngpt"
+        if self.ngpt:  # s_qk per key head and dimension (the reference's [n_head, head_dim] when there is no GQA)
+            self.s_qk = Scale(self.n_kv_head * self.head_dim, 1.0, config.n_embd ** -0.5)
 
     def forward(self, x, cos_sin, kv_cache=None):
         B, T, C = x.shape
@@ -125,7 +173,14 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        scale = None  # SDPA's default 1/sqrt(D)
+        if self.ngpt:  # s_qk * unit vectors after RoPE; the scores are cosines, so the softmax scale is sqrt(D)
+            s_k = self.s_qk().view(self.n_kv_head, self.head_dim)                # [Hkv, D]
+            s_q = s_k.repeat_interleave(self.n_head // self.n_kv_head, dim=0)   # query head h reads kv head h // g
+            q, k, scale = s_q * unit(q), s_k * unit(k), self.head_dim ** 0.5
+        else:
+            q, k = norm(q), norm(k)  # QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H, T, D]
         mask = None
         if kv_cache is not None:
@@ -134,11 +189,11 @@ class CausalSelfAttention(nn.Module):
         Tk = k.size(2)
         enable_gqa = self.n_head != self.n_kv_head
         if mask is None and Tk == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa, scale=scale)
         else:
             if mask is None:  # decoding with a cache: query i sits at position Tk - T + i and sees keys up to there
                 mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -148,9 +203,16 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.ngpt = config.arch == "ngpt"
+        if self.ngpt:  # ReLU^2 kept (same matmuls as the baseline), so only the reference's s_u; there is no gate v
+            self.s_u = Scale(4 * config.n_embd, 1.0, 1.0)
+            self.u_gain = config.n_embd ** 0.5  # unit rows make c_fc(x) cosines of size ~1/sqrt(C): back to O(1)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        u = self.c_fc(x)  # [B, T, 4C]
+        if self.ngpt:
+            u = u * (self.s_u() * self.u_gain)
+        return self.c_proj(F.relu(u).square())
 
 
 def make_mhc(config: GPTConfig, sublayer_idx: int) -> DynamicMHC:
@@ -169,11 +231,19 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
         self.mhc_enabled = config.mhc_enabled
+        self.ngpt = config.arch == "ngpt"
+        if self.ngpt:  # eigen learning rates alpha_A, alpha_M: per dimension, or one each with scalar_alpha
+            size = 1 if config.scalar_alpha else config.n_embd
+            self.alpha_attn = Scale(size, config.ngpt_alpha_init, config.n_embd ** -0.5)
+            self.alpha_mlp = Scale(size, config.ngpt_alpha_init, config.n_embd ** -0.5)
         if config.mhc_enabled:  # attention and MLP are two mHC sub-layers (2i, 2i + 1), as in the paper
             self.mhc_attn = make_mhc(config, 2 * layer_idx)
             self.mhc_mlp = make_mhc(config, 2 * layer_idx + 1)
 
     def forward(self, x, cos_sin, kv_cache=None):
+        if self.ngpt:  # x: [B, T, C], unit rows; move a step |alpha| towards the normalised branch output, renormalise
+            x = unit(x + self.alpha_attn().abs() * (unit(self.attn(x, cos_sin, kv_cache)) - x))
+            return unit(x + self.alpha_mlp().abs() * (unit(self.mlp(x)) - x))
         if self.mhc_enabled:  # x: [B, T, n*C]
             x = self.mhc_attn(x, lambda h: self.attn(norm(h), cos_sin, kv_cache))
             return self.mhc_mlp(x, lambda h: self.mlp(norm(h)))
@@ -192,6 +262,8 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.arch == "ngpt":  # logits = s_z * cosines
+            self.s_z = Scale(config.vocab_size, config.logit_scale, config.n_embd ** -0.5)
         if config.mhc_enabled and config.mhc_num_streams > 1:  # one stream needs no symmetry breaking
             self.stream_embed = nn.Parameter(torch.empty(config.mhc_num_streams, config.n_embd))
             if config.mhc_readout == "learned":  # read like the H_pre of a sub-layer 2L (the head)
@@ -211,7 +283,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """nanochat init: unit-normal embedding, tiny lm_head, uniform hidden matrices; output projections at
-        `out_proj_init_scale` of that (nanochat uses exactly 0), so each block starts near the identity."""
+        `out_proj_init_scale` of that (nanochat uses exactly 0), so each block starts near the identity.
+        ngpt: every matrix onto the sphere (see below), the scales at their reference values."""
         C = self.config.n_embd
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -229,9 +302,35 @@ class GPT(nn.Module):
             nn.init.normal_(self.stream_embed, std=self.config.mhc_stream_embed_std)
         if hasattr(self, "stream_readout"):
             self.stream_readout.reset_parameters()
+        if self.config.arch == "ngpt":  # the reference: every matrix N(0, 1/C), then onto the sphere
+            for w, _ in self.ngpt_matrices():
+                nn.init.normal_(w, mean=0.0, std=C ** -0.5)
+            for m in self.modules():
+                if isinstance(m, Scale):
+                    m.reset_parameters()
+            self.project_weights()
         cos, sin = self._rotary_tables(self.cos.size(1), device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    # -- nGPT: the weights on the sphere ----------------------------------------------------------------------------
+    def ngpt_matrices(self) -> list[tuple[nn.Parameter, int]]:
+        """(weight, dim) of every matrix whose vectors along the d_model axis nGPT keeps at unit norm: the rows
+        ([out, C], dim 1) of wte, lm_head, c_q/c_k/c_v and the MLP's c_fc; the columns ([C, in], dim 0) of the
+        attention and MLP output projections."""
+        if self.config.arch != "ngpt":
+            return []
+        out = [(self.transformer.wte.weight, 1), (self.lm_head.weight, 1)]
+        for block in self.transformer.h:
+            out += [(block.attn.c_q.weight, 1), (block.attn.c_k.weight, 1), (block.attn.c_v.weight, 1),
+                    (block.mlp.c_fc.weight, 1), (block.attn.c_proj.weight, 0), (block.mlp.c_proj.weight, 0)]
+        return out
+
+    @torch.no_grad()
+    def project_weights(self):
+        """Renormalise nGPT's matrices onto the sphere (at init and after optimizer steps); a no-op for gpt."""
+        for w, dim in self.ngpt_matrices():
+            w.copy_(unit(w.float(), dim=dim).to(w.dtype))
 
     # -- accounting -----------------------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -261,13 +360,15 @@ class GPT(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------------
     def hidden_states(self, idx, kv_cache=None) -> torch.Tensor:
-        """idx: [B, T] -> the final normed hidden state [B, T, C] (the LM head's input)."""
+        """idx: [B, T] -> the final normed (ngpt: unit) hidden state [B, T, C] (the LM head's input)."""
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         if t0 + T > self.cos.size(1):
             raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.cos.size(1)})")
         cos_sin = self.cos[:, t0:t0 + T].to(idx.device), self.sin[:, t0:t0 + T].to(idx.device)
-        x = norm(self.transformer.wte(idx))  # [B, T, C]
+        x = self.transformer.wte(idx)  # [B, T, C]
+        # ngpt: the rows are unit at every projection; normalising here keeps h on the sphere between lazy ones
+        x = unit(x) if self.config.arch == "ngpt" else norm(x)
         if self.config.mhc_enabled:  # replicate into n streams (+ stream embedding): [B, T, n*C]
             n = self.config.mhc_num_streams
             x = x.unsqueeze(-2).expand(B, T, n, x.size(-1))
@@ -282,7 +383,7 @@ class GPT(nn.Module):
             x = self.stream_readout(x)
         elif self.config.mhc_enabled:  # ... or HC's plain sum
             x = x.view(B, T, self.config.mhc_num_streams, -1).sum(dim=-2)
-        return norm(x)
+        return x if self.config.arch == "ngpt" else norm(x)  # nGPT's h is unit already: no final norm
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx: [B, T] token ids. Returns logits [B, T, V] (fp32) when targets is None, else the loss
@@ -290,7 +391,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         x = self.hidden_states(idx, kv_cache)
         logits = self.lm_head(x).float()  # [B, T, V], softcap and loss in fp32
-        if self.config.logit_softcap > 0:
+        if self.config.arch == "ngpt":  # bounded by |s_z| already: no softcap (logit_softcap is not used)
+            logits = self.s_z().float() * logits
+        elif self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         if targets is None:

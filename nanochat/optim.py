@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nanochat.common import UserError
 from nanochat.newton_schulz import QUINTIC, ns_schedule, resolve_ns_coeffs, zeropower_via_newtonschulz
 
 
@@ -103,6 +104,9 @@ def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_l
     mHC parameters (model.mhc_parameters(): phi, alpha, biases, gates, stream embedding, read-out) all go to AdamW
     at mhc_lr, without weight decay (as HC's static parts): phi is a thin [n*C, n^2+2n] read-out, not a hidden
     matrix for Muon."""
+    if getattr(model.config, "arch", "gpt") == "ngpt":  # silently training nGPT's scales as gpt scalars, unprojected
+        raise UserError("this is an nGPT model (arch ngpt): it trains with setup_ngpt_optimizers and a weight "
+                        "projection after the steps (scripts/base_train.py); fine-tuning nGPT is not supported yet")
     n_embd = model.config.n_embd
     embed = list(model.transformer.wte.parameters())
     head = list(model.lm_head.parameters())
@@ -131,6 +135,39 @@ def setup_optimizers(model, *, embedding_lr, unembedding_lr, matrix_lr, scalar_l
     return optimizers
 
 
+NGPT_OTHER_LR_FRAC = 0.3  # the seed's recipe: alpha and the s_* scales at 0.3x the weight LR
+
+
+def setup_ngpt_optimizers(model, *, lr, optimizer="adamw", matrix_lr=0.02, adam_betas=(0.9, 0.95),
+                          ns_coeffs=QUINTIC, ns_steps=None, ns_dtype=torch.bfloat16):
+    """nGPT (model.config.arch == "ngpt"): no weight decay anywhere (the weights live on the sphere; decay would
+    only fight the projection), AdamW with the reference's betas (0.9, 0.95). Matrices at `lr`, the vectors
+    (alpha, s_qk, s_u, s_z) at NGPT_OTHER_LR_FRAC x lr. optimizer="muon": the hidden matrices (q/k/v, output
+    projections, c_fc) take Muon at `matrix_lr` instead; wte and lm_head stay on AdamW at `lr`.
+    Muon's orthogonalised update has a fixed spectral scale (every singular value lr x shape factor) whatever
+    the gradient's size, and it is not tangent to the sphere: the projection that follows drops its radial part
+    and rescales each row, so the step that survives is the update's tangential part, and the rows' different
+    rescalings make it only approximately orthogonal. Unit rows have entries ~1/sqrt(C), the scale of nanochat's
+    init, so Muon's usual LR stays in range. Returns [adamw] or [adamw, muon]."""
+    special = {id(model.transformer.wte.weight), id(model.lm_head.weight)}
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    hidden = [p for p in matrices if id(p) not in special]
+    adam_matrices = matrices if optimizer == "adamw" else [p for p in matrices if id(p) in special]
+    groups = [dict(params=adam_matrices, lr=lr), dict(params=vectors, lr=NGPT_OTHER_LR_FRAC * lr)]
+    fused = next(model.parameters()).device.type == "cuda"
+    optimizers = [torch.optim.AdamW(groups, betas=adam_betas, weight_decay=0.0, fused=fused)]
+    if optimizer == "muon":
+        optimizers.append(Muon(hidden, lr=matrix_lr, weight_decay=0.0, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+                               ns_dtype=ns_dtype))
+    elif optimizer != "adamw":
+        raise ValueError(f"unknown nGPT optimizer {optimizer!r}")
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
     """Linear warmup, constant, then linear warmdown to final_lr_frac (nanochat's trapezoid)."""
@@ -153,11 +190,13 @@ def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps:
 def apply_schedules(optimizers, step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
                     final_lr_frac: float) -> float:
     """Set every group's LR to initial_lr x the trapezoid multiplier and Muon's momentum for `step`; returns the
-    multiplier. `optimizers` is setup_optimizers' [adamw, muon]."""
+    multiplier. `optimizers` is setup_optimizers' [adamw, muon] (or setup_ngpt_optimizers' list)."""
     lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-    for group in optimizers[1].param_groups:
-        group["momentum"] = muon_momentum(step)
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = muon_momentum(step)
     return lrm

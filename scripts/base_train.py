@@ -31,7 +31,7 @@ from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.newton_schulz import resolve_ns_coeffs
-from nanochat.optim import apply_schedules, setup_optimizers
+from nanochat.optim import apply_schedules, setup_ngpt_optimizers, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import StopFlag, acquire_run_lock, check_resume_settings, truncate_metrics
 
@@ -51,16 +51,18 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     if n_head % n_kv_head:
         raise UserError(f"--num-kv-heads {n_kv_head} must divide the number of query heads {n_head}")
     mhc = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name.startswith("mhc_")}
+    ngpt = dict(arch=cfg.arch, scalar_alpha=cfg.scalar_alpha, ngpt_alpha_init=cfg.ngpt_alpha_init,
+                logit_scale=cfg.logit_scale)
     return GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth, n_head=n_head,
-                     n_kv_head=n_kv_head, n_embd=n_embd, **mhc)
+                     n_kv_head=n_kv_head, n_embd=n_embd, **mhc, **ngpt)
 
 
 def token_budget_params(model_config: GPTConfig) -> int:
     """The parameter count the derived horizon (--num-iterations -1) scales with: the baseline architecture's,
     mHC or not, so the mHC model trains on exactly the baseline's tokens (its own ~1-4% more parameters would
-    otherwise buy it more data)."""
+    otherwise buy it more data); nGPT's scales and eigen learning rates do not count either."""
     with torch.device("meta"):
-        return GPT(dataclasses.replace(model_config, mhc_enabled=False)).num_params()
+        return GPT(dataclasses.replace(model_config, mhc_enabled=False, arch="gpt")).num_params()
 
 
 def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: str, path: str):
@@ -123,11 +125,16 @@ def main(argv=None):
     if num_iterations == -1:
         num_iterations = max(1, round(cfg.target_param_data_ratio * budget_params / cfg.total_batch_size))
 
-    optimizers = setup_optimizers(
-        model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr,
-        scalar_lr=cfg.scalar_lr, mhc_lr=cfg.mhc_lr, weight_decay=cfg.weight_decay,
-        ns_coeffs=resolve_ns_coeffs(cfg.muon_ns_coeffs), ns_steps=cfg.muon_ns_steps or None,
-        ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    ns = dict(ns_coeffs=resolve_ns_coeffs(cfg.muon_ns_coeffs), ns_steps=cfg.muon_ns_steps or None,
+              ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    ngpt = model_config.arch == "ngpt"
+    if ngpt:  # no weight decay, no warmup (TrainConfig.validate refuses them), its own LRs
+        optimizers = setup_ngpt_optimizers(model, lr=cfg.ngpt_lr, optimizer=cfg.ngpt_optimizer,
+                                           matrix_lr=cfg.matrix_lr, **ns)
+    else:
+        optimizers = setup_optimizers(
+            model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr,
+            scalar_lr=cfg.scalar_lr, mhc_lr=cfg.mhc_lr, weight_decay=cfg.weight_decay, **ns)
 
     # data: rank 0 pretokenizes once (a no-op when the cache is complete), the others wait for it
     if master:
@@ -216,6 +223,8 @@ def main(argv=None):
     if master and model_config.mhc_enabled and cfg.mhc_log_every > 0:
         mhc_probe = PackedLoader(token_dir, "val", cfg.device_batch_size, cfg.max_seq_len, device=device,
                                  seed=cfg.seed).next_batch()[0]
+    # nGPT: the init projection, then one after every lazy_proj_freq-th step (a resumed run counts the ones before)
+    projections = 1 + step // cfg.lazy_proj_freq
     stop = StopFlag()
     peak = peak_flops(device_type)
     step_times = []
@@ -267,6 +276,9 @@ def main(argv=None):
                               cfg.final_lr_frac)
         for opt in optimizers:
             opt.step()
+        if ngpt and (step + 1) % cfg.lazy_proj_freq == 0:  # back onto the sphere every lazy_proj_freq steps
+            model.project_weights()
+            projections += 1
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum
         if is_ddp:
@@ -284,6 +296,8 @@ def main(argv=None):
         eta = (num_iterations - step) * sum(timed) / len(timed)
         record = {"step": step, "loss": train_loss, "lrm": lrm, "grad_norm": grad_norm.item(), "dt": dt,
                   "tok_per_sec": tok_per_sec}
+        if ngpt:  # weight projections so far, the one at init included
+            record["projections"] = projections
         mfu = ""
         if peak:
             record["mfu"] = flops_per_token * tok_per_sec / (peak * world_size)

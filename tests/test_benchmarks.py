@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import mhc_overhead, train_throughput
+from nanochat.common import UserError
 
 TINY = ["--depth", "1", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "16", "--batch-size", "2",
         "--vocab-size", "300", "--warmup", "0", "--steps", "2"]
@@ -51,3 +52,21 @@ def test_rl_env_throughput_writes_json(tiny_base_dir, tiny_mhc_checkpoint, tmp_p
         lo, hi = r["speedup_range"]
         assert lo <= r["speedup"] <= hi and r["single_env_steps_per_s"] > 0  # one repeat: lo == speedup == hi
         assert r["speedup"] == pytest.approx(r["vec_env_steps_per_s"] / r["single_env_steps_per_s"])
+
+
+def test_ngpt_step_writes_json(tmp_path):
+    from benchmarks import ngpt_step
+    out = tmp_path / "ngpt.json"
+    ngpt_step.main(["--depth", "1", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "16",
+                    "--batch-size", "2", "--vocab-size", "256", "--rounds", "3", "--warmup", "1", "--lazy-proj-freq", "3",
+                    "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    import statistics
+    assert set(results["step_times_s"]) == {"gpt", "ngpt_every_step", "ngpt_every_3"}
+    med = results["median_step_s"]
+    for name, times in results["step_times_s"].items():
+        assert len(times) == 3 and med[name] == statistics.median(times)
+    assert results["ngpt_vs_gpt"] == pytest.approx(med["ngpt_every_step"] / med["gpt"])
+    assert results["lazy_vs_every_step"] == pytest.approx(med["ngpt_every_3"] / med["ngpt_every_step"])
+    with pytest.raises(UserError, match="--lazy-proj-freq"):
+        ngpt_step.main(["--lazy-proj-freq", "0", "--out", str(out)])

@@ -11,6 +11,17 @@ import time
 import torch
 
 
+def add_tiny_shape_args(p):
+    """The model and batch shape flags of the training-step benchmarks; defaults = the tiny CPU config (depth 4,
+    width 256, seq 256, batch 8, vocab 4096)."""
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=4096)
+
+
 def timed_train_step(model, optimizers, x, y, ctx, device_type: str) -> float:
     """One training step (forward, backward, every optimizer), synchronised; returns its wall time in seconds."""
     t0 = time.perf_counter()

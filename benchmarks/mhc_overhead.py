@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from benchmarks.bench_utils import (child_peak_memory_mib, own_peak_memory_mib, timed_train_step,
-                                    write_record)
+from benchmarks.bench_utils import (add_tiny_shape_args, child_peak_memory_mib, own_peak_memory_mib,
+                                    timed_train_step, write_record)
 from nanochat.common import autocast_ctx, autodetect_device_type, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.mhc import sinkhorn, sinkhorn_log
@@ -59,12 +59,7 @@ def time_sinkhorns(args, device, device_type, rounds: int = 20) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=4096)
+    add_tiny_shape_args(p)
     p.add_argument("--num-streams", type=int, default=4)
     p.add_argument("--sinkhorn-iters", type=int, default=20)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

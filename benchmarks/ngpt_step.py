@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.bench_utils import write_record
+from benchmarks.bench_utils import add_tiny_shape_args, write_record
 from nanochat.common import UserError, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_ngpt_optimizers, setup_optimizers
@@ -36,12 +36,7 @@ def build(arch: str, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=4096)
+    add_tiny_shape_args(p)
     p.add_argument("--lazy-proj-freq", type=int, default=7, help="k of the lazy arm (the other nGPT arm uses 1)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before measuring")
     p.add_argument("--rounds", type=int, default=28, help="timed steps per arm (a multiple of k gives the lazy arm "

@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-from benchmarks.bench_utils import timed_train_step, write_record
+from benchmarks.bench_utils import add_tiny_shape_args, timed_train_step, write_record
 from nanochat.common import autocast_ctx, autodetect_device_type, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_optimizers
@@ -25,12 +25,7 @@ def time_steps(model, optimizers, x, y, ctx, warmup: int, steps: int, device_typ
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=4096)
+    add_tiny_shape_args(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before measuring")
     p.add_argument("--steps", type=int, default=12, help="timed steps per dtype (the median is reported)")
     p.add_argument("--dtypes", default="float32,bfloat16")

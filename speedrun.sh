@@ -58,6 +58,7 @@ case "$preset" in
     hres_args=(--tokens 262144 --batch-size 32)
     lm_eval_args=(--tasks gsm8k,hellaswag,arc_easy,arc_challenge --batch-size 32)   # the harness's own settings
     bench_args=(--depth 12 --head-dim 128 --vocab-size 32768 --seq-len 1024 --dtype bfloat16 --batch-sizes 1,8)
+    memory_args=(--vocab-size 32768)   # the GPU step in bf16, every --activation-checkpointing mode
     ;;
   tiny)
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-tiny}"
@@ -94,6 +95,7 @@ case "$preset" in
     lm_eval_args=(--tasks gsm8k,hellaswag,arc_easy,arc_challenge --num-fewshot 0 --limit 20 --max-gen-toks 48
                   --task-data local)
     bench_args=(--new-tokens 64 --batch-sizes 1 --repeats 3)   # the tiny architecture (the benchmark's default)
+    memory_args=(--vocab-size 4096 --dtype float32 --modes off)   # the CPU step (~5 s per model)
     ;;
   *) echo "PRESET must be gpu, tiny or auto (got $preset)" >&2; exit 2 ;;
 esac
@@ -127,6 +129,10 @@ stage pretokenize --out "$NANOCHAT_BASE_DIR/tokenized" --dep "$tokenizer_json" -
 for model in baseline mhc; do
     config=$base_config; [ "$model" = mhc ] && config=$mhc_config
     tag="${prefix}${model}"
+    # the step's peak memory before it trains (docs/performance.md); training checks it again on the GPU
+    stage "memory_$model" --out "$results_dir/bench/memory_estimate_$model.json" -- \
+        python -m benchmarks.memory_estimate --config "$config" "${memory_args[@]}" "${extra_train[@]}" \
+        --out "$results_dir/bench/memory_estimate_$model.json"
     stage "train_$model" --out "$results_dir/$tag/config.json" --out "$ckpt/$tag" --dep "$tokenizer_json" -- \
         "${launch[@]}" scripts.base_train "${sep[@]}" --config "$config" --model-tag "$tag" \
         --run "$run_name" --resume --results-dir "$results_dir" "${extra_train[@]}"

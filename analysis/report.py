@@ -136,6 +136,30 @@ def harness_section(rep: Report, results_dir: str, tags: list[str]):
         rep.note_missing(f"no lm_eval.json under {results_dir}/<tag>/ (speedrun stage lm_eval_mhc)")
 
 
+def memory_section(rep: Report, results_dir: str):
+    """The training step's estimated peak memory per model and --activation-checkpointing mode (speedrun's memory_*
+    stages, benchmarks.memory_estimate)."""
+    rows = []
+    for model in ("baseline", "mhc"):
+        path = os.path.join(results_dir, "bench", f"memory_estimate_{model}.json")
+        if not os.path.isfile(path):
+            rep.note_missing(f"{path} not found (speedrun stage memory_{model})")
+            continue
+        with open(path) as f:
+            record = json.load(f)
+        res = record["results"]
+        for mode, est in res["by_mode"].items():
+            rows.append(f"| {model} | {mode} | {res['device_batch_size']} x {res['seq_len']} | "
+                        f"{record['config']['dtype']} | {est['peak'] / 2**30:.2f} | {est['activations'] / 2**30:.2f} "
+                        f"| {'yes' if est['fits'] else 'no'} |")
+    if rows:
+        rep.add("## Memory (estimated before training)", "",
+                "| model | activation checkpointing | tokens per device | dtype | peak GiB | activations GiB | "
+                "fits an 80 GB GPU |", "|---|---|---|---|---|---|---|", *rows, "",
+                "Eager step on fake tensors (`python -m benchmarks.memory_estimate`, docs/performance.md); a "
+                "compiled step keeps at most as much.", "")
+
+
 def configs_section(rep: Report, results_dir: str, tags: list[str]):
     rep.add("## Runs: commit, configs, seeds", "", "| run | git commit | seed | settings |", "|---|---|---|---|")
     for tag in tags:
@@ -224,6 +248,7 @@ def main(argv=None):
 
     rep.add("## lm-evaluation-harness", "")
     harness_section(rep, R, list(tags.values()))
+    memory_section(rep, R)
     configs_section(rep, R, list(tags.values()))
     rep.add("## Missing", "")
     rep.add(*([f"- {m}" for m in rep.missing] or ["Nothing: every cell and every figure is present."]), "")

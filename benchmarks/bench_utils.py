@@ -49,7 +49,13 @@ def child_peak_memory_mib(module: str, child_arg: str, args, exclude: tuple = ()
     """Run `python -m module --_memory-child child_arg` with the same flags in a fresh process (so the measured
     model does not share a high-water mark with the others) and read the MiB it prints last."""
     cmd = [sys.executable, "-m", module, "--_memory-child", child_arg]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in exclude + ("memory_child",)]
+    for k, v in vars(args).items():
+        if k in exclude + ("memory_child",):
+            continue
+        if isinstance(v, bool):  # store_true flags: present or absent
+            cmd += [f"--{k.replace('_', '-')}"] if v else []
+        else:
+            cmd.append(f"--{k.replace('_', '-')}={v}")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

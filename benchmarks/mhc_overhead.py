@@ -4,7 +4,8 @@ both alike; the median of per-pair ratios, with its IQR and the ratio of the fas
 Writes JSON.
 
     python -m benchmarks.mhc_overhead                     # the tiny CPU config: depth 4, width 256, seq 256, batch 8
-    python -m benchmarks.mhc_overhead --depth 12 --head-dim 128 --seq-len 1024 --batch-size 16 --dtype bfloat16 --compile
+    python -m benchmarks.mhc_overhead --depth 12 --head-dim 128 --seq-len 1024 --batch-size 16 --vocab-size 32768 \
+        --dtype bfloat16 --compile                        # the GPU preset's model on one GPU (scripts/gpu_check.sh)
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ def build(args, mhc: bool, device):
     n_embd, n_head = model_dims_from_depth(args.depth, args.aspect_ratio, args.head_dim)
     cfg = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
                     n_kv_head=n_head, n_embd=n_embd, mhc_enabled=mhc, mhc_num_streams=args.num_streams,
-                    mhc_sinkhorn_iters=args.sinkhorn_iters)
+                    mhc_sinkhorn_iters=args.sinkhorn_iters, mhc_bf16_streams=mhc and args.bf16_streams)
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     model.init_weights()
+    model.set_activation_checkpointing("full" if args.activation_checkpointing == "full" else
+                                       ("mhc" if mhc and args.activation_checkpointing == "mhc" else "off"))
     opts = setup_optimizers(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
                             weight_decay=0.0, ns_dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
     return model, (torch.compile(model) if args.compile else model), opts
@@ -64,6 +67,9 @@ def main(argv=None):
     p.add_argument("--sinkhorn-iters", type=int, default=20)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation-checkpointing", default="off", choices=["off", "mhc", "full"],
+                   help="mhc: the mHC model's connections only (the baseline runs without); full: both models")
+    p.add_argument("--bf16-streams", action="store_true", help="the mHC model with mhc_bf16_streams")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per model, interleaved")
     p.add_argument("--out", default="results/bench/mhc_overhead.json")

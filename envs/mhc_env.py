@@ -32,7 +32,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from envs.gsm8k_env import (dense_rewards, exact_rewards, fit_problems, load_problems, mix_reward,
                             question_features)
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import UserError, autocast_ctx
+from nanochat.common import UserError, autocast_ctx, compile_model
 from nanochat.tokenizer import get_tokenizer
 
 ENV_ID = "nanochat/GSM8KMHC-v0"
@@ -133,7 +133,7 @@ class GateScorer:
 
     def __init__(self, model, tokenizer, *, action_space: str = "global", reward: str = "dense",
                  max_new_tokens: int = 256, mix_weight: float = 0.5, batch_size: int = 32, dtype: str = "float32",
-                 reward_baseline: str = "none"):
+                 reward_baseline: str = "none", compile: bool = False):
         if reward not in REWARDS:
             raise UserError(f"reward must be one of {', '.join(REWARDS)} (got {reward!r})")
         if reward_baseline not in REWARD_BASELINES:
@@ -144,6 +144,9 @@ class GateScorer:
         if batch_size <= 0 or max_new_tokens <= 0:
             raise UserError(f"batch size and max new tokens must be > 0 (got {batch_size}, {max_new_tokens})")
         self.model, self.tokenizer = model, tokenizer
+        # the forward of the dense reward (compiled with --compile; every batch has its own length); the
+        # observations (once per problem, cached) and generation (the exact reward) run the eager model
+        self.scoring_model = compile_model(model, compile, dynamic=True)
         self.action_space, self.reward = action_space, reward
         self.num_gates = num_gates(action_space, model.config.n_layer)
         self.max_new_tokens, self.mix_weight, self.batch_size = max_new_tokens, mix_weight, batch_size
@@ -215,7 +218,7 @@ class GateScorer:
             recs = [dict(id=p.id) for p in chunk]
             with gates_applied(self.model, space, g):
                 if "dense" in metrics:
-                    for r, d in zip(recs, dense_rewards(self.model, self.tokenizer, chunk, self.ctx)):
+                    for r, d in zip(recs, dense_rewards(self.scoring_model, self.tokenizer, chunk, self.ctx)):
                         r["dense"] = d
                 if "exact" in metrics:
                     for r, e in zip(recs, exact_rewards(self.model, self.tokenizer, chunk, self.max_new_tokens,

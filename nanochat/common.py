@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,17 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+# Dense bf16 tensor-core peaks per GPU (NVIDIA datasheets, without sparsity), for MFU. Names are matched in order, so
+# the PCIe and NVL cards (lower clocks and power) come before the SXM part whose name they contain.
+PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H200 NVL", 835e12), ("GH200", 989e12),
+                   ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12))
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU from its name (torch.cuda.get_device_name()), or None when unknown."""
+    return next((v for k, v in PEAK_BF16_FLOPS if k in device_name), None)
+
+
 def autodetect_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,8 +93,11 @@ def compute_init(device_type: str = "auto"):
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # No TF32: under bf16 autocast every large matrix product runs in bf16 anyway; the fp32 ones left are the
+        # mHC coefficient math and mixing (small and memory-bound: TF32 would buy nothing there but its 10-bit
+        # mantissa) and --dtype float32 runs, which ask for fp32. So fp32 means IEEE fp32 on the GPU as on the CPU.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     else:
         device = torch.device("cpu")
     if is_ddp and not dist.is_initialized():
@@ -90,6 +105,28 @@ def compute_init(device_type: str = "auto"):
         dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
         dist.barrier()
     return device_type, device, is_ddp, rank, local_rank, world_size
+
+
+# How long the other ranks wait for rank 0 to prepare shared data (pretokenizing a cold FineWeb cache on one rank
+# takes hours); a barrier on the default group would give up after NCCL's 10 minutes.
+RANK0_WAIT_TIMEOUT = timedelta(hours=6)
+
+
+def rank0_first(fn, what: str):
+    """Run fn() on rank 0 while the other ranks wait for it (on a gloo group with RANK0_WAIT_TIMEOUT, not the
+    default group's NCCL timeout), then return its result (None on the other ranks). Without torch.distributed,
+    just fn()."""
+    if not dist.is_initialized():
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=RANK0_WAIT_TIMEOUT)
+    rank = dist.get_rank()
+    if rank == 1:
+        print(f"rank 1..{dist.get_world_size() - 1}: waiting for rank 0 ({what}; up to "
+              f"{RANK0_WAIT_TIMEOUT.total_seconds() / 3600:.0f} h)", flush=True)
+    result = fn() if rank == 0 else None
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
+    return result
 
 
 def compute_cleanup():
@@ -136,6 +173,16 @@ def resolve_precision(device_type: str, dtype: str, compile_flag: str = "false")
             print0(f"warning: --dtype bfloat16 on a CPU without native bf16 (capability {capability}): expect ~30x "
                    f"slower than float32", file=sys.stderr)
     return dtype, use_compile, autocast_ctx(device_type, dtype)
+
+
+def compile_model(model, use_compile: bool, dynamic: bool | None):
+    """The forward an entry point runs (--compile): torch.compile(model, dynamic=dynamic) when asked, else the model
+    itself. The compiled module shares the model's parameters and forwards attribute access to it (config, gate
+    setters). dynamic: False for fixed shapes (pretraining), True where every batch has its own length (fine-tuning
+    rows, RL scoring), None (PyTorch's automatic: static first, dynamic once a shape changes) for callers with both
+    (evaluation: fixed-length bpb batches, then variable-length choices). Generation keeps the eager model (the
+    KV cache is Python state: compiling it is the engine's job)."""
+    return torch.compile(model, dynamic=dynamic) if use_compile else model
 
 
 def autocast_ctx(device_type: str, dtype: str):

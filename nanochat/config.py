@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from nanochat.common import UserError, repo_root
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import ACTIVATION_CHECKPOINTING, GPTConfig, model_dims_from_depth
 from nanochat.newton_schulz import ns_schedule, resolve_ns_coeffs
 
 _MHC = GPTConfig()  # the mHC defaults live in GPTConfig; the flags below only mirror them
@@ -70,6 +70,9 @@ class TrainConfig:
     mhc_stream_embed_std: float = _f(_MHC.mhc_stream_embed_std, "mHC: init std of the stream embedding")
     mhc_readout: str = _f(_MHC.mhc_readout, "mHC: streams -> head, learned (sigmoid-weighted, as DeepSeek-V4) | sum "
                           "(HC; the last sub-layer's H_res then cancels)")
+    mhc_bf16_streams: bool = _f(_MHC.mhc_bf16_streams, "mHC: under bf16 autocast, keep the n residual streams in "
+                                "bf16 (half their memory and traffic; the coefficient math and the mixing still "
+                                "accumulate in fp32); no effect in float32 runs")
     # nGPT (--arch ngpt; README "nGPT"); defaults from GPTConfig
     arch: str = _f(_MHC.arch, "gpt (the baseline) | ngpt (normalized Transformer: weights and hidden states on the "
                    "unit sphere)")
@@ -114,6 +117,13 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
     resume: bool = _f(False, "continue from the newest checkpoint of this model tag")
     log_every: int = _f(1, "print a step line every N steps")
+    # memory and speed (docs/performance.md)
+    activation_checkpointing: str = _f("off", "recompute activations in backward: off | mhc (each mHC connection's "
+                                       "coefficient math, read-out and mixing) | full (every sub-layer)")
+    memory_check: str = _f("auto", "estimate the step's peak memory before training: auto (on CUDA) | true | "
+                           "false; on CUDA a device batch that does not fit the GPU is refused, with the numbers")
+    peak_flops: float = _f(0.0, "bf16 peak FLOP/s of one GPU, for MFU (0: from the GPU's name, H100 SXM/PCIe/NVL, "
+                           "H200, A100; other GPUs log no MFU)")
     mhc_log_every: int = _f(0, "mHC: every N steps (and at the end) append each sub-layer's gate, H_res diagonal, "
                             "distance from I, sum error and mean H_pre/H_post on a fixed val batch to "
                             "metrics.jsonl (0 = off)")
@@ -126,8 +136,14 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
         choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
-                       compile=("auto", "true", "false"), data_source=("fineweb", "local"))
+                       compile=("auto", "true", "false"), data_source=("fineweb", "local"),
+                       activation_checkpointing=ACTIVATION_CHECKPOINTING, memory_check=("auto", "true", "false"))
         check_choices(self, choices)
+        if self.peak_flops < 0:
+            raise UserError(f"--peak-flops must be >= 0 (got {self.peak_flops})")
+        if self.activation_checkpointing == "mhc" and not self.mhc_enabled:
+            raise UserError("--activation-checkpointing mhc recomputes the mHC connections: add --mhc-enabled, or "
+                            "use full (every sub-layer)")
         if self.num_iterations == 0 or self.num_iterations < -1:
             raise UserError(f"--num-iterations must be > 0 or -1 (got {self.num_iterations})")
         if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
@@ -157,6 +173,19 @@ class TrainConfig:
             ns_schedule(resolve_ns_coeffs(self.muon_ns_coeffs), self.muon_ns_steps or None)
         except UserError as e:
             raise UserError(f"--muon-ns-coeffs {self.muon_ns_coeffs!r} / --muon-ns-steps {self.muon_ns_steps}: {e}")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPTConfig these settings train (vocab_size from the tokenizer): the depth dial derives width and
+        heads; the mHC and nGPT fields carry over."""
+        n_embd, n_head = model_dims_from_depth(self.depth, self.aspect_ratio, self.head_dim)
+        n_kv_head = self.num_kv_heads or n_head
+        if n_head % n_kv_head:
+            raise UserError(f"--num-kv-heads {n_kv_head} must divide the number of query heads {n_head}")
+        mhc = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig) if f.name.startswith("mhc_")}
+        ngpt = dict(arch=self.arch, scalar_alpha=self.scalar_alpha, ngpt_alpha_init=self.ngpt_alpha_init,
+                    logit_scale=self.logit_scale)
+        return GPTConfig(sequence_len=self.max_seq_len, vocab_size=vocab_size, n_layer=self.depth, n_head=n_head,
+                         n_kv_head=n_kv_head, n_embd=n_embd, **mhc, **ngpt)
 
     def _validate_ngpt(self):
         check_choices(self, dict(arch=("gpt", "ngpt"), ngpt_optimizer=("adamw", "muon")))
@@ -311,6 +340,8 @@ class EvalConfig:
     tasks: str = _f("bpb", f"comma-separated tasks: {', '.join(EVAL_TASKS)}, or all")
     device_type: str = _f("auto", "auto | cuda | cpu")
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
+    compile: str = _f("auto", "torch.compile the scoring forward (bpb, multiple choice): auto (on CUDA only) | true "
+                      "| false; generation stays eager")
     device_batch_size: int = _f(8, "sequences per device per forward pass (bpb rows, choices, generated rows)")
     eval_tokens: int = _f(10 * 524288, "validation tokens for bpb (per split)")
     max_per_task: int = _f(-1, "examples per downstream task: the first N after a seeded shuffle (-1 = all)")
@@ -356,6 +387,7 @@ class EvalConfig:
             raise UserError(f"--tasks: a task is listed twice ({self.tasks})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"--dtype must be one of auto, float32, bfloat16 (got {self.dtype!r})")
+        check_choices(self, dict(compile=("auto", "true", "false")))
         if self.task_data not in ("auto", "hub", "local"):
             raise UserError(f"--task-data must be one of auto, hub, local (got {self.task_data!r})")
         if self.subset not in ("random", "first"):
@@ -415,6 +447,10 @@ class SFTConfig:
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
     resume: bool = _f(False, "continue from the newest checkpoint of --output-tag")
     log_every: int = _f(10, "print a step line every N steps")
+    activation_checkpointing: str = _f("off", "recompute activations in backward: off | mhc (each mHC connection's "
+                                       "coefficient math, read-out and mixing) | full (every sub-layer)")
+    memory_check: str = _f("auto", "estimate the step's peak memory (rows at the full context) before training: "
+                           "auto (on CUDA) | true | false; on CUDA a device batch that does not fit is refused")
     results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<output_tag>/")
 
     def data_sources(self) -> list[str]:
@@ -445,7 +481,8 @@ class SFTConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] or -1 (got {v})")
         parse_int_list(self.synthetic_steps, "synthetic-steps")
         choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
-                       compile=("auto", "true", "false"), task_data=("auto", "hub", "local"))
+                       compile=("auto", "true", "false"), task_data=("auto", "hub", "local"),
+                       activation_checkpointing=ACTIVATION_CHECKPOINTING, memory_check=("auto", "true", "false"))
         check_choices(self, choices)
 
 
@@ -464,6 +501,8 @@ class RLConfig:
     run: str = _f("dummy", "wandb run name ('dummy' disables wandb)")
     device_type: str = _f("auto", "device of the frozen model: auto | cuda | cpu (the policy MLP runs on the CPU)")
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
+    compile: str = _f("auto", "torch.compile the frozen model's scoring forward (dense reward, observations): auto "
+                      "(on CUDA only) | true | false; generation stays eager")
     seed: int = _f(0, "seed of PPO, the problem sampler and the black-box baselines")
     # the environment
     action_space: str = _f("global", f"gates the controller sets: {', '.join(RL_ACTION_SPACES)} (1, L or 2L values)")
@@ -520,7 +559,7 @@ class RLConfig:
                        reward_baseline=("default", "none"),
                        train_split=("train", "test"), eval_split=("train", "test"),
                        device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
-                       task_data=("auto", "hub", "local"))
+                       task_data=("auto", "hub", "local"), compile=("auto", "true", "false"))
         check_choices(self, choices)
         positive = ["max_new_tokens", "score_batch_size", "num_envs", "total_timesteps", "n_steps", "batch_size",
                     "n_epochs", "save_every", "keep_checkpoints", "random_candidates", "es_population",

@@ -107,7 +107,7 @@ class Engine:
 
     def _forward_last(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         with self.ctx:
-            return self.model(ids, kv_cache=cache)[:, -1].float()
+            return self.model(ids, kv_cache=cache, last_only=True)[:, -1].float()  # the head on one position
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,

@@ -120,10 +120,11 @@ def gather_records(records: list[dict], world_size: int) -> list[dict]:
 
 def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int, max_per_task: int = -1,
                   max_new_tokens: int = 256, strict: bool = False, task_data: str = "auto", seed: int | None = 42,
-                  rank: int = 0, world_size: int = 1) -> tuple[dict, list[dict]]:
+                  rank: int = 0, world_size: int = 1, scoring_model=None) -> tuple[dict, list[dict]]:
     """Evaluate one task. Returns (summary for eval.json, per-example records for eval_examples.jsonl); both are
-    complete on every rank. A task with nothing to score (an empty file, every row malformed, every example skipped)
-    is a UserError naming the data, never a result with n = 0."""
+    complete on every rank. scoring_model: the forward that scores choices (the model compiled, with --compile;
+    default the model); generation runs `model`. A task with nothing to score (an empty file, every row malformed,
+    every example skipped) is a UserError naming the data, never a result with n = 0."""
     kind, data, make_parse, primary, num_fewshot = TASKS[name]
     t0 = time.perf_counter()
     rows, source = load_rows(data, task_data)
@@ -137,7 +138,7 @@ def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int,
     t_load = time.perf_counter() - t0
     order = {id(ex): i for i, ex in enumerate(examples)}  # by object, so duplicate ids in a file cannot collide
     if kind == "mc":
-        scorer = ModelScorer(model, tokenizer, autocast_ctx)
+        scorer = ModelScorer(model if scoring_model is None else scoring_model, tokenizer, autocast_ctx)
         batches = mc_batches(examples, batch_size)
         run = lambda b: run_mc_batch(b, scorer)  # noqa: E731
         metrics = MC_METRICS

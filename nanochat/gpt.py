@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanochat.common import UserError
 from nanochat.mhc import READOUTS, DynamicMHC, StreamReadout, connection_stats, gate_tensor, validate_mhc_args
@@ -56,6 +57,9 @@ class GPTConfig:
                                        # the model knows the whole range an RL controller explores
     mhc_stream_embed_std: float = 1.0  # breaks the symmetry of the replicated streams (x has unit RMS too)
     mhc_readout: str = "learned"      # streams -> head: learned sigmoid-weighted sum (V4's hc_head) | sum (HC)
+    mhc_bf16_streams: bool = False    # under bf16 autocast, store the n residual streams in bf16 (half the memory
+                                      # and traffic of the n*C state); the coefficient math, the read-out and the
+                                      # mixing still accumulate in fp32. No effect in fp32 runs
     # architecture: gpt (the baseline above) | ngpt (the normalized Transformer; see the module docstring)
     arch: str = "gpt"
     scalar_alpha: bool = False        # ngpt: one eigen learning rate per sub-layer instead of one per dimension
@@ -108,6 +112,7 @@ NGPT_MHC_ERROR = ("arch ngpt cannot be combined with mHC (mhc_enabled): mHC mixe
                   "stochastic H_res, and averages of unit vectors leave the sphere nGPT keeps its hidden states on; "
                   "renormalising every stream would change what H_res and nGPT's alpha mean (no published form)")
 ROTARY_HEADROOM = 4  # generation may run past the training context; beyond this the tables must be rebuilt
+ACTIVATION_CHECKPOINTING = ("off", "mhc", "full")  # GPT.set_activation_checkpointing
 
 
 def model_dims_from_depth(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple[int, int]:
@@ -146,8 +151,80 @@ class Scale(nn.Module):
         return self.weight * (self.init / self.scale)
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) (nanochat's logit softcap); cap 0 leaves the logits as they are."""
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy of softcap(logits) against targets (-1 ignored, loss 0), in fp32, without the
+    [N, V] fp32 tensors autograd would keep for backward (the fp32 logits, the tanh and the log-softmax: 3 x 8 GiB
+    at 64k tokens and a 32k vocabulary). Works through the rows in chunks of CHUNK_ELEMENTS logits, saves only
+    the logits in their own dtype (bf16 under autocast) and one log-sum-exp per token, and recomputes the
+    elementwise softcap and softmax in backward (no matmul is recomputed)."""
+
+    CHUNK_ELEMENTS = 2 ** 24  # fp32 temporaries per chunk: 64 MiB each (512 tokens at a 32k vocabulary). An int:
+                              # Dynamo specialises ints (a float here would break a compiled graph)
+
+    @staticmethod
+    def forward(ctx, logits, targets, cap: float):
+        N, V = logits.shape
+        rows = max(1, _SoftcapCrossEntropy.CHUNK_ELEMENTS // V)
+        valid = targets >= 0
+        picked = targets.clamp_min(0).unsqueeze(1)                                  # [N, 1]
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+        for i in range(0, N, rows):
+            z = logits[i:i + rows].float()                                          # [rows, V] fp32
+            z = z.div(cap).tanh_().mul_(cap) if cap > 0 else z                      # softcap, in place
+            lse[i:i + rows] = torch.logsumexp(z, dim=-1)
+            loss[i:i + rows] = lse[i:i + rows] - z.gather(1, picked[i:i + rows]).squeeze(1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.cap = cap
+        return loss.masked_fill_(~valid, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        N, V = logits.shape
+        rows = max(1, _SoftcapCrossEntropy.CHUNK_ELEMENTS // V)
+        weight = (grad * (targets >= 0)).float().unsqueeze(1)                     # [N, 1]: 0 at ignored targets
+        picked = targets.clamp_min(0).unsqueeze(1)
+        out = torch.empty_like(logits)
+        for i in range(0, N, rows):  # two [rows, V] fp32 temporaries at a time (t and g), in-place ops
+            raw = logits[i:i + rows].float()
+            t = raw.div(ctx.cap).tanh_() if ctx.cap > 0 else None
+            g = (t.mul(ctx.cap) if t is not None else raw.clone()).sub_(lse[i:i + rows, None]).exp_()  # softmax
+            g.scatter_add_(1, picked[i:i + rows], torch.full_like(g[:, :1], -1.0))  # minus the one-hot target
+            g.mul_(weight[i:i + rows])
+            if t is not None:
+                g.mul_(t.square_().neg_().add_(1))                                  # d softcap / d logits
+            out[i:i + rows] = g
+        return out, None, None
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float, reduction: str = "mean"):
+    """F.cross_entropy(softcap(logits.float(), cap), targets, ignore_index=-1, reduction) for logits [B, T, V] and
+    targets [B, T]: a scalar for 'mean'/'sum', [B, T] for 'none'. Eager runs use _SoftcapCrossEntropy (fp32 math,
+    chunked, nothing [N, V] in fp32 kept for backward); under torch.compile the plain form, which inductor fuses."""
+    B, T, V = logits.shape
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss_reduction must be mean, sum or none (got {reduction!r})")
+    if torch.compiler.is_compiling():
+        z = softcap(logits.float(), cap).view(-1, V)
+        loss = F.cross_entropy(z, targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        return loss.view(B, T) if reduction == "none" else loss
+    loss = _SoftcapCrossEntropy.apply(logits.reshape(-1, V), targets.reshape(-1), float(cap))    # [N] fp32
+    if reduction == "none":
+        return loss.view(B, T)
+    total = loss.sum()
+    return total if reduction == "sum" else total / (targets >= 0).sum()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, T, H, D]; cos/sin: [1, T, 1, D/2]
+    # x: [B, T, H, D]; cos/sin: [1, T, 1, D/2] (fp32 tables), applied in x's dtype: under bf16 autocast q and k stay
+    # bf16 (fp32 tables would promote them, and the KV cache would hold fp32 keys)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
@@ -181,6 +258,8 @@ class CausalSelfAttention(nn.Module):
             q, k, scale = s_q * unit(q), s_k * unit(k), self.head_dim ** 0.5
         else:
             q, k = norm(q), norm(k)  # QK-norm
+        # attention in the projections' dtype (bf16 under autocast), whatever dtype a norm returns
+        q, k = q.to(v.dtype), k.to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H, T, D]
         mask = None
         if kv_cache is not None:
@@ -190,6 +269,9 @@ class CausalSelfAttention(nn.Module):
         enable_gqa = self.n_head != self.n_kv_head
         if mask is None and Tk == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa, scale=scale)
+        elif mask is None and T == 1:  # decoding one token without padding: it sees every cached key, so no mask
+            # (a boolean mask would rule out the flash kernel)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa, scale=scale)
         else:
             if mask is None:  # decoding with a cache: query i sits at position Tk - T + i and sees keys up to there
                 mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
@@ -222,7 +304,7 @@ def make_mhc(config: GPTConfig, sublayer_idx: int) -> DynamicMHC:
         ns_coeffs=config.mhc_ns_coeffs, dynamic=config.mhc_dynamic, alpha_init=config.mhc_alpha_init,
         res_init_diag=config.mhc_res_init_diag, gate_init=config.mhc_gate_init,
         gate_learnable=config.mhc_gate_learnable, gate_noise=config.mhc_gate_noise,
-        gate_sample_frac=config.mhc_gate_sample_frac)
+        gate_sample_frac=config.mhc_gate_sample_frac, prenorm=True)  # the block's pre-norm happens in the read-out
 
 
 class Block(nn.Module):
@@ -239,17 +321,27 @@ class Block(nn.Module):
         if config.mhc_enabled:  # attention and MLP are two mHC sub-layers (2i, 2i + 1), as in the paper
             self.mhc_attn = make_mhc(config, 2 * layer_idx)
             self.mhc_mlp = make_mhc(config, 2 * layer_idx + 1)
+        self.recompute = False  # run state: GPT.set_activation_checkpointing("full")
 
     def forward(self, x, cos_sin, kv_cache=None):
         if self.ngpt:  # x: [B, T, C], unit rows; move a step |alpha| towards the normalised branch output, renormalise
             x = unit(x + self.alpha_attn().abs() * (unit(self.attn(x, cos_sin, kv_cache)) - x))
             return unit(x + self.alpha_mlp().abs() * (unit(self.mlp(x)) - x))
-        if self.mhc_enabled:  # x: [B, T, n*C]
-            x = self.mhc_attn(x, lambda h: self.attn(norm(h), cos_sin, kv_cache))
-            return self.mhc_mlp(x, lambda h: self.mlp(norm(h)))
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
-        x = x + self.mlp(norm(x))
-        return x
+        if self.recompute and kv_cache is None and torch.is_grad_enabled():
+            # --activation-checkpointing full: each sub-layer keeps only its input x for backward
+            x = checkpoint(self.attn_sublayer, x, cos_sin, None, use_reentrant=False)
+            return checkpoint(self.mlp_sublayer, x, use_reentrant=False)
+        return self.mlp_sublayer(self.attn_sublayer(x, cos_sin, kv_cache))
+
+    def attn_sublayer(self, x, cos_sin, kv_cache=None):
+        if self.mhc_enabled:  # x: [B, T, n*C]; the mHC read-out applies the branch's pre-norm
+            return self.mhc_attn(x, lambda h: self.attn(h, cos_sin, kv_cache))
+        return x + self.attn(norm(x), cos_sin, kv_cache)
+
+    def mlp_sublayer(self, x):
+        if self.mhc_enabled:
+            return self.mhc_mlp(x, self.mlp)
+        return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -342,9 +434,10 @@ class GPT(nn.Module):
         - 6 per weight of a matrix product: the linear layers and mHC's projections phi (not the embedding lookup,
           the stream embedding, or mHC's biases and gains);
         - attention's score and value products, 12 * L * H * D * T (nanochat/PaLM: the full T x T);
-        - mHC per sub-layer: H_res @ x (2 n^2 C forward, twice that backward) and the read-out sum_i H_pre[i] x[i]
-          (2 n C forward; backward 2 n C for H_pre's gradient and 2 n C each for H_post's and y's through the
-          write-back), plus the learned final read-out (2 n C forward, 2 n C backward)."""
+        - mHC per sub-layer: the read-out and the mixing as one product [H_pre; H_res] @ x (2 (n + 1) n C
+          forward); backward 2 n C to recompute the read-out for the folded pre-norm, 2 n C for H_pre's gradient,
+          4 n^2 C for the mixing's two gradients and 2 n C each for H_post's and y's through the write-back: in
+          all 6 n^2 C + 10 n C; plus the learned final read-out (2 n C forward, 2 n C backward)."""
         cfg = self.config
         matrices = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         matrices += [m.phi for m in self.modules() if isinstance(m, (DynamicMHC, StreamReadout)) and m.phi is not None]
@@ -353,7 +446,7 @@ class GPT(nn.Module):
         flops = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
         if cfg.mhc_enabled:
             n, C = cfg.mhc_num_streams, cfg.n_embd
-            flops += 2 * cfg.n_layer * (6 * n * n * C + 8 * n * C)
+            flops += 2 * cfg.n_layer * (6 * n * n * C + 10 * n * C)
             if hasattr(self, "stream_readout"):
                 flops += 4 * n * C
         return flops
@@ -377,6 +470,8 @@ class GPT(nn.Module):
                 # differences from step 0, so the mHC model does not start as an exact copy of the baseline
                 x = x + (self.stream_embed - self.stream_embed.mean(dim=0)).to(x.dtype)
             x = x.reshape(B, T, -1)
+            if self.config.mhc_bf16_streams and torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # the streams' dtype from here to the read-out
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         if hasattr(self, "stream_readout"):  # collapse the streams before the final norm: learned weights ...
@@ -385,22 +480,38 @@ class GPT(nn.Module):
             x = x.view(B, T, self.config.mhc_num_streams, -1).sum(dim=-2)
         return x if self.config.arch == "ngpt" else norm(x)  # nGPT's h is unit already: no final norm
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx: [B, T] token ids. Returns logits [B, T, V] (fp32) when targets is None, else the loss
-        (a scalar for 'mean'/'sum', [B, T] for 'none'). Targets of -1 are ignored."""
-        B, T = idx.shape
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        """idx: [B, T] token ids. Returns logits [B, T, V] (fp32) when targets is None ([B, 1, V] with last_only:
+        generation reads no other position), else the loss (a scalar for 'mean'/'sum', [B, T] for 'none').
+        Targets of -1 are ignored. Softcap and loss are computed in fp32 (softcap_cross_entropy)."""
         x = self.hidden_states(idx, kv_cache)
-        logits = self.lm_head(x).float()  # [B, T, V], softcap and loss in fp32
+        if targets is None and last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # [B, T, V] in the compute dtype (bf16 under autocast)
+        cap = self.config.logit_softcap
         if self.config.arch == "ngpt":  # bounded by |s_z| already: no softcap (logit_softcap is not used)
-            logits = self.s_z().float() * logits
-        elif self.config.logit_softcap > 0:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+            logits, cap = self.s_z().float() * logits.float(), 0.0
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+            return softcap(logits.float(), cap)
+        return softcap_cross_entropy(logits, targets, cap, loss_reduction)
+
+    def set_activation_checkpointing(self, mode: str):
+        """Run state (never in a checkpoint): "off"; "mhc" recomputes each mHC connection's coefficient math,
+        read-out and mixing in backward (only the streams, H_post and the branch output stay saved); "full"
+        recomputes every sub-layer (each keeps only its input). The numbers are unchanged (tested); the memory
+        and time costs are in docs/performance.md."""
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise UserError(f"--activation-checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)} "
+                            f"(got {mode!r})")
+        if mode == "mhc" and not self.config.mhc_enabled:
+            raise UserError("--activation-checkpointing mhc recomputes the mHC connections, and this model has no "
+                            "mHC: use full (every sub-layer) or off")
+        if mode != "off" and self.config.arch == "ngpt":
+            raise UserError("--activation-checkpointing is not implemented for --arch ngpt: use off")
+        for block in self.transformer.h:
+            block.recompute = mode == "full"
+            if block.mhc_enabled:
+                block.mhc_attn.recompute = block.mhc_mlp.recompute = mode == "mhc"
 
     # -- mHC gates (the RL controller's knobs) and analysis -------------------------------------------------------
     def mhc_modules(self) -> list:

@@ -42,14 +42,24 @@ Design decisions (the paper leaves them open; DESIGN.md §4-5):
 - Stream ends (nanochat/gpt.py): replicated at the input plus a zero-mean learnable stream embedding; collapsed at
   the output by StreamReadout, a learned sigmoid-weighted sum (HC's plain sum would make the last sub-layer's H_res
   and gate cancel exactly; see StreamReadout).
-- Coefficient math (norm, projection, Sinkhorn, NS, the read-out and the mixing) runs in fp32 whatever the autocast
-  dtype; only the branch runs under autocast.
+- Precision (docs/performance.md). The coefficient math (norm, projection, Sinkhorn, NS), the read-out and the
+  mixing run in fp32 whatever the autocast dtype; only the branch runs under autocast. The streams are fp32 by
+  default (as the baseline's residual); GPTConfig.mhc_bf16_streams stores them in bf16 under autocast, and the
+  Functions below still accumulate in fp32. What is saved for backward stays in its own dtype: the branch input
+  is handed over in the autocast dtype and the branch output y is saved as it comes (bf16), never as fp32 copies.
 
-Speed (benchmarks/mhc_overhead.py): RMSNorm(x) @ phi is computed as (x @ phi) / rms(x) -- the norm is one scalar per
-token -- so the normalised [N, nC] copy is never made (the paper's kernel does the same, Eq. 10-19); Sinkhorn runs
-in its scaling form with a hand-written unrolled backward (`sinkhorn`, below) instead of 40 autograd-recorded
-log-sum-exps per sub-layer; the read-out, the mixing and the write-back are batched matmuls (no [B,T,n,n,C]
-temporaries, no Python branching on values in forward).
+Speed and memory (benchmarks/mhc_overhead.py, benchmarks/mhc_traffic.py): RMSNorm(x) @ phi is computed as
+(x @ phi) / rms(x) -- the norm is one scalar per token -- so the normalised [N, nC] copy is never made (the paper's
+kernel does the same, Eq. 10-19); Sinkhorn runs in its scaling form with a hand-written unrolled backward
+(`sinkhorn`, below) instead of 40 autograd-recorded log-sum-exps per sub-layer; the read-out and the mixing are one
+batched matmul over the streams ([H_pre; H_res] @ x), with the branch's pre-norm folded in (the un-normalised
+read-out is never stored), and the write-back is its own small Function (no [B,T,n,n,C] temporaries, no Python
+branching on values in forward).
+
+Compile: the floats a custom autograd Function uses are literals in its own code. Under torch.compile(dynamic=True),
+Dynamo lifts a module-level float read inside Function.forward (or a float passed to apply) to a symbolic input and
+then fails on the second call in a graph; a float class attribute breaks the graph instead (torch 2.13).
+tests/test_compile.py scans every Function for both.
 """
 from __future__ import annotations
 
@@ -59,6 +69,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from nanochat.common import UserError
 from nanochat.newton_schulz import resolve_ns_coeffs, zeropower_via_newtonschulz
@@ -67,10 +78,6 @@ CONSTRAINTS = ("sinkhorn", "orthostochastic")
 READOUTS = ("learned", "sum")
 # H_pre of sub-layer k (and the learned read-out) starts at sigmoid(1) = 0.73 on stream k mod n and 0.5 elsewhere
 PRE_PREFERENCE_LOGIT = 1.0
-# Sinkhorn's scaling form works on exp(logits - column max); fp32 exp() underflows below about -87, so log-ratios are
-# floored at -80 nats. Any matrix whose entries lie within 80 nats of their column's maximum is computed exactly
-# (the same numbers as sinkhorn_log); beyond, the floored entries weigh e^-80 ~ 2e-35 and everything stays finite.
-SINKHORN_MIN_LOG_RATIO = -80.0
 
 
 def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
@@ -103,13 +110,18 @@ class _SinkhornScaling(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+        # The scaling form works on exp(logits - column max); fp32 exp() underflows below about -87, so log-ratios
+        # are floored at -80 nats. Any matrix whose entries lie within 80 nats of their column's maximum is computed
+        # exactly (the same numbers as sinkhorn_log); beyond, the floored entries weigh e^-80 ~ 2e-35 and everything
+        # stays finite. A literal, as every float a custom Function uses (module docstring, "Compile").
+        min_log_ratio = -80.0
         shape, n = logits.shape, logits.shape[-1]
         L = logits.reshape(-1, n, n).permute(1, 2, 0)                  # [n, n, N]
         # a constant per column is absorbed exactly by the first column step, so shifting by the column max changes
         # nothing and puts every entry of K in (0, 1] with a 1 in every column
         L = L - L.amax(dim=0, keepdim=True)
-        live = L > SINKHORN_MIN_LOG_RATIO                               # where the floor did not bite
-        K = L.clamp_min(SINKHORN_MIN_LOG_RATIO).exp_().contiguous()
+        live = L > min_log_ratio                                        # where the floor did not bite
+        K = L.clamp_min(min_log_ratio).exp_().contiguous()
         r = torch.ones_like(K[0])                                       # [n, N]
         rs, cs = [r], []
         for _ in range(num_iters):
@@ -149,48 +161,102 @@ def sinkhorn(logits: torch.Tensor, num_iters: int = 20, tau: float = 1.0) -> tor
     """Sinkhorn-Knopp as sinkhorn_log ([..., n, n] logits -> doubly stochastic, fp32 or float64), computed in the
     scaling form with a hand-written backward: the same numbers (tested to fp32 rounding, and gradcheck'ed in
     float64) with ~10x fewer kernels and only [n, N] vectors saved for backward. Log-ratios below -80 nats within a
-    column are floored (SINKHORN_MIN_LOG_RATIO), so extreme logits (+-1e4) stay finite."""
+    column are floored (see _SinkhornScaling.forward), so extreme logits (+-1e4) stay finite."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
         return _SinkhornScaling.apply(_fp32_or_wider(logits) / tau, num_iters)
 
 
+def _rms_eps(t: torch.Tensor) -> float:
+    """F.rms_norm's default epsilon for a tensor of this dtype."""
+    return torch.finfo(t.dtype).eps
+
+
+def _read_coefficients(H_pre: torch.Tensor, H_res: torch.Tensor | None) -> torch.Tensor:
+    """[N, n] (and [N, n, n]) -> the rows one batched matmul applies to the streams: [N, 1 (+ n), n]."""
+    rows = H_pre.unsqueeze(1)
+    return rows if H_res is None else torch.cat([rows, H_res], dim=1)
+
+
+def _read_forward(ctx, H_pre, H_res, xs, normalize: bool, out_dtype):
+    """The read-out r = sum_i H_pre[i] x[i] (RMS-normalised when `normalize`) and, with H_res, the mixing H_res x,
+    from one pass over the streams; everything in fp32 (or float64) whatever the streams' dtype."""
+    xf = _fp32_or_wider(xs)                                                 # a transient copy for bf16 streams
+    prod = torch.bmm(_read_coefficients(H_pre, H_res).to(xf.dtype), xf)    # [N, 1 + n, C]
+    r = prod[:, 0]
+    inv = torch.rsqrt(r.square().mean(-1, keepdim=True) + _rms_eps(r)) if normalize else r.new_empty(0)
+    branch_in = (r * inv if normalize else r).to(out_dtype).contiguous()
+    ctx.save_for_backward(H_pre, H_res if H_res is not None else H_pre.new_empty(0), xs, inv)
+    ctx.normalize = normalize
+    return branch_in, (prod[:, 1:] if H_res is not None else None)
+
+
+def _read_backward(ctx, g_branch, g_mixed):
+    H_pre, H_res, xs, inv = ctx.saved_tensors
+    xf = _fp32_or_wider(xs)
+    g_r = g_branch.to(xf.dtype)                                              # [N, C]
+    if ctx.normalize:  # RMSNorm's backward, with the read-out recomputed (it is never stored)
+        n_hat = torch.bmm(H_pre.unsqueeze(1).to(xf.dtype), xf).squeeze(1) * inv
+        g_r = inv * (g_r - n_hat * (g_r * n_hat).mean(-1, keepdim=True))
+    grad_H_pre = torch.bmm(xf, g_r.unsqueeze(2)).squeeze(2).to(H_pre.dtype)  # [N, n]
+    grad_xs = H_pre.unsqueeze(2).to(xf.dtype) * g_r.unsqueeze(1)             # [N, n, C]
+    grad_H_res = None
+    if g_mixed is not None and H_res.numel():
+        g_mixed = g_mixed.to(xf.dtype)
+        grad_H_res = torch.bmm(g_mixed, xf.mT).to(H_res.dtype)                # [N, n, n]
+        grad_xs = torch.baddbmm(grad_xs, H_res.mT.to(xf.dtype), g_mixed)
+    return grad_H_pre, grad_H_res, grad_xs.to(xs.dtype)
+
+
 class _ReadStreams(torch.autograd.Function):
-    """branch_in[t] = sum_i H_pre[t, i] x[t, i]: H_pre [N, n], xs [N, n, C] -> [N, C]. Written out because autograd's
-    backward of this bmm forms dL/dx as a batched matmul with an inner dimension of 1, ~4x slower on the CPU than
-    the broadcast multiply used here."""
+    """The streams' read-out: H_pre [N, n], xs [N, n, C] -> sum_i H_pre[i] x[i], [N, C] in out_dtype, RMS-normalised
+    when `normalize` (the branch's parameter-free pre-norm, folded in so the un-normalised read-out is never
+    stored: its backward recomputes it from the streams, which are saved anyway). Computed in fp32 whatever the
+    streams' dtype; saves only H_pre, the streams and one inverse RMS per token."""
 
     @staticmethod
-    def forward(ctx, H_pre: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(H_pre, xs)
-        return torch.bmm(H_pre.unsqueeze(1), xs).squeeze(1)
+    def forward(ctx, H_pre, xs, normalize: bool, out_dtype):
+        return _read_forward(ctx, H_pre, None, xs, normalize, out_dtype)[0]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        H_pre, xs = ctx.saved_tensors
-        grad_H = torch.bmm(xs, grad.unsqueeze(2)).squeeze(2) if ctx.needs_input_grad[0] else None  # [N, n]
-        grad_xs = H_pre.unsqueeze(2) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None  # [N, n, C]
-        return grad_H, grad_xs
+    def backward(ctx, grad):
+        grad_H_pre, _, grad_xs = _read_backward(ctx, grad, None)
+        return grad_H_pre, grad_xs, None, None
 
 
-class _MixStreams(torch.autograd.Function):
-    """out[t, j] = sum_i H_res[t, j, i] x[t, i] + H_post[t, j] y[t]: the mixing and the write-back in one output
-    buffer ([N, n, n], [N, n, C], [N, n], [N, C] -> [N, n, C]); the backward reads the output gradient three times
-    and allocates only the gradients themselves."""
-
-    @staticmethod
-    def forward(ctx, H_res: torch.Tensor, xs: torch.Tensor, H_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(H_res, xs, H_post, y)
-        return torch.bmm(H_res, xs).addcmul_(H_post.unsqueeze(2), y.unsqueeze(1))
+class _ReadMixStreams(torch.autograd.Function):
+    """The read-out and the mixing from one pass over the streams: H_pre [N, n], H_res [N, n, n], xs [N, n, C] ->
+    (branch input [N, C] as _ReadStreams, H_res x [N, n, C] in fp32). One batched matmul with the rows
+    [H_pre; H_res] reads the streams once (two reads before); the backward returns one gradient for the streams
+    (two for autograd to add before). The write-back of the branch output is _WriteBack."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        H_res, xs, H_post, y = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_H_res = torch.bmm(grad, xs.mT) if need[0] else None                          # [N, n, n]
-        grad_xs = torch.bmm(H_res.mT, grad) if need[1] else None                          # [N, n, C]
-        grad_H_post = torch.bmm(grad, y.unsqueeze(2)).squeeze(2) if need[2] else None     # [N, n]
-        grad_y = torch.bmm(H_post.unsqueeze(1), grad).squeeze(1) if need[3] else None     # [N, C]
-        return grad_H_res, grad_xs, grad_H_post, grad_y
+    def forward(ctx, H_pre, H_res, xs, normalize: bool, out_dtype):
+        return _read_forward(ctx, H_pre, H_res, xs, normalize, out_dtype)
+
+    @staticmethod
+    def backward(ctx, g_branch, g_mixed):
+        grad_H_pre, grad_H_res, grad_xs = _read_backward(ctx, g_branch, g_mixed)
+        return grad_H_pre, grad_H_res, grad_xs, None, None
+
+
+class _WriteBack(torch.autograd.Function):
+    """out[t, j] = mixed[t, j] + H_post[t, j] y[t]: mixed [N, n, C] (fp32), H_post [N, n] (fp32), y [N, C] (the
+    branch output, bf16 under autocast) -> [N, n, C] in out_dtype (the streams' dtype). Accumulates in fp32 and
+    saves y in its own dtype (autograd would save the fp32 copy that the addition makes)."""
+
+    @staticmethod
+    def forward(ctx, mixed, H_post, y, out_dtype):
+        ctx.save_for_backward(H_post, y)
+        out = torch.addcmul(mixed, H_post.unsqueeze(2), y.unsqueeze(1).to(mixed.dtype))
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        H_post, y = ctx.saved_tensors
+        g = grad.to(H_post.dtype)
+        grad_H_post = torch.bmm(g, y.to(g.dtype).unsqueeze(2)).squeeze(2) if ctx.needs_input_grad[1] else None
+        grad_y = torch.bmm(H_post.unsqueeze(1), g).squeeze(1).to(y.dtype) if ctx.needs_input_grad[2] else None
+        return g, grad_H_post, grad_y, None
 
 
 def orthostochastic_project(logits: torch.Tensor, ns_coeffs="handover8", ns_steps: int | None = None) -> torch.Tensor:
@@ -233,36 +299,48 @@ def _preference_bias(n: int, index: int) -> torch.Tensor:
     return b
 
 
-class _InvRMS(torch.autograd.Function):
-    """1 / RMS(x) per row of [N, D], with F.rms_norm's epsilon: RMSNorm(x) @ W == (x @ W) * _InvRMS(x). Its backward
-    is one pass over x (d/dx = -x / (D RMS^3)); autograd's through vector_norm takes three."""
+class _NormedProjection(torch.autograd.Function):
+    """RMSNorm(x) @ phi as (x @ phi, 1 / RMS(x)): x [N, D] (the streams, fp32 or bf16), phi [D, m] -> proj [N, m] and
+    inv [N, 1], both fp32 (float64 for float64 input); RMSNorm(x) @ phi = proj * inv. The norm is one scalar per
+    token, so the normalised [N, D] copy is never made; the backward is one pass over x (autograd's through
+    vector_norm takes three) and x is saved in its own dtype (no fp32 copy of bf16 streams)."""
 
     @staticmethod
-    def forward(ctx, xf: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x, phi):
+        xf = _fp32_or_wider(x)
+        proj = xf @ phi.to(xf.dtype)
         inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_() / xf.size(-1)
-                          + torch.finfo(xf.dtype).eps)                                   # [N, 1]
-        ctx.save_for_backward(xf, inv)
-        return inv
+                          + _rms_eps(xf))                                       # [N, 1], F.rms_norm's epsilon
+        ctx.save_for_backward(x, phi, inv)
+        return proj, inv
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        xf, inv = ctx.saved_tensors
-        return xf * (grad * inv.pow(3) / -xf.size(-1))
+    def backward(ctx, g_proj, g_inv):
+        x, phi, inv = ctx.saved_tensors
+        xf = _fp32_or_wider(x)
+        grad_x = grad_phi = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g_proj @ phi.to(xf.dtype).T).addcmul_(xf, g_inv * inv.pow(3) / -xf.size(-1)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_phi = (xf.T @ g_proj).to(phi.dtype)
+        return grad_x, grad_phi
 
 
-def _inv_rms(xf: torch.Tensor) -> torch.Tensor:
-    return _InvRMS.apply(xf)
+def _normed_projection(x: torch.Tensor, phi: torch.Tensor):
+    return _NormedProjection.apply(x, phi)
 
 
 # -- the connection -------------------------------------------------------------------------------------------------
 
 class DynamicMHC(nn.Module):
-    """One mHC connection around a branch. forward(x [B, T, n*C], branch_fn) -> [B, T, n*C]."""
+    """One mHC connection around a branch. forward(x [B, T, n*C], branch_fn) -> [B, T, n*C]. With prenorm the branch
+    gets RMSNorm(sum_i H_pre[i] x[i]) (the branch's own pre-norm, computed here), else the plain read-out."""
 
     def __init__(self, dim: int, num_streams: int = 4, sinkhorn_iters: int = 20, sinkhorn_tau: float = 1.0,
                  layer_idx: int = 0, constraint: str = "sinkhorn", ns_coeffs="handover8", dynamic: bool = True,
                  alpha_init: float = 0.01, res_init_diag: float = 0.6, gate_init: float = 0.2,
-                 gate_learnable: bool = True, gate_noise: float = 0.0, gate_sample_frac: float = 0.0):
+                 gate_learnable: bool = True, gate_noise: float = 0.0, gate_sample_frac: float = 0.0,
+                 prenorm: bool = False):
         super().__init__()
         validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
                           gate_learnable, gate_noise, gate_sample_frac)
@@ -275,6 +353,10 @@ class DynamicMHC(nn.Module):
         self.alpha_init, self.res_init_diag, self.gate_init = alpha_init, res_init_diag, gate_init
         self.capture = False       # set by GPT.capture_mhc(); when on, forward keeps the last matrices
         self.captured: dict = {}
+        # the branch's parameter-free pre-norm, folded into the read-out (GPT's blocks): the un-normalised read-out
+        # is then never stored for backward
+        self.prenorm = prenorm
+        self.recompute = False     # run state (GPT.set_activation_checkpointing): recompute _read_and_mix in backward
         # dynamic part: one fused projection to [pre n | post n | res n*n] logits, and three scalar gains
         self.phi = nn.Parameter(torch.empty(n * dim, n * n + 2 * n)) if dynamic else None
         self.alpha = nn.Parameter(torch.empty(3)) if dynamic else None  # alpha_pre, alpha_post, alpha_res
@@ -365,15 +447,16 @@ class DynamicMHC(nn.Module):
         return out.reshape(-1, n, n)
 
     # -- matrices -------------------------------------------------------------------------------------------------
-    def _coefficients(self, xf: torch.Tensor, B: int, T: int):
-        """xf: [N = B*T, n*C] (fp32) -> H_res [N', n, n], H_pre [N', n], H_post [N', n] with N' = N (dynamic) or 1
-        (static: one set of matrices shared by every token; H_res is [B, n, n] under per-example gates)."""
+    def _coefficients(self, x: torch.Tensor, B: int, T: int):
+        """x: [N = B*T, n*C] streams (fp32, or bf16 streams) -> H_res [N', n, n], H_pre [N', n], H_post [N', n] in
+        fp32 (float64 for float64 streams) with N' = N (dynamic) or 1 (static: one set of matrices shared by every
+        token; H_res is [B, n, n] under per-example gates)."""
         n = self.num_streams
         bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])             # [n*n + 2n]
         if self.dynamic:
-            proj = xf @ self.phi.to(xf.dtype)                                         # [N, n*n + 2n]
             # alpha * (RMSNorm(x) @ phi) + b, with the norm applied to the logits (one scalar per token)
-            logits = torch.addcmul(bias, proj, _inv_rms(xf) * self.alpha[self.alpha_index])
+            proj, inv = _normed_projection(x, self.phi)                              # [N, n*n + 2n], [N, 1]
+            logits = torch.addcmul(bias, proj, inv * self.alpha[self.alpha_index])
         else:
             logits = bias[None]
         H_pre = torch.sigmoid(logits[:, :n])
@@ -390,28 +473,42 @@ class DynamicMHC(nn.Module):
         """x: [B, T, n*C] -> H_res [B, T, n, n], H_pre [B, T, n], H_post [B, T, n] (all fp32)."""
         B, T, nC = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(B * T, nC), B, T)
+            H_res, H_pre, H_post = self._coefficients(x.reshape(B * T, nC), B, T)
         return _per_token(H_res, B, T), _per_token(H_pre, B, T), _per_token(H_post, B, T)
 
     def forward(self, x: torch.Tensor, branch_fn) -> torch.Tensor:
+        """x: [B, T, n*C] streams -> [B, T, n*C] in the streams' dtype. branch_fn gets the read-out [B, T, C]
+        (RMS-normalised when `prenorm`) in the dtype the branch computes in (autocast's under autocast, else the
+        streams'), and returns the branch output y [B, T, C]."""
+        B, T, nC = x.shape
+        device_type = x.device.type
+        branch_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        if self.recompute and torch.is_grad_enabled():  # --activation-checkpointing mhc: recomputed in backward
+            branch_in, mixed, H_post = checkpoint(self._read_and_mix, x, branch_dtype, use_reentrant=False)
+        else:
+            branch_in, mixed, H_post = self._read_and_mix(x, branch_dtype)
+        y = branch_fn(branch_in.view(B, T, -1))                                       # [B, T, C]
+        # the write-back runs outside autocast: the streams keep their own precision (fp32 by default, as the
+        # baseline's x + y), and bf16 streams still accumulate in fp32
+        with torch.autocast(device_type=device_type, enabled=False):
+            out = _WriteBack.apply(mixed, H_post, y.reshape(B * T, -1), x.dtype)      # H_res x + H_post y
+        return out.view(B, T, nC)
+
+    def _read_and_mix(self, x: torch.Tensor, branch_dtype: torch.dtype):
+        """x [B, T, n*C] -> (branch input [N, C] in branch_dtype, H_res x [N, n, C], H_post [N, n]): the coefficient
+        math, the read-out and the mixing, in fp32 outside autocast. What --activation-checkpointing mhc
+        recomputes: only x, H_post and the branch output stay saved for backward."""
         B, T, nC = x.shape
         n, N = self.num_streams, B * T
-        C = nC // n
-        # the read-out and the mixing run outside autocast: the residual streams stay in their own (fp32)
-        # precision, as the baseline's x + y does; only the branch runs under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
-            H_res, H_pre, H_post = self._coefficients(_fp32_or_wider(x).reshape(N, nC), B, T)
-            H_res, H_pre, H_post = (_per_token(H.to(x.dtype), B, T).reshape(N, *H.shape[1:])
-                                    for H in (H_res, H_pre, H_post))
+            H_res, H_pre, H_post = (_per_token(H, B, T).reshape(N, *H.shape[1:])
+                                    for H in self._coefficients(x.reshape(N, nC), B, T))
             if self.capture:
                 self.captured = dict(H_res=H_res.detach().reshape(B, T, n, n), H_pre=H_pre.detach().reshape(B, T, n),
                                      H_post=H_post.detach().reshape(B, T, n))
-            xs = x.reshape(N, n, C)
-            branch_in = _ReadStreams.apply(H_pre.contiguous(), xs).view(B, T, C)      # sum_i H_pre[i] x[i]
-        y = branch_fn(branch_in)                                                      # [B, T, C]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = _MixStreams.apply(H_res.contiguous(), xs, H_post.contiguous(), y.reshape(N, C).to(x.dtype))
-        return out.view(B, T, nC)                                                     # H_res x + H_post y
+            branch_in, mixed = _ReadMixStreams.apply(H_pre.contiguous(), H_res.contiguous(), x.reshape(N, n, nC // n),
+                                                     self.prenorm, branch_dtype)
+        return branch_in, mixed, H_post.contiguous()
 
 
 def _per_token(H: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -450,9 +547,11 @@ class StreamReadout(nn.Module):
         B, T, nC = x.shape
         n, N = self.num_streams, B * T
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = _fp32_or_wider(x).reshape(N, nC)
-            H_out = torch.sigmoid(torch.addcmul(self.b, xf @ self.phi.to(xf.dtype), _inv_rms(xf) * self.alpha))
-            return _ReadStreams.apply(H_out.to(x.dtype), x.reshape(N, n, nC // n)).view(B, T, nC // n)
+            proj, inv = _normed_projection(x.reshape(N, nC), self.phi)
+            H_out = torch.sigmoid(torch.addcmul(self.b, proj, inv * self.alpha))        # [N, n]
+            # un-normalised and in fp32 (float64 for float64 streams): the model's final RMSNorm follows
+            out = _ReadStreams.apply(H_out, x.reshape(N, n, nC // n), False, H_out.dtype)
+            return out.view(B, T, nC // n)
 
 
 def connection_stats(captured: dict, gate: float) -> dict:

@@ -115,7 +115,8 @@ def acquire_run_lock(folders: list[str], what: str, master: bool, device) -> Run
 # Settings that change only logging, evaluation, saving or placement, not the trained model: these may change
 # on --resume (the change is recorded in metrics.jsonl); any other difference is refused.
 RESUMABLE_CHANGES = ("run", "model_tag", "resume", "log_every", "eval_every", "eval_tokens", "save_every",
-                     "keep_checkpoints", "results_dir", "mhc_log_every", "device_type", "compile", "device_batch_size")
+                     "keep_checkpoints", "results_dir", "mhc_log_every", "device_type", "compile", "device_batch_size",
+                     "activation_checkpointing", "memory_check", "peak_flops")
 
 
 def check_resume_settings(saved: dict, now: dict, path: str, allowed=RESUMABLE_CHANGES) -> dict:
@@ -129,6 +130,49 @@ def check_resume_settings(saved: dict, now: dict, path: str, allowed=RESUMABLE_C
         raise UserError(f"cannot resume from {path} with different settings ({detail}). Resume with the "
                         f"checkpoint's values, or start a new run under another --model-tag")
     return {k: ov for k, ov in changed.items() if k in allowed}
+
+
+def seed_rank(seed: int, rank: int):
+    """Call after the model init (identical on every rank). Rank r > 0 reseeds torch's generators (CPU and every
+    device) with seed + r, so the random draws of training (gate noise, gate sampling) differ between ranks instead
+    of repeating rank 0's; rank 0 keeps the stream a single process has. Reproducible for a given world size."""
+    if rank > 0:
+        torch.manual_seed(seed + rank)
+
+
+def rng_states(device_type: str) -> list[dict]:
+    """Every rank's generator states (CPU, and CUDA on GPUs), gathered on every rank (a collective: all ranks call
+    it). Saved with a checkpoint, so that a resumed run draws what the uninterrupted one would have, rank by rank."""
+    mine = {"torch": torch.get_rng_state()}
+    if device_type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(rng: dict, rank: int, world_size: int, device_type: str, seed: int):
+    """Set this rank's generators from a checkpoint's rng payload ({"ranks": [...]}; older checkpoints hold rank 0's
+    state only, as {"torch", "cuda"}). With another world size than the checkpoint's, rank r > 0 reseeds (seed_rank),
+    and the draws of the resumed run differ from an uninterrupted one (said once)."""
+    ranks = rng.get("ranks") or ([{k: v for k, v in rng.items() if k in ("torch", "cuda")}] if rng else [])
+    if rank < len(ranks) and len(ranks) in (1, world_size):
+        state = ranks[rank] if len(ranks) == world_size else (ranks[0] if rank == 0 else None)
+    else:
+        state = None
+    if state is None:
+        if rank == 1 or (rank == 0 and not ranks):
+            print(f"warning: the checkpoint holds generator states for {len(ranks)} rank(s), this run has "
+                  f"{world_size}: the random draws (gate noise/sampling) after the resume are new ones",
+                  file=sys.stderr, flush=True)
+        seed_rank(seed, rank)
+        return
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and device_type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 class StopFlag:

@@ -24,8 +24,8 @@ import threading
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import (UserError, compute_cleanup, compute_init, git_commit, print0, progress,
-                             resolve_precision, run_main)
+from nanochat.common import (UserError, compile_model, compute_cleanup, compute_init, git_commit, print0, progress,
+                             rank0_first, resolve_precision, run_main)
 from nanochat.config import EvalConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -116,10 +116,7 @@ def run_bpb(cfg: EvalConfig, model, tokenizer, token_bytes, ctx, device, meta: d
     run_train = meta.get("run_config", {}).get("train", {})
     data_source = run_train.get("data_source", "fineweb")
     seq_len = model.config.sequence_len
-    if rank == 0:
-        pretokenize(data_source, tokenizer)
-    if world_size > 1 and dist.is_initialized():
-        dist.barrier()
+    rank0_first(lambda: pretokenize(data_source, tokenizer), "checking or building the pretokenized data")
     token_dir = tokenized_dir(data_source, tokenizer)
     tokens_per_batch = cfg.device_batch_size * seq_len * world_size
     num_batches = max(1, cfg.eval_tokens // tokens_per_batch)
@@ -139,7 +136,7 @@ def run_bpb(cfg: EvalConfig, model, tokenizer, token_bytes, ctx, device, meta: d
 def evaluate(argv=None):
     cfg, _ = build_config(EvalConfig, argv, description=__doc__.split("\n")[0])
     device_type, device, _, rank, _, world_size = compute_init(cfg.device_type)
-    dtype, _, ctx = resolve_precision(device_type, cfg.dtype)
+    dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
     path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
     model, meta = load_model(path, device)
@@ -147,6 +144,7 @@ def evaluate(argv=None):
         os.path.basename(path)
     tokenizer = get_tokenizer()
     check_tokenizer(meta, tokenizer, path)
+    scoring_model = compile_model(model, use_compile, dynamic=None)  # bpb and choices; generation stays eager
     gates = apply_gates(model, cfg)
     if gates:
         print0(f"mHC gates: {gates['source']}: {gates['per_sublayer']}")
@@ -160,7 +158,7 @@ def evaluate(argv=None):
     eval_path = os.path.join(out_dir, "eval.json")
     record = dict(checkpoint=path, step=meta["step"], status="running", finished=[], pending=list(tasks),
                   results=results, eval_config=dataclasses.asdict(cfg), mhc_gates=gates, git_commit=git_commit(),
-                  dtype=dtype, world_size=world_size)
+                  dtype=dtype, compile=use_compile, world_size=world_size)
 
     def save(status: str, **extra):
         """eval.json's status, the finished tasks and the pending ones (the one running included)."""
@@ -174,13 +172,13 @@ def evaluate(argv=None):
     try:
         save("running")  # replaces an earlier run's files at once, so they cannot pass for this run's
         if "bpb" in tasks:
-            bpb, rows = run_bpb(cfg, model, tokenizer, token_bytes, ctx, device, meta, rank, world_size)
+            bpb, rows = run_bpb(cfg, scoring_model, tokenizer, token_bytes, ctx, device, meta, rank, world_size)
             examples += rows
             results["bpb"] = bpb
             save("running")
         for name in (t for t in tasks if t != "bpb"):
             summary, records = evaluate_task(
-                name, model, tokenizer, autocast_ctx=ctx, batch_size=cfg.device_batch_size,
+                name, model, tokenizer, scoring_model=scoring_model, autocast_ctx=ctx, batch_size=cfg.device_batch_size,
                 max_per_task=cfg.max_per_task, max_new_tokens=cfg.max_new_tokens, strict=cfg.strict,
                 task_data=cfg.task_data, seed=cfg.seed if cfg.subset == "random" else None, rank=rank,
                 world_size=world_size)

@@ -23,39 +23,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanochat.checkpoint import (checkpoint_root, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
                                  recover_interrupted_saves, save_checkpoint)
-from nanochat.common import (UserError, append_jsonl, compute_cleanup, compute_init, git_commit,
-                             init_wandb, print0, resolve_precision, run_main)
+from nanochat.common import (UserError, append_jsonl, compile_model, compute_cleanup, compute_init, git_commit,
+                             init_wandb, peak_bf16_flops, print0, rank0_first, resolve_precision, run_main)
 from nanochat.config import TrainConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
-from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.memory import memory_check
 from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import apply_schedules, setup_ngpt_optimizers, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import StopFlag, acquire_run_lock, check_resume_settings, truncate_metrics
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, for MFU
-
-
-def peak_flops(device_type: str) -> float | None:
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def build_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    n_embd, n_head = model_dims_from_depth(cfg.depth, cfg.aspect_ratio, cfg.head_dim)
-    n_kv_head = cfg.num_kv_heads or n_head
-    if n_head % n_kv_head:
-        raise UserError(f"--num-kv-heads {n_kv_head} must divide the number of query heads {n_head}")
-    mhc = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name.startswith("mhc_")}
-    ngpt = dict(arch=cfg.arch, scalar_alpha=cfg.scalar_alpha, ngpt_alpha_init=cfg.ngpt_alpha_init,
-                logit_scale=cfg.logit_scale)
-    return GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth, n_head=n_head,
-                     n_kv_head=n_kv_head, n_embd=n_embd, **mhc, **ngpt)
-
+from nanochat.training import (StopFlag, acquire_run_lock, check_resume_settings, restore_rng, rng_states, seed_rank,
+                               truncate_metrics)
 
 def token_budget_params(model_config: GPTConfig) -> int:
     """The parameter count the derived horizon (--num-iterations -1) scales with: the baseline architecture's,
@@ -92,7 +72,7 @@ def main(argv=None):
 
     tokenizer = get_tokenizer()
     token_bytes = tokenizer.token_bytes().to(device)
-    model_config = build_model_config(cfg, tokenizer.vocab_size)
+    model_config = cfg.model_config(tokenizer.vocab_size)
     model_tag = cfg.model_tag or (cfg.run if cfg.run != "dummy" else f"d{cfg.depth}")
     ckpt_root = checkpoint_root(model_tag)
     results_dir = os.path.join(cfg.results_dir, model_tag)
@@ -118,6 +98,10 @@ def main(argv=None):
         model = GPT(model_config)
     model.to_empty(device=device)
     model.init_weights()
+    seed_rank(cfg.seed, rank)  # identical weights everywhere; from here on each rank draws its own randomness
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    memory = memory_check(model_config, cfg.device_batch_size, cfg.max_seq_len, dtype, cfg.activation_checkpointing,
+                          cfg.memory_check, device, use_compile)
     num_params = model.num_params()
     flops_per_token = model.estimate_flops_per_token()
     budget_params = token_budget_params(model_config)
@@ -137,10 +121,8 @@ def main(argv=None):
             scalar_lr=cfg.scalar_lr, mhc_lr=cfg.mhc_lr, weight_decay=cfg.weight_decay, **ns)
 
     # data: rank 0 pretokenizes once (a no-op when the cache is complete), the others wait for it
-    if master:
-        pretokenize(cfg.data_source, tokenizer)
-    if is_ddp:
-        dist.barrier()
+    rank0_first(lambda: pretokenize(cfg.data_source, tokenizer), "checking or building the pretokenized data; "
+                "`python -m nanochat.dataset --pretokenize` beforehand makes this a quick check")
     token_dir = tokenized_dir(cfg.data_source, tokenizer)
     train_loader = PackedLoader(token_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=rank,
                                 world_size=world_size, device=device, seed=cfg.seed)
@@ -160,11 +142,7 @@ def main(argv=None):
         for opt, state in zip(optimizers, optim_payload["optimizers"]):
             opt.load_state_dict(state)
         train_loader.load_state_dict(meta["loader_state"])
-        rng = optim_payload.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"].cpu())
-        if "cuda" in rng and device_type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        restore_rng(optim_payload.get("rng", {}), rank, world_size, device_type, cfg.seed)
         step = meta["step"]
         if master:
             truncate_metrics(metrics_path, step)
@@ -173,16 +151,18 @@ def main(argv=None):
         print0(f"resumed from {resume_path} at step {step}"
                + (f" (changed: {', '.join(resumed_changes)})" if resumed_changes else ""))
 
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
-    if is_ddp:
-        train_model = DDP(train_model, device_ids=[device.index] if device_type == "cuda" else None)
+    train_model = compile_model(model, use_compile, dynamic=False)  # every batch is [device_batch_size, max_seq_len]
+    if is_ddp:  # the buffers (rotary tables, mHC constants) never change: no broadcast before every forward; the
+        # gradients live in DDP's buckets (no second copy)
+        train_model = DDP(train_model, device_ids=[device.index] if device_type == "cuda" else None,
+                          broadcast_buffers=False, gradient_as_bucket_view=True)
 
     run_config = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_config), model_tag=model_tag,
                       num_iterations=num_iterations, grad_accum=grad_accum, world_size=world_size, dtype=dtype,
                       compile=use_compile, device_type=device_type, num_params=num_params,
                       budget_params=budget_params, tokens=num_iterations * cfg.total_batch_size,
                       flops_per_token=flops_per_token, tokenizer=tokenizer.fingerprint, git_commit=git_commit(),
-                      seed=cfg.seed)
+                      seed=cfg.seed, memory_estimate=memory)
     if master:
         os.makedirs(results_dir, exist_ok=True)
         config_path = os.path.join(results_dir, "config.json")
@@ -206,15 +186,12 @@ def main(argv=None):
         model.train()
         return bpb
 
-    def save(at_step: int) -> str:
-        rng = {"torch": torch.get_rng_state()}
-        if device_type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
+    def save(at_step: int, rng: list[dict]) -> str:
         meta = dict(model_config=dataclasses.asdict(model_config), run_config=run_config,
-                    loader_state=train_loader.state_dict(), tokenizer=tokenizer.fingerprint, seed=cfg.seed,
+                    loader_state=loader_state, tokenizer=tokenizer.fingerprint, seed=cfg.seed,
                     git_commit=run_config["git_commit"])
         path = save_checkpoint(ckpt_root, at_step, model, optimizers, meta, keep=cfg.keep_checkpoints,
-                               rng_state=rng)
+                               rng_state={"ranks": rng})
         print0(f"saved checkpoint {path}")
         return path
 
@@ -226,7 +203,13 @@ def main(argv=None):
     # nGPT: the init projection, then one after every lazy_proj_freq-th step (a resumed run counts the ones before)
     projections = 1 + step // cfg.lazy_proj_freq
     stop = StopFlag()
-    peak = peak_flops(device_type)
+    peak = (cfg.peak_flops or peak_bf16_flops(torch.cuda.get_device_name(device))) if device_type == "cuda" else None
+    if device_type == "cuda" and peak is None:
+        print0(f"note: no bf16 peak known for {torch.cuda.get_device_name(device)}: no MFU (pass --peak-flops)")
+    # the next micro-batch is loaded while the device still works on the current one (nothing waits for it at the
+    # step's sync); loader_state is the loader's position before it, which is what a checkpoint must record
+    loader_state = train_loader.state_dict()
+    pending = train_loader.next_batch()
     step_times = []
     start_step = step
     val_bpb = None
@@ -247,8 +230,10 @@ def main(argv=None):
             append_jsonl(metrics_path, {"step": step, "mhc": stats})
         signum = stop.synced(device)
         periodic = cfg.save_every > 0 and step % cfg.save_every == 0 and step != start_step
-        if master and (last_step or periodic or signum):
-            save(step)
+        if last_step or periodic or signum:
+            rng = rng_states(device_type)  # every rank's generators (a collective)
+            if master:
+                save(step, rng)
         if is_ddp:
             dist.barrier()  # nobody exits or trains on while rank 0 is still writing
         if last_step or signum:
@@ -258,13 +243,15 @@ def main(argv=None):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
-            x, y = train_loader.next_batch()
+            x, y = pending
             sync = not is_ddp or micro == grad_accum - 1
             with nullcontext() if sync else train_model.no_sync():
                 with ctx:
                     loss = train_model(x, y)
                 (loss / grad_accum).backward()  # DDP all-reduces the gradients on the last micro-batch only
             loss_sum += loss.detach()
+            loader_state = train_loader.state_dict()
+            pending = train_loader.next_batch()  # while the device runs the backward
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         # never step on (or later save) a diverged model: check before the update (one sync per step)

@@ -33,7 +33,7 @@ from envs.gsm8k_env import load_problems
 from nanochat.checkpoint import (check_tokenizer, checkpoint_root, latest_checkpoint, latest_intact_checkpoint,
                                  load_checkpoint, read_meta, recover_interrupted_saves, resolve_checkpoint,
                                  save_checkpoint)
-from nanochat.common import (UserError, append_jsonl, compute_cleanup, compute_init, git_commit,
+from nanochat.common import (UserError, append_jsonl, compile_model, compute_cleanup, compute_init, git_commit,
                              init_wandb, print0, resolve_precision, run_main)
 from nanochat.config import SFTConfig, TrainConfig, build_config, parse_int_list
 from nanochat.gpt import GPT, GPTConfig
@@ -41,11 +41,12 @@ from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import apply_schedules, setup_optimizers
 from nanochat.sft_data import SFTLoader, collate, encode_rows
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import StopFlag, acquire_run_lock, truncate_metrics
+from nanochat.memory import memory_check
+from nanochat.training import StopFlag, acquire_run_lock, restore_rng, rng_states, seed_rank, truncate_metrics
 
 # settings that may change on --resume (they do not change what is trained)
 RESUMABLE_CHANGES = {"resume", "run", "log_every", "eval_every", "save_every", "keep_checkpoints", "results_dir",
-                     "device_type", "compile"}
+                     "device_type", "compile", "activation_checkpointing", "memory_check"}
 
 
 def fine_tuning_problems(cfg: SFTConfig):
@@ -154,6 +155,10 @@ def main(argv=None):
     model.init_weights()  # buffers (rotary tables, mHC constants); every weight is overwritten next
     weights, _, _ = load_checkpoint(base_path, device=device, load_optimizer=False)
     model.load_state_dict(weights)
+    seed_rank(cfg.seed, rank)  # each rank draws its own gate samples
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    memory = memory_check(model_config, cfg.device_batch_size, max_len, dtype, cfg.activation_checkpointing,
+                          cfg.memory_check, device, use_compile)
     base_train = base_meta.get("run_config", {}).get("train", {})
     train_defaults = TrainConfig()  # a base checkpoint from before a flag existed trained with its default
     lr = {k: base_train.get(k, getattr(train_defaults, k)) * cfg.lr_scale
@@ -170,16 +175,16 @@ def main(argv=None):
         for opt, state in zip(optimizers, optim_payload["optimizers"]):
             opt.load_state_dict(state)
         loader.load_state_dict(meta["loader_state"])
-        if "torch" in optim_payload.get("rng", {}):
-            torch.set_rng_state(optim_payload["rng"]["torch"].cpu())
+        restore_rng(optim_payload.get("rng", {}), rank, world_size, device_type, cfg.seed)
         step = meta["step"]
         if master:
             truncate_metrics(metrics_path, step)
         print0(f"resumed from {resume_path} at step {step}")
 
-    train_model = torch.compile(model, dynamic=True) if use_compile else model  # rows vary in length
-    if is_ddp:
-        train_model = DDP(train_model, device_ids=[device.index] if device_type == "cuda" else None)
+    train_model = compile_model(model, use_compile, dynamic=True)  # rows vary in length
+    if is_ddp:  # constant buffers: no broadcast before every forward; gradients in DDP's buckets (no second copy)
+        train_model = DDP(train_model, device_ids=[device.index] if device_type == "cuda" else None,
+                          broadcast_buffers=False, gradient_as_bucket_view=True)
     # `train` = the base run's settings: tools that read a checkpoint's data source (base_eval's bpb, mhc_stats,
     # gate_sweep) find the pretraining data there
     run_config = dict(sft=dataclasses.asdict(cfg), train=base_train, model=dataclasses.asdict(model_config),
@@ -187,7 +192,8 @@ def main(argv=None):
                       base_checkpoint=base_path, base_step=base_meta["step"], data=sources,
                       train_rows=len(train_rows), val_rows=len(val_rows), dropped_too_long=dropped + val_dropped,
                       num_iterations=num_iterations, world_size=world_size, dtype=dtype, compile=use_compile,
-                      learning_rates=lr, tokenizer=tokenizer.fingerprint, git_commit=git_commit(), seed=cfg.seed)
+                      learning_rates=lr, tokenizer=tokenizer.fingerprint, git_commit=git_commit(), seed=cfg.seed,
+                      memory_estimate=memory)
     if master:
         os.makedirs(results_dir, exist_ok=True)
         with open(os.path.join(results_dir, "config.json.tmp"), "w") as f:
@@ -195,7 +201,7 @@ def main(argv=None):
         os.replace(os.path.join(results_dir, "config.json.tmp"), os.path.join(results_dir, "config.json"))
     wandb_run = init_wandb(cfg.run, "nanochat-mhc-sft", run_config, master)
 
-    def save(at_step: int):
+    def save(at_step: int, rng: list[dict]):
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never overwrite good checkpoints with a corrupted model
             raise UserError(f"refusing to save step {at_step}: non-finite weights in {', '.join(bad[:3])}")
@@ -204,7 +210,7 @@ def main(argv=None):
                     tokenizer=tokenizer.fingerprint, seed=cfg.seed, git_commit=run_config["git_commit"],
                     base_checkpoint=base_path)
         path = save_checkpoint(ckpt_root, at_step, model, optimizers, meta, keep=cfg.keep_checkpoints,
-                               rng_state={"torch": torch.get_rng_state()})
+                               rng_state={"ranks": rng})
         print0(f"saved checkpoint {path}")
 
     stop = StopFlag()
@@ -221,8 +227,10 @@ def main(argv=None):
             wandb_run.log({"step": step, "val/answer_loss": val_loss})
         signum = stop.synced(device)
         periodic = cfg.save_every > 0 and step % cfg.save_every == 0 and step != start_step
-        if master and (last or periodic or signum):
-            save(step)
+        if last or periodic or signum:
+            rng = rng_states(device_type)  # every rank's generators, CPU and CUDA (a collective)
+            if master:
+                save(step, rng)
         if is_ddp:
             dist.barrier()
         if last or signum:

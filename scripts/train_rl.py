@@ -173,12 +173,12 @@ def main(argv=None):
     device_type = autodetect_device_type() if cfg.device_type == "auto" else cfg.device_type
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device-type cuda: no CUDA device is available here (use auto or cpu)")
-    dtype = resolve_precision(device_type, cfg.dtype)[0]
+    dtype, use_compile, _ = resolve_precision(device_type, cfg.dtype, cfg.compile)
     scorer, ckpt_path = build_scorer(cfg.checkpoint, cfg.model_tag, cfg.step, torch.device(device_type),
                                      action_space=cfg.action_space, reward=cfg.reward,
                                      max_new_tokens=cfg.max_new_tokens, mix_weight=cfg.mix_weight,
                                      batch_size=cfg.score_batch_size, dtype=dtype,
-                                     reward_baseline=cfg.reward_baseline)
+                                     reward_baseline=cfg.reward_baseline, compile=use_compile)
     model_tag = cfg.model_tag or os.path.basename(os.path.dirname(ckpt_path))
     tag = cfg.tag or f"{model_tag}-{cfg.problems}-{cfg.action_space}-{cfg.reward}"
     out_dir = os.path.join(cfg.results_dir, "rl", tag)

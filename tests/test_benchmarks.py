@@ -70,3 +70,53 @@ def test_ngpt_step_writes_json(tmp_path):
     assert results["lazy_vs_every_step"] == pytest.approx(med["ngpt_every_3"] / med["ngpt_every_step"])
     with pytest.raises(UserError, match="--lazy-proj-freq"):
         ngpt_step.main(["--lazy-proj-freq", "0", "--out", str(out)])
+
+
+def test_memory_estimate_writes_json_for_a_named_config(tmp_path):
+    from benchmarks import memory_estimate
+    from nanochat.memory import GIB
+    out = tmp_path / "me.json"
+    memory_estimate.main(["--config", "tiny_cpu_mhc", "--vocab-size", "512", "--dtype", "float32",
+                          "--device-batch-size", "2", "--gpu-memory-gib", "4", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    by_mode = results["by_mode"]
+    assert set(by_mode) == {"off", "mhc", "full"} and results["device_batch_size"] == 2
+    assert by_mode["off"]["peak"] > by_mode["mhc"]["peak"] > by_mode["full"]["peak"]
+    assert all(r["fits"] == (r["peak"] <= results["budget_bytes"]) for r in by_mode.values())
+    assert results["budget_bytes"] < 4 * GIB
+
+
+def test_checkpointing_and_traffic_write_json(tmp_path):
+    from benchmarks import checkpointing, mhc_traffic
+    out = tmp_path / "ck.json"
+    checkpointing.main(TINY + ["--mhc", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    import statistics
+    assert set(results["time_ratio_vs_off"]) == {"off", "mhc", "full"} and results["time_ratio_vs_off"]["off"] == 1
+    for mode, times in results["step_time_s"].items():
+        ratios = [t / o for t, o in zip(times, results["step_time_s"]["off"])]
+        assert results["time_ratio_vs_off"][mode] == pytest.approx(statistics.median(ratios))
+    out = tmp_path / "tr.json"
+    mhc_traffic.main(["--depth", "2", "--head-dim", "32", "--seq-len", "32", "--batch-size", "2", "--vocab-size",
+                      "300", "--out", str(out)])
+    r = json.loads(out.read_text())["results"]
+    assert r["excess_bytes"] == r["bytes"]["mhc"] - r["bytes"]["baseline"] > 0
+    assert r["excess_passes_per_sublayer"] == pytest.approx(r["excess_bytes"] / (r["stream_pass_bytes"] * 4))
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_stages_on_the_cpu(tmp_path, shared_data_dir):
+    """scripts/gpu_check.sh with SMOKE=1: every stage of the GPU acceptance check at a tiny scale, so the script a
+    GPU session runs is known to work (its GPU-only pytest stage aside)."""
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SMOKE": "1", "RESULTS_DIR": str(tmp_path), "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
+           "NANOCHAT_DATA_DIR": str(shared_data_dir)}
+    done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_check" / "summary.json").read_text())
+    assert set(summary) == {"baseline", "mhc", "mhc_eager"}
+    assert all(s["steps"] == 3 and s["estimate"]["peak"] > 0 for s in summary.values())
+    assert (tmp_path / "gpu_check" / "mhc_overhead.json").is_file()

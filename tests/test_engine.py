@@ -157,3 +157,29 @@ def test_inference_benchmark_writes_json(tmp_path):
         assert g["cache_speedup"] == pytest.approx(g["tok_per_s_cache"] / g["tok_per_s_no_cache"])
     assert results["mhc"]["num_params"] > results["baseline"]["num_params"]
     assert set(results["ratios"]) == {"decode_tok_per_s_mhc_over_baseline_b1", "peak_memory_mhc_over_baseline_b1"}
+
+
+@pytest.mark.parametrize("mhc", [False, True], ids=["baseline", "mhc"])
+def test_kv_cache_holds_bf16_keys_and_values_under_autocast(mhc):
+    """Under bf16 autocast the projections are bf16, and so are the rotated, normalised keys: the cache holds K
+    and V in bf16 (the fp32 rotary tables used to promote K to fp32: twice the memory, and a cast of the whole
+    prefix at every decode step)."""
+    model = make_model(mhc)
+    cache = KVCache(2, model.config.n_layer, 12)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, kv_cache=cache)
+        model(ids[:, :1], kv_cache=cache)  # one decode step
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert cache.get_pos() == 9
+
+
+@pytest.mark.parametrize("mhc", [False, True], ids=["baseline", "mhc"])
+def test_last_only_logits_are_the_last_position_of_the_full_forward(mhc):
+    """Generation asks for the last position's logits only (no [B, T, V] fp32 tensor for a long prompt)."""
+    model = make_model(mhc)
+    ids = torch.randint(0, VOCAB, (3, 10))
+    with torch.no_grad():
+        full, last = model(ids), model(ids, last_only=True)
+    assert last.shape == (3, 1, VOCAB) and last.dtype == torch.float32
+    assert torch.allclose(last, full[:, -1:], atol=1e-5)

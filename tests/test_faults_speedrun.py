@@ -12,8 +12,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # every stage of the tiny preset, in order (tests/test_speedrun.py runs them for real)
-TINY_STAGES = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc",
-               "lm_eval_mhc", "stats_mhc", "hres_mhc", "sft", "eval_sft", "gate_sweep", "rl_synthetic_global",
+# every stage of the tiny preset, in order (tests/test_speedrun.py checks the same list against a real run)
+TINY_STAGES = ("data", "tokenizer", "pretokenize", "memory_baseline", "train_baseline", "eval_baseline", "memory_mhc",
+               "train_mhc", "eval_mhc", "lm_eval_mhc", "stats_mhc", "hres_mhc", "sft", "eval_sft", "gate_sweep", "rl_synthetic_global",
                "rl_gsm8k_global", "eval_rl", "bench_inference", "report")
 
 

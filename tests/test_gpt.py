@@ -99,3 +99,51 @@ def test_config_errors(bad, match):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(UserError, match="n_lyer"):
         GPTConfig.from_dict({"n_lyer": 3})
+
+
+@pytest.mark.parametrize("cap", [0.0, 15.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_cross_entropy_equals_the_plain_form(cap, dtype, monkeypatch):
+    """The chunked fp32 loss with its hand-written backward against F.cross_entropy on softcap(logits.float()), for
+    every reduction, with ignored targets, over several chunks (one partial)."""
+    import torch.nn.functional as F
+
+    from nanochat.gpt import _SoftcapCrossEntropy, softcap, softcap_cross_entropy
+    B, T, V = 3, 7, 50
+    monkeypatch.setattr(_SoftcapCrossEntropy, "CHUNK_ELEMENTS", 4 * V)  # 4 rows a chunk: 21 rows -> 6 chunks
+    torch.manual_seed(0)
+    raw = (torch.randn(B, T, V) * 20).to(dtype)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, :3] = -1
+    for reduction in ("mean", "sum", "none"):
+        logits = raw.clone().requires_grad_()
+        ref_logits = raw.clone().requires_grad_()
+        got = softcap_cross_entropy(logits, targets, cap, reduction)
+        ref = F.cross_entropy(softcap(ref_logits.float(), cap).view(-1, V), targets.view(-1), ignore_index=-1,
+                              reduction=reduction)
+        ref = ref.view(B, T) if reduction == "none" else ref
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), reduction
+        upstream = torch.rand_like(ref)
+        (got * upstream).sum().backward()
+        (ref * upstream).sum().backward()
+        assert logits.grad.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(logits.grad.float(), ref_logits.grad.float(), atol=tol), reduction
+        assert logits.grad[0, :3].abs().max() == 0  # ignored targets send no gradient
+
+
+def test_eager_training_keeps_no_fp32_vocabulary_tensor_for_backward():
+    """Under bf16 autocast the loss saves the bf16 logits and one log-sum-exp per token: no [B, T, V] fp32 tensor
+    (the fp32 logits, the tanh, the log-softmax) is kept for backward."""
+    model = tiny_model()
+    idx = torch.randint(0, 300, (2, 32))
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+    vocab_sized = [s for s in saved if s[0] and s[0][-1] == 300 and len(s[0]) >= 2 and s[0][0] != 300]
+    assert vocab_sized and all(dtype == torch.bfloat16 for _, dtype in vocab_sized), vocab_sized

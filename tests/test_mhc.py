@@ -542,3 +542,23 @@ def test_gate_sampling_covers_the_range_and_keeps_the_gate_learning():
     assert all(mod.gate_sample_frac == 0.25 for mod in model.mhc_modules())
     with pytest.raises(UserError, match="mhc_gate_sample_frac"):
         mhc_model(mhc_gate_sample_frac=1.5)
+
+
+def test_bf16_autocast_saves_no_fp32_branch_tensors():
+    """Under bf16 autocast an mHC sub-layer keeps, of the [B, T, C] branch-sized tensors, only bf16 ones for
+    backward: the read-out is normalised in place of the branch's pre-norm and never stored, the branch output y
+    is saved in its own dtype. fp32 is kept where the math needs it: the streams, the coefficients (Sinkhorn), and
+    once per model the embedding and the read-out before the final norm (the inputs of the two RMSNorms)."""
+    model = mhc_model()
+    idx = torch.randint(0, 256, (2, 16))
+    N, C = 2 * 16, model.config.n_embd
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.shape[-1] if t.dim() else 0, t.dtype, t.untyped_storage().data_ptr()))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+    branch_sized = [dtype for numel, last, dtype, _ in dict.fromkeys(saved) if numel == N * C and last == C]
+    assert branch_sized.count(torch.float32) == 2, branch_sized  # the embedding and the final read-out
+    assert branch_sized.count(torch.bfloat16) >= 2 * model.config.n_layer  # the branch inputs / outputs, in bf16

@@ -121,3 +121,50 @@ def test_two_ranks_equal_one_process(tiny_base_dir, tiny_mhc_checkpoint, tmp_pat
         return [json.loads(l)["loss"] for l in open(tmp_path / tag / "metrics.jsonl") if '"loss"' in l]
     assert len(losses("sft_one")) == 4
     assert losses("sft_two") == pytest.approx(losses("sft_one"), abs=1e-5)
+
+
+def test_two_ranks_draw_their_own_gates_and_resume_exactly(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    """Gate sampling under torchrun: each rank draws its own gates (seed + rank after the shared init), and every
+    rank's generators are saved, so 2 steps + resume + 2 steps give the weights of 4 straight steps. Restoring only
+    rank 0's state (the old checkpoints) would restart rank 1's draws and fail this."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--checkpoint", str(tiny_mhc_checkpoint), "--results-dir", str(tmp_path), "--data", "synthetic",
+              "--synthetic-count", "200", "--synthetic-steps", "1", "--synthetic-max-value", "10", "--val-problems",
+              "16", "--eval-every", "-1", "--mhc-gate-sample-frac", "0.5", "--device-batch-size", "4"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+              "scripts.sft_train", "--"]
+
+    def run(*extra):
+        out = subprocess.run(launch + common + list(extra), cwd=repo, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run("--output-tag", "ddp_straight", "--num-iterations", "4")
+    run("--output-tag", "ddp_split", "--num-iterations", "4", "--save-every", "2")
+    shutil.rmtree(latest_checkpoint(checkpoint_root("ddp_split")))  # as if stopped after step 2
+    run("--output-tag", "ddp_split", "--num-iterations", "4", "--save-every", "2", "--resume")
+    straight = load_file(latest_checkpoint(checkpoint_root("ddp_straight")) + "/model.safetensors")
+    resumed = load_file(latest_checkpoint(checkpoint_root("ddp_split")) + "/model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_rank_seeds_differ_after_a_shared_init():
+    from nanochat.training import restore_rng, seed_rank
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(7)
+        torch.randn(10)  # the model init every rank shares
+        seed_rank(7, rank)
+        draws.append(torch.rand(5))
+    assert not torch.equal(draws[0], draws[1])
+    # a checkpoint of two ranks restores each rank's own stream
+    states = []
+    for rank in (0, 1):
+        torch.manual_seed(100 + rank)
+        states.append({"torch": torch.get_rng_state()})
+    expected = torch.rand(3)  # rank 1's next draws
+    restore_rng({"ranks": states}, 1, 2, "cpu", seed=7)
+    assert torch.equal(torch.rand(3), expected)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_faults_speedrun import TINY_STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,9 +26,7 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path, monkeypatch):
            "EXTRA_LM_EVAL_ARGS": "--limit 3 --max-gen-toks 8"}
     out = subprocess.run(["bash", "speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    stages = ("data", "tokenizer", "pretokenize", "train_baseline", "eval_baseline", "train_mhc", "eval_mhc",
-              "lm_eval_mhc", "stats_mhc", "hres_mhc", "sft", "eval_sft", "gate_sweep", "rl_synthetic_global",
-              "rl_gsm8k_global", "eval_rl", "bench_inference", "report")
+    stages = TINY_STAGES  # the one list of the tiny preset's stages (tests/test_faults_speedrun.py)
     for stage in stages:
         assert (tmp_path / "base" / "speedrun" / f"{stage}.done").exists(), stage
     tokens = {}
@@ -75,6 +75,9 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path, monkeypatch):
     assert rl_cell["vs"]["test"] == "paired_bootstrap" and "p_value" in rl_cell["vs"]  # RL-tuned vs mHC + SFT
     report = (results / "report.md").read_text()
     assert "Nothing: every cell and every figure is present." in report
+    assert "## Memory (estimated before training)" in report
+    memory = json.loads((results / "bench" / "memory_estimate_mhc.json").read_text())["results"]
+    assert memory["model"] == dict(n_layer=2, n_embd=128, mhc=True)  # the stage saw EXTRA_TRAIN_ARGS' --depth 2
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(figures) >= 10 and all((results / f).stat().st_size > 0 for f in figures), figures
     timed = {json.loads(l)["stage"] for l in open(results / "speedrun_stages.jsonl")}

@@ -115,6 +115,7 @@ def test_ddp_two_ranks_equal_gradient_accumulation(tiny_base_dir, tmp_path, mhc)
     results = tmp_path / "results"
     args = TINY + ["--num-iterations", "5", "--total-batch-size", "512", "--results-dir", str(results)]
     args += ["--mhc-enabled"] if mhc else []
+    args += ["--memory-check", "true"]  # the estimate also runs on every rank under torchrun
     single_tag, ddp_tag = ("single_mhc", "ddp_mhc") if mhc else ("single", "ddp")  # checkpoints share a base dir
     subprocess.run([sys.executable, "-m", "scripts.base_train"] + args + ["--model-tag", single_tag], cwd=REPO,
                    env=env, check=True, capture_output=True)
@@ -269,3 +270,14 @@ def test_derived_horizon_gives_baseline_and_mhc_the_same_tokens(tiny_base_dir, t
     assert mhc["budget_params"] == base["budget_params"] == base["num_params"]
     assert mhc["num_iterations"] == base["num_iterations"] == round(0.02 * base["num_params"] / 256)
     assert mhc["tokens"] == base["tokens"]
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_peak_follows_the_card(name, peak):
+    """PCIe and NVL cards have lower bf16 peaks than the SXM part their names contain; an unknown card has none
+    (no MFU unless --peak-flops says it)."""
+    from nanochat.common import peak_bf16_flops
+    assert peak_bf16_flops(name) == peak

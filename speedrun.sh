@@ -11,8 +11,13 @@
 #   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
 #   SKIP=data,tokenizer bash speedrun.sh
 #   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
-#   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_SWEEP_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages)
+#   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages, and EXTRA_SWEEP_ARGS for
+#   the gate sweep, analysis.gate_sweep; the memory_* stages take EXTRA_TRAIN_ARGS)
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
+#   NANOCHAT_BASE_DIR=/cache bash speedrun.sh # tokenizer, shards, checkpoints, stage markers (default:
+#                                             # ~/.cache/nanochat, tiny preset ~/.cache/nanochat-tiny)
+#   NANOCHAT_DATA_DIR=/data bash speedrun.sh  # local copies of the datasets (default: ../shared/data beside the
+#                                             # clone, else the tiny preset fetches the small sets from the hub)
 #   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
 #   RUN_NGPT_CAMPAIGN=1 bash speedrun.sh      # also run the nGPT campaign (configs/sweeps/; tiny: ~3 min, 2 seeds)
 #
@@ -51,7 +56,7 @@ case "$preset" in
     # fine-tune on GSM8K train + synthetic problems; sweep and RL on GSM8K (train for RL, test held out)
     sft_args=(--data gsm8k,synthetic)
     sweep_args=(--problems gsm8k --split test --num-problems 256 --tokens 1048576 --batch-size 32)
-    rl_runs=("gsm8k global" "gsm8k per_layer")   # the PRD's global gate, then its per-layer ablation
+    rl_runs=("gsm8k global" "gsm8k per_layer")   # the plan's global gate, then its per-layer ablation
     rl_args=(--preset gpu)
     rl_reward=exact                               # configs/rl_gpu.toml's reward: the last part of each RL run's tag
     rl_gates_run=gsm8k-per_layer-exact            # the RL-tuned column evaluates the per-layer policy's gates
@@ -184,7 +189,7 @@ if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablati
     stage ns_ablation --out "$results_dir/ns_ablation/$preset/summary.json" -- \
         python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
 fi
-if [ "${RUN_NGPT_CAMPAIGN:-0}" = 1 ]; then  # optional: seed 004's nGPT hyperparameter campaign (scripts/sweep.py)
+if [ "${RUN_NGPT_CAMPAIGN:-0}" = 1 ]; then  # optional: the nGPT hyperparameter campaign (scripts/sweep.py)
     if [ "$preset" = tiny ]; then campaign=(ngpt_campaign_tiny --seeds 0,1); else campaign=(ngpt_campaign); fi
     # the sweep file is a setting of the stage; finished runs are skipped by the runner itself on a rerun
     stage ngpt_campaign --out "$results_dir/sweeps/${campaign[0]}/summary.md" \

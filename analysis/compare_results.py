@@ -1,4 +1,4 @@
-"""The Phase-4 comparison table (seed 002 §4.1) from what the pipeline wrote into results/.
+"""The Phase-4 comparison table (phase 4 of the plan, docs/design.md) from what the pipeline wrote into results/.
 
     python -m analysis.compare_results                        # GPU tags: baseline, mhc, mhc_sft, mhc_rl
     python -m analysis.compare_results --prefix tiny_         # the tiny preset's tags
@@ -29,10 +29,10 @@ import os
 import numpy as np
 from scipy import stats as sps
 
-from nanochat.common import UserError, run_main
+from nanochat.common import doc_summary, UserError, run_main
 from nanochat.stats import accuracy, mcnemar_paired
 
-SMOKE_PARAMS = 50e6  # below this a number is a smoke test of the pipeline, never a finding (DESIGN.md §6b)
+SMOKE_PARAMS = 50e6  # below this a number is a smoke test of the pipeline, never a finding (docs/design.md, section 7)
 TASK_ROWS = [("GSM8K 0-shot", "gsm8k"), ("GSM8K 8-shot", "gsm8k_8shot"), ("HellaSwag", "hellaswag"),
              ("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")]
 ROWS = ["val bpb"] + [r for r, _ in TASK_ROWS] + ["inference latency", "peak memory"]
@@ -280,7 +280,7 @@ def add_column_args(p: argparse.ArgumentParser):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     add_column_args(p)
     p.add_argument("--out-dir", default="", help="output folder (default: <results-dir>)")
     args = p.parse_args(argv)

@@ -23,7 +23,7 @@ import torch
 
 from analysis.plots import pyplot, save_figure
 from envs.mhc_env import GateScorer, build_problem_pool, load_frozen_model
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type, git_commit, run_main
+from nanochat.common import doc_summary, UserError, autocast_ctx, autodetect_device_type, git_commit, run_main
 from nanochat.config import parse_int_list
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -78,28 +78,45 @@ def sweep(scorer: GateScorer, batches, token_bytes, problems, grid, per_layer_gr
     return out
 
 
-def plot(result: dict, path: str):
+def sweep_label(result: dict) -> str:
+    """A short name for the swept checkpoint: its model tag (the checkpoint's folder) and step, not its path."""
+    ckpt = os.path.normpath(str(result.get("checkpoint", "")))
+    tag = result.get("model_tag") or os.path.basename(os.path.dirname(ckpt)) or os.path.basename(ckpt)
+    return f"{tag} (step {result['step']})" if result.get("step") is not None else tag
+
+
+def plot(result: dict, path: str, title: str = ""):
+    """Val bpb and dense reward against the gate: the global gate, each layer alone, the learned gates. Returns the
+    figure."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")  # no label runs into the title
+    layers = result["per_layer"]
+    # every series its own colour and marker: black for the global gate, red for the learned gates, the layers
+    # from a palette without those two (tab10 has 8 others; a sequential colormap beyond that)
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]  # not red, not grey
+    if len(layers) > len(palette):
+        palette = [plt.get_cmap("viridis")(x) for x in np.linspace(0, 0.9, len(layers))]
+    markers = "s^vDP<>Xhpd*"
     for ax, key, label in ((axes[0], "val_bpb", "val bpb (lower is better)"),
-                           (axes[1], "dense", "dense reward: mean log p(gold answer), higher is better")):
+                           (axes[1], "dense", "dense reward: mean log p(gold answer)\n(higher is better)")):
         xs = [p["gate"] for p in result["global_gate"]]
         ax.plot(xs, [p[key] for p in result["global_gate"]], "o-", color="k", lw=2, label="global gate")
-        for row in result["per_layer"]:
-            ax.plot([p["gate"] for p in row["points"]], [p[key] for p in row["points"]], ".--", lw=1,
-                    label=f"layer {row['layer']} only")
-        ax.axhline(result["learned"][key], color="tab:red", ls=":", label="learned gates")
+        for i, row in enumerate(layers):
+            ax.plot([p["gate"] for p in row["points"]], [p[key] for p in row["points"]], ls="--", lw=1, ms=4,
+                    marker=markers[i % len(markers)], color=palette[i], label=f"layer {row['layer']} only")
+        ax.axhline(result["learned"][key], color="tab:red", ls=":", lw=1.5, label="learned gates")
         ax.set_xlabel("gate g  (0: H_res = I, 1: full learned mixing)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"gate sweep: {result['checkpoint']}", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside right upper")  # outside: covers none of the curves
+    fig.suptitle(title or f"gate sweep: {sweep_label(result)}", fontsize=10)
     save_figure(fig, path, dpi=120)
+    return fig
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     p.add_argument("--model-tag", default="", help="model tag of an mHC checkpoint")
     p.add_argument("--checkpoint", default="", help="checkpoint directory (overrides --model-tag/--step)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = the newest)")

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from nanochat.common import UserError, run_main
+from nanochat.common import doc_summary, UserError, run_main
 
 MC_TASKS = {"hellaswag": "ind", "arc_easy": "id", "arc_challenge": "id"}  # task -> the doc field our ids use
 GSM8K_FILTERS = {"strict-match": "strict", "flexible-extract": "flexible"}  # harness filter -> our column suffix
@@ -67,7 +67,7 @@ def compare(ours: list[dict], harness: list[dict]) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     p.add_argument("--ours", required=True, help="results folder of scripts.base_eval (holds eval_examples.jsonl)")
     p.add_argument("--harness", required=True, help="results folder of scripts.lm_eval (lm_eval_samples.jsonl)")
     args = p.parse_args(argv)

@@ -18,7 +18,7 @@ import os
 import torch
 
 from nanochat.checkpoint import load_model, resolve_checkpoint
-from nanochat.common import UserError, autodetect_device_type, git_commit, run_main
+from nanochat.common import doc_summary, UserError, autodetect_device_type, git_commit, run_main
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.gpt import GPT
@@ -47,7 +47,7 @@ def sublayer_stats(trained: dict, initial: dict, gate: float) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--model-tag", default="", help="model tag of the checkpoint (see scripts.base_train)")
     p.add_argument("--checkpoint", default="", help="checkpoint directory (overrides --model-tag/--step)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = the newest)")
@@ -67,7 +67,7 @@ def main(argv=None):
     device = torch.device(autodetect_device_type() if args.device_type == "auto" else args.device_type)
     path = args.checkpoint or resolve_checkpoint(args.model_tag, args.step)
     model, meta = load_model(path, device)
-    if not model.config.mhc_enabled:
+    if not model.config.mhc.enabled:
         raise UserError(f"checkpoint {path} is a model without mHC (mhc_enabled is false): nothing to analyse")
     run = meta.get("run_config", {})
     train_cfg = run.get("train", {})
@@ -89,10 +89,10 @@ def main(argv=None):
     sublayers = [dict(sublayer=j, kind=("attn", "mlp")[j % 2], layer=j // 2, **sublayer_stats(t, i, g))
                  for j, (t, i, g) in enumerate(zip(trained_m, initial_m, gates))]
     record = dict(checkpoint=path, step=meta["step"], tokens=len(batches) * args.batch_size * T,
-                  num_streams=model.config.mhc_num_streams, readout=model.config.mhc_readout,
+                  num_streams=model.config.mhc.num_streams, readout=model.config.mhc.readout,
                   sublayers=sublayers, git_commit=git_commit())
-    if hasattr(model, "stream_readout"):
-        record["readout_static_weights"] = torch.sigmoid(model.stream_readout.b.detach()).cpu().tolist()
+    if model.stream_ends.readout is not None:
+        record["readout_static_weights"] = torch.sigmoid(model.stream_ends.readout.b.detach()).cpu().tolist()
     print(f"{path} (step {meta['step']}), {record['tokens']} val tokens")
     print("sub-layer  gate   diag(H_res)  |H_res-I|  |H_res-H_res(init)|  max sum err")
     for s in sublayers:

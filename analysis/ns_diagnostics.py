@@ -1,4 +1,5 @@
-"""Newton–Schulz diagnostics (seed 003): how each coefficient preset moves singular values, step by step.
+"""Newton–Schulz diagnostics (the NS side study, docs/design.md section 1): how each coefficient preset moves
+singular values, step by step.
 
     python -m analysis.ns_diagnostics                          # -> results/ns_diagnostics/*.png + ns_diagnostics.json
     python -m analysis.ns_diagnostics --out-dir /tmp/ns --presets quintic,handover8

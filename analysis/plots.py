@@ -1,10 +1,11 @@
-"""The paper's figures from the files the pipeline writes (seed 002 §4.2). Each function takes plain records and
-writes one PNG, so the report, the notebooks and the tests call them alike.
+"""The paper's figures from the files the pipeline writes (phase 4 of the plan, docs/design.md). Each function takes
+plain records and writes one PNG, so the report, the notebooks and the tests call them alike.
 
 - plot_training_curves: training loss (smoothed) and val bpb per step, one line per run (baseline vs mHC);
 - plot_hres_over_training: each sub-layer's mean |H_res - I| and gate over training (base_train --mhc-log-every);
 - plot_rl_gate_distribution: the gate values the RL policy chose on the held-out problems;
-- plot_gate_vs_accuracy: per layer, each arm's gate against its accuracy (with the 95% CI);
+- plot_gate_vs_accuracy: per layer, each arm's gate against its accuracy and dense reward (95% CIs), the
+  reference arm "default" included;
 - the gate sweep: analysis.gate_sweep.plot.
 read_jsonl reads a metrics or records file and names the file and line of anything it cannot read.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 import numpy as np
 
@@ -47,7 +49,8 @@ def pyplot():
 def save_figure(fig, path: str, dpi: int = 110):
     """Write a figure as PNG atomically (temp file + rename) and close it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=dpi)
+    # bbox "tight": legends and colour bars placed outside the axes, and descenders of bottom labels, stay inside
+    fig.savefig(path + ".tmp.png", dpi=dpi, bbox_inches="tight", pad_inches=0.08)
     os.replace(path + ".tmp.png", path)
     pyplot().close(fig)
 
@@ -108,48 +111,138 @@ def plot_hres_over_training(records: list[dict], path: str, title: str = ""):
     save_figure(fig, path)
 
 
-def plot_rl_gate_distribution(gates, path: str, labels=None, title: str = ""):
-    """gates: [problems, k] gate vectors the policy chose; one histogram per gate."""
+def plot_rl_gate_distribution(gates, path: str, labels=None, title: str = "", default_gates=None):
+    """gates: [problems, k] gate vectors the policy chose; one histogram per gate. default_gates: the learned
+    defaults [k] (the reference arm "default"), drawn as a line in every panel when given. Returns the figure."""
     g = np.asarray(gates, dtype=np.float64)
     if g.ndim != 2 or not g.size:
         raise UserError(f"expected a [problems, gates] array of chosen gates (got shape {g.shape})")
     plt = pyplot()
     k = g.shape[1]
-    fig, axes = plt.subplots(1, k, figsize=(min(3 * k, 14) + 1, 3), squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(min(3 * k, 14) + 1, 3), squeeze=False, layout="constrained")
     for i in range(k):
         ax = axes[0, i]
-        ax.hist(g[:, i], bins=np.linspace(0, 1, 21), color="tab:blue", alpha=0.8)
+        ax.hist(g[:, i], bins=np.linspace(0, 1, 21), color="tab:blue", alpha=0.8, label="rl_policy (chosen)")
+        if default_gates is not None:
+            ax.axvline(default_gates[i] if len(default_gates) > 1 else default_gates[0], color="k", ls="--",
+                       label="default (learned gates)")
         ax.set_xlim(0, 1)
         ax.set_title(labels[i] if labels else f"gate {i}", fontsize=8)
         ax.set_xlabel("g")
     axes[0, 0].set_ylabel("problems")
+    if default_gates is not None:  # outside the axes: inside, it covered the histogram's bars
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
     fig.suptitle(title or "gates the RL policy chose (held-out problems)", fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path)
+    return fig
 
 
-def plot_gate_vs_accuracy(arms: dict, path: str, title: str = ""):
-    """arms: name -> {"gates": [k] (one value per layer, or one global value), "acc": a, "ci95": [lo, hi]}. One
-    panel per layer (a global gate counts for every layer)."""
+REFERENCE_ARM = "default"  # the learned gates: every RL comparison is against it (scripts/train_rl.py)
+ARM_MARKERS = "osD^vPX<>hp*d"
+
+
+def arm_point(name: str, arm: dict, default_gates=None) -> dict:
+    """One arm as {gates (per layer, or None: not one known value), acc, acc_ci, dense, dense_ci}, from either the
+    plot's own form {"gates", "acc", "ci95", optional "dense", "dense_ci95"} or an RL eval.json arm
+    ({"exact": {acc, ci95}, "dense": {mean, ci95}, fixed_gates / chosen_gates, action_space}). The reference arm's
+    gates are `default_gates` (eval.json's default_gates, in the arm's action space) when given."""
+    if "exact" in arm:
+        gates = per_layer_gates(arm)
+        if gates is None and name == REFERENCE_ARM and default_gates is not None:
+            gates = per_layer_gates(dict(fixed_gates=list(default_gates), action_space=arm.get("action_space")))
+        dense = arm.get("dense") or {}
+        return dict(gates=gates, acc=arm["exact"].get("acc"), acc_ci=arm["exact"].get("ci95"),
+                    dense=dense.get("mean"), dense_ci=dense.get("ci95"))
+    gates = arm.get("gates")
+    if gates is None and name == REFERENCE_ARM and default_gates is not None:
+        gates = list(default_gates)
+    return dict(gates=None if gates is None else [float(x) for x in gates], acc=arm.get("acc"),
+                acc_ci=arm.get("ci95"), dense=arm.get("dense"), dense_ci=arm.get("dense_ci95"))
+
+
+def dodge(xs: list[float], step: float = 0.03, tol: float = 0.02) -> list[float]:
+    """Shift points whose x values lie within `tol` of each other apart by `step`, centred on their x, so that
+    arms at the same gate (e.g. the grid's best at g = 0 and the gate0 arm) do not hide one another."""
+    out = list(xs)
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    group = []
+    for i in order + [None]:
+        if group and (i is None or xs[i] - xs[group[0]] > tol):
+            for r, j in enumerate(group):
+                out[j] = xs[j] + (r - (len(group) - 1) / 2) * step
+            group = []
+        if i is not None:
+            group.append(i)
+    return out
+
+
+def plot_gate_vs_accuracy(arms: dict, path: str, title: str = "", default_gates=None, max_layer_panels: int = 6):
+    """Each arm's gate against its exact-match accuracy (top row) and its dense reward (bottom row), with 95% CIs,
+    one column per layer (a global gate counts for every layer; above max_layer_panels layers, one column against
+    the mean gate over layers). arms: name -> an RL eval.json arm or {"gates", "acc", "ci95", optional "dense",
+    "dense_ci95"}; see arm_point. The reference arm "default" is also drawn as a dashed line with its CI band in
+    every panel (its learned gates are no single value unless default_gates is given). Points at the same gate are
+    dodged apart (the caption says by how much). Returns the figure."""
     if not arms:
         raise UserError("no arms to plot")
-    k = max(len(a["gates"]) for a in arms.values())
+    pts = {name: arm_point(name, a, default_gates) for name, a in arms.items()}
+    names = sorted(pts, key=lambda n: n != REFERENCE_ARM)  # the reference first, the rest in the given order
+    k = max([len(p["gates"]) for p in pts.values() if p["gates"]] or [1])
+    per_layer = k <= max_layer_panels
+    cols = k if per_layer else 1
     plt = pyplot()
-    fig, axes = plt.subplots(1, k, figsize=(min(3.2 * k, 14) + 1, 3.2), squeeze=False)
-    for i in range(k):
-        ax = axes[0, i]
-        for name, a in arms.items():
-            g = a["gates"][i] if len(a["gates"]) > 1 else a["gates"][0]
-            lo, hi = a["ci95"]
-            ax.errorbar([g], [a["acc"]], yerr=[[a["acc"] - lo], [hi - a["acc"]]], fmt="o", capsize=3, label=name)
-        ax.set_xlim(-0.05, 1.05)
-        ax.set_xlabel(f"gate of layer {i}" if k > 1 else "gate")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("accuracy (95% CI)")
-    axes[0, -1].legend(fontsize=6, loc="best")
-    fig.suptitle(title or "gate vs accuracy per arm", fontsize=9)
-    fig.tight_layout()
+    width = min(3.0 * cols, 15) + 2.2 if cols > 1 else 6.0
+    fig, axes = plt.subplots(2, cols, figsize=(width, 5.6), squeeze=False, sharey="row", layout="constrained")
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    style = {name: dict(color=cmap(i % cmap.N), marker=ARM_MARKERS[i % len(ARM_MARKERS)])
+             for i, name in enumerate(names)}
+    step = 0.03
+    rows = (("acc", "acc_ci", "exact-match accuracy (95% CI)"), ("dense", "dense_ci", "dense reward (95% CI)\n"
+                                                                   "mean log p(gold answer), higher is better"))
+    for r, (key, ci_key, ylabel) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            drawn = [n for n in names if pts[n]["gates"] is not None and pts[n][key] is not None]
+            if per_layer:
+                xs = [pts[n]["gates"][c] if len(pts[n]["gates"]) > 1 else pts[n]["gates"][0] for n in drawn]
+            else:
+                xs = [float(np.mean(pts[n]["gates"])) for n in drawn]
+            for n, x in zip(drawn, dodge(xs, step)):
+                p, st = pts[n], style[n]
+                lo, hi = p[ci_key] or (p[key], p[key])
+                ax.errorbar([x], [p[key]], yerr=[[p[key] - lo], [hi - p[key]]], fmt=st["marker"], color=st["color"],
+                            ms=8 if n == REFERENCE_ARM else 6, mfc="none" if n == REFERENCE_ARM else st["color"],
+                            mew=1.5, capsize=3, label=n, zorder=3)
+            ref = pts.get(REFERENCE_ARM)
+            if ref is not None and ref[key] is not None:  # the reference level, whether or not its gates are known
+                ax.axhline(ref[key], color=style[REFERENCE_ARM]["color"], ls="--", lw=1, zorder=1,
+                           label=f"{REFERENCE_ARM}: level and 95% CI band")
+                if ref[ci_key]:
+                    ax.axhspan(*ref[ci_key], color=style[REFERENCE_ARM]["color"], alpha=0.12, lw=0, zorder=0)
+            if not drawn and ref is None:
+                ax.text(0.5, 0.5, f"no {'dense reward' if key == 'dense' else 'accuracy'} in the input",
+                        transform=ax.transAxes, ha="center", fontsize=8)
+            ax.set_xlim(-0.08, 1.08)
+            ax.grid(alpha=0.3)
+            if r == 1:
+                ax.set_xlabel(f"gate of layer {c}" if per_layer and k > 1 else
+                              "gate" if k == 1 else "mean gate over layers")
+        axes[r, 0].set_ylabel(ylabel, fontsize=8)
+    # one legend for the figure, outside the axes: every arm, the reference first
+    seen = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen.keys()), loc="outside right upper", fontsize=7, title="arm",
+               title_fontsize=7)
+    fig.suptitle(title or "gate vs accuracy and dense reward per arm", fontsize=9)
+    ref_note = (f"Dashed line and band: the reference arm '{REFERENCE_ARM}' (learned gates) and its CI."
+                if REFERENCE_ARM in pts else f"The reference arm '{REFERENCE_ARM}' was not given.")
+    caption = (f"Bars: 95% CI. {ref_note} Arms at the same gate are shifted apart by {step} per arm so none is "
+               f"hidden.")
+    fig.text(0.01, 0.0, textwrap.fill(caption, int(width * 16)), fontsize=7, ha="left", va="top")  # fits the width
     save_figure(fig, path)
+    return fig
 
 
 def per_layer_gates(arm: dict, n_layer: int | None = None) -> list[float] | None:

@@ -25,7 +25,7 @@ import os
 from analysis.compare_results import add_column_args, build_table, columns_for, to_markdown, write_outputs
 from analysis.plots import (per_layer_gates, plot_gate_vs_accuracy, plot_hres_over_training,
                             plot_rl_gate_distribution, plot_training_curves, read_jsonl)
-from nanochat.common import UserError, git_commit, run_main
+from nanochat.common import UserError, doc_summary, git_commit, run_main
 
 HRES_FIGURES = (("hres_heatmaps.png", "H_res per sub-layer: mean over validation tokens, and per-token std"),
                 ("hres_composite.png", "the composite H_res across depth and its Amax gain"),
@@ -72,6 +72,29 @@ class Report:
         self.figure(path, caption, stage)
 
 
+def rl_table(ev: dict) -> list[str]:
+    """An RL run's eval.json as markdown: its setting, one row per arm (accuracy and dense reward with CIs and the
+    paired tests against the learned gates), then the verdicts."""
+    vs = {c["b"]: c for c in ev["comparisons"] if c["a"] == "default"}
+    lines = [f"Action space `{ev['action_space']}`, reward `{ev['reward']}`, {ev['policy_timesteps']} PPO timesteps "
+             f"(the baselines: the same budget), {ev['eval_pool']['count']} held-out problems from "
+             f"`{ev['eval_pool']['source']}`, learned gates {[round(g, 3) for g in ev['default_gates']]}"
+             + (" -- smoke scale." if ev.get("scale") == "smoke" else "."), "",
+             "| arm | accuracy [95% CI] | Δ vs learned (McNemar p) | dense reward [95% CI] | Δ vs learned (t p) | "
+             "gates |",
+             "|---|---|---|---|---|---|"]
+    for arm, r in ev["arms"].items():
+        e, d, c = r["exact"], r["dense"], vs.get(arm)
+        gates = per_layer_gates(r)
+        lines.append(f"| {arm} | {e['acc']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] n={e['n']} | "
+                     + (f"{c['exact']['diff']:+.3f} ({c['exact']['p_value']:.2g})" if c else "—") + " | "
+                     + f"{d['mean']:.4f} [{d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}] | "
+                     + (f"{c['dense']['diff']:+.4f} ({c['dense']['p_value']:.2g})" if c and c["dense"]["p_value"]
+                        is not None else "—") + " | "
+                     + ("learned" if gates is None else ", ".join(f"{g:.2f}" for g in gates)) + " |")
+    return lines + [""] + [f"- {k}: {v}" for k, v in ev["verdicts"].items() if v] + [""]
+
+
 def rl_section(rep: Report, run_dir: str, fig_dir: str):
     name = os.path.basename(run_dir)
     path = os.path.join(run_dir, "eval.json")
@@ -81,34 +104,18 @@ def rl_section(rep: Report, run_dir: str, fig_dir: str):
         return
     with open(path) as f:
         ev = json.load(f)
-    vs = {c["b"]: c for c in ev["comparisons"] if c["a"] == "default"}
-    rep.add(f"Action space `{ev['action_space']}`, reward `{ev['reward']}`, {ev['policy_timesteps']} PPO timesteps "
-            f"(the baselines: the same budget), {ev['eval_pool']['count']} held-out problems from "
-            f"`{ev['eval_pool']['source']}`, learned gates {[round(g, 3) for g in ev['default_gates']]}"
-            + (" -- smoke scale." if ev.get("scale") == "smoke" else "."), "",
-            "| arm | accuracy [95% CI] | Δ vs learned (McNemar p) | dense reward [95% CI] | Δ vs learned (t p) | gates |",
-            "|---|---|---|---|---|---|")
-    for arm, r in ev["arms"].items():
-        e, d, c = r["exact"], r["dense"], vs.get(arm)
-        gates = per_layer_gates(r)
-        rep.add(f"| {arm} | {e['acc']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] n={e['n']} | "
-                + (f"{c['exact']['diff']:+.3f} ({c['exact']['p_value']:.2g})" if c else "—") + " | "
-                + f"{d['mean']:.4f} [{d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}] | "
-                + (f"{c['dense']['diff']:+.4f} ({c['dense']['p_value']:.2g})" if c and c["dense"]["p_value"]
-                   is not None else "—") + " | "
-                + ("learned" if gates is None else ", ".join(f"{g:.2f}" for g in gates)) + " |")
-    rep.add("")
-    rep.add(*[f"- {k}: {v}" for k, v in ev["verdicts"].items() if v], "")
+    rep.add(*rl_table(ev))
     examples = os.path.join(run_dir, "eval_examples.jsonl")
     rep.try_figure(lambda p: plot_rl_gate_distribution(
         [r["gates"] for r in read_jsonl(examples) if r["arm"] == "rl_policy"], p,
-        title=f"{name}: gates the RL policy chose"), os.path.join(fig_dir, f"rl_{name}_gates.png"),
-        f"{name}: the distribution of the gates the RL policy chose", "rl")
-    arms = {a: dict(gates=per_layer_gates(r), acc=r["exact"]["acc"], ci95=r["exact"]["ci95"])
-            for a, r in ev["arms"].items() if per_layer_gates(r) is not None}
-    rep.try_figure(lambda p: plot_gate_vs_accuracy(arms, p, title=f"{name}: gate vs accuracy per arm"),
-                   os.path.join(fig_dir, f"rl_{name}_gate_vs_accuracy.png"), f"{name}: per-layer gate vs accuracy",
-                   "rl")
+        title=f"{name}: gates the RL policy chose", default_gates=ev.get("default_gates")),
+        os.path.join(fig_dir, f"rl_{name}_gates.png"), f"{name}: the distribution of the gates the RL policy chose "
+        f"(dashed: the learned gates)", "rl")
+    # every arm, the learned gates (the reference) included, with accuracy and the dense reward
+    rep.try_figure(lambda p: plot_gate_vs_accuracy(ev["arms"], p, title=f"{name}: gate vs accuracy and dense reward",
+                                                   default_gates=ev.get("default_gates")),
+                   os.path.join(fig_dir, f"rl_{name}_gate_vs_accuracy.png"),
+                   f"{name}: per-layer gate vs accuracy and dense reward, every arm", "rl")
 
 
 def harness_section(rep: Report, results_dir: str, tags: list[str]):
@@ -186,7 +193,7 @@ def configs_section(rep: Report, results_dir: str, tags: list[str]):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     add_column_args(p)
     p.add_argument("--out", default="", help="report path (default <results-dir>/report.md)")
     args = p.parse_args(argv)

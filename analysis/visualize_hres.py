@@ -30,7 +30,7 @@ import torch
 from analysis.mhc_stats import capture
 from analysis.plots import pyplot, save_figure
 from nanochat.checkpoint import load_model, resolve_checkpoint
-from nanochat.common import UserError, autodetect_device_type, git_commit, run_main
+from nanochat.common import doc_summary, UserError, autodetect_device_type, git_commit, run_main
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.tokenizer import get_tokenizer
@@ -48,7 +48,7 @@ def sublayer_names(n_layer: int) -> list[str]:
 def capture_connections(model, batches) -> list[dict]:
     """Per sub-layer H_res [M, n, n], H_pre [M, n], H_post [M, n] over every token of `batches` (at the gates set
     on the model; analysis.mhc_stats.capture)."""
-    if not model.config.mhc_enabled:
+    if not model.config.mhc.enabled:
         raise UserError("this model has no mHC (mhc_enabled is false): there is no H_res to draw")
     return capture(model, batches)
 
@@ -95,38 +95,47 @@ def routing_for_text(model, tokenizer, text: str, max_tokens: int = 48) -> tuple
 # -- figures -----------------------------------------------------------------------------------------------------
 
 def plot_hres_heatmaps(mean: np.ndarray, std: np.ndarray, path: str, title: str = "") -> dict:
-    """One row per layer: attention H_res mean | std, MLP H_res mean | std. Returns the arrays drawn, read back
-    from the axes ({"mean": [2L, n, n], "std": [2L, n, n]})."""
+    """One row per layer: attention and MLP H_res mean, then attention and MLP per-token std. Cell (row j, column i)
+    is H_res[j, i], the weight of source stream i in destination stream j (x_next[j] = sum_i H_res[j, i] x[i]).
+    Returns the arrays drawn, read back from the axes ({"mean": [2L, n, n], "std": [2L, n, n]}), and the figure
+    under "figure"."""
     plt = pyplot()
     S, n = mean.shape[0], mean.shape[-1]
     L = (S + 1) // 2
-    fig, axes = plt.subplots(L, 4, figsize=(10, 2.3 * L + 0.6), squeeze=False)
+    # constrained layout: places the shared colour bars and the axis labels without collisions
+    fig, axes = plt.subplots(L, 4, figsize=(10.5, 2.5 * L + 1.4), squeeze=False, layout="constrained")
     names = sublayer_names(L)
     drawn = {"mean": [], "std": []}
     vmax_std = max(float(std.max()), 1e-6)
+    images = {}
     for j in range(S):
         for k, (kind, data, kw) in enumerate((("mean", mean[j], dict(vmin=0, vmax=1, cmap="viridis")),
                                                ("std", std[j], dict(vmin=0, vmax=vmax_std, cmap="magma")))):
-            ax = axes[j // 2, 2 * (j % 2) + k]
-            im = ax.imshow(data, **kw)
+            ax = axes[j // 2, 2 * k + j % 2]  # columns: attn mean, mlp mean | attn std, mlp std
+            im = images[kind] = ax.imshow(data, **kw)
             drawn[kind].append(np.asarray(im.get_array()))
             ax.set_title(f"{names[j]} H_res {kind}", fontsize=8)
             ax.set_xticks(range(n))
             ax.set_yticks(range(n))
             ax.tick_params(labelsize=6)
+            # imshow puts row j of H_res at height j, column i at x = i: rows are destinations, columns sources
+            ax.set_xlabel("source stream i", fontsize=7)
+            ax.set_ylabel("destination stream j", fontsize=7)
             if n <= 8:
                 for a in range(n):
                     for b in range(n):
                         ax.text(b, a, f"{data[a, b]:.2f}", ha="center", va="center", fontsize=6,
                                 color="w" if data[a, b] < 0.5 * kw["vmax"] else "k")
     for j in range(S, 2 * L):
-        axes[j // 2, 2 * (j % 2)].axis("off")
-        axes[j // 2, 2 * (j % 2) + 1].axis("off")
-    fig.suptitle(title or "H_res per sub-layer: mean over tokens | per-token std (row i: stream i's new content)",
-                 fontsize=9)
-    fig.tight_layout()
+        axes[j // 2, j % 2].axis("off")
+        axes[j // 2, 2 + j % 2].axis("off")
+    fig.colorbar(images["mean"], ax=axes[:, :2], location="bottom", shrink=0.8, aspect=30,
+                 label="H_res[j, i]: weight of source i in destination j (mean over tokens)")
+    fig.colorbar(images["std"], ax=axes[:, 2:], location="bottom", shrink=0.8, aspect=30,
+                 label="per-token standard deviation of H_res[j, i]")
+    fig.suptitle(title or "H_res per sub-layer: mean over tokens | per-token std", fontsize=9)
     save_figure(fig, path)
-    return {k: np.stack(v) for k, v in drawn.items()}
+    return {**{k: np.stack(v) for k, v in drawn.items()}, "figure": fig}
 
 
 def plot_composite(gains: dict, path: str, title: str = ""):
@@ -160,11 +169,12 @@ def plot_composite(gains: dict, path: str, title: str = ""):
 
 
 def plot_pre_post(caps: list[dict], path: str, title: str = ""):
+    """Mean H_pre and H_post per stream and sub-layer, as grouped bars. Returns the figure."""
     plt = pyplot()
     pre = np.stack([c["H_pre"].mean(0).numpy() for c in caps])     # [2L, n]
     post = np.stack([c["H_post"].mean(0).numpy() for c in caps])
     S, n = pre.shape
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.5 * S + 4), 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.5 * S + 4), 3.8), layout="constrained")
     width = 0.8 / n
     for ax, data, label in ((axes[0], pre, "H_pre (read-out weight)"), (axes[1], post, "H_post (write-back)")):
         for i in range(n):
@@ -173,33 +183,57 @@ def plot_pre_post(caps: list[dict], path: str, title: str = ""):
         ax.set_xticklabels(sublayer_names((S + 1) // 2)[:S], rotation=60, fontsize=7)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=7)
+    # one legend outside the axes, to the right: inside, it covered the bars the text discusses
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside right upper", title="stream", title_fontsize=7)
     fig.suptitle(title or "mean H_pre and H_post per stream (over tokens)", fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path)
+    return fig
+
+
+def routing_colours(h_pre: np.ndarray, n: int | None = None, floor: float = 0.2):
+    """h_pre [2L, T, n] -> (RGB image [2L, T, 3], stream colours [n, 3], margins [2L, T]). A cell is its preferred
+    stream's colour blended with white: full colour at the largest margin (top H_pre weight minus the runner-up) in
+    the figure, `floor` of it at margin 0, so a pale cell is a weak preference."""
+    S, T, n_ = h_pre.shape
+    n = n or n_
+    colours = np.array([pyplot().get_cmap("tab10")(i % 10)[:3] for i in range(n)])
+    srt = np.sort(h_pre, -1)
+    margin = srt[..., -1] - srt[..., -2] if n_ > 1 else np.ones((S, T))
+    strength = floor + (1 - floor) * margin / max(float(margin.max()), 1e-9)
+    rgb = 1 - strength[..., None] * (1 - colours[h_pre.argmax(-1)])
+    return rgb, colours, margin
 
 
 def plot_routing(tokens: list[str], h_pre: np.ndarray, path: str, title: str = ""):
-    """h_pre [2L, T, n]: colour = the stream each token's H_pre weighs most, per sub-layer."""
+    """h_pre [2L, T, n]: hue = the stream each token's H_pre weighs most, per sub-layer; intensity = how much more
+    than the runner-up (pale: a weak preference). Returns the figure."""
+    import matplotlib.colors as mcolors
     plt = pyplot()
     S, T, n = h_pre.shape
-    pref = h_pre.argmax(-1)                                          # [2L, T]
-    margin = np.sort(h_pre, -1)[..., -1] - np.sort(h_pre, -1)[..., -2] if n > 1 else np.ones((S, T))
-    fig, ax = plt.subplots(figsize=(max(8, 0.22 * T + 2), 0.32 * S + 1.8))
-    ax.imshow(pref, cmap=plt.get_cmap("tab10", max(n, 2)), vmin=-0.5, vmax=max(n, 2) - 0.5, aspect="auto",
-              alpha=None)
-    ax.imshow(np.zeros_like(margin), cmap="gray", alpha=np.clip(1 - margin / max(margin.max(), 1e-9), 0, 0.6),
-              aspect="auto")
+    floor = 0.2
+    rgb, colours, margin = routing_colours(h_pre, floor=floor)
+    fig, ax = plt.subplots(figsize=(max(8, 0.22 * T + 3.5), 0.32 * S + 2.4), layout="constrained")
+    # the RGB cells are drawn directly, so the legend's patches are exactly the full-intensity cell colours
+    ax.imshow(rgb, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(S))
     ax.set_yticklabels(sublayer_names((S + 1) // 2)[:S], fontsize=7)
+    ax.set_ylabel("sub-layer", fontsize=8)
     ax.set_xticks(range(T))
     ax.set_xticklabels([repr(t)[1:-1][:8] for t in tokens], rotation=90, fontsize=6)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=plt.get_cmap("tab10", max(n, 2))(i)) for i in range(n)]
-    ax.legend(handles, [f"stream {i}" for i in range(n)], fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.suptitle(title or "per-token routing: the stream each token's H_pre prefers (faded: a weak preference)",
-                 fontsize=9)
-    fig.tight_layout()
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[i], edgecolor="none") for i in range(n)]
+    ax.legend(handles, [f"stream {i}" for i in range(n)], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1),
+              title="preferred stream\n(full colour: the\nstrongest preference)", title_fontsize=7)
+    # intensity key: white -> grey on the same blend as the cells (floor at margin 0, full at the largest margin)
+    grey = np.array([0.35, 0.35, 0.35])
+    key = mcolors.LinearSegmentedColormap.from_list("margin", [1 - floor * (1 - grey), grey])
+    sm = plt.cm.ScalarMappable(norm=mcolors.Normalize(0, max(float(margin.max()), 1e-9)), cmap=key)
+    cbar = fig.colorbar(sm, cax=ax.inset_axes([1.02, 0.0, 0.025, 0.42]))  # under the legend, beside the cells
+    cbar.set_label("intensity: preference margin\n(top H_pre weight - second)", fontsize=7)
+    cbar.ax.tick_params(labelsize=6)
+    fig.suptitle(title or "per-token routing: the stream each token's H_pre weighs most", fontsize=9)
     save_figure(fig, path)
+    return fig
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -228,7 +262,7 @@ def analyse(model_tag: str = "", checkpoint: str = "", step: int = -1, gates=Non
     device = torch.device(autodetect_device_type() if device_type == "auto" else device_type)
     path = checkpoint or resolve_checkpoint(model_tag, step)
     model, meta = load_model(path, device)
-    if not model.config.mhc_enabled:
+    if not model.config.mhc.enabled:
         raise UserError(f"checkpoint {path} is a model without mHC (mhc_enabled is false): there is no H_res to draw")
     if gates is not None:
         model.set_mhc_gates_by_count(gates, "--gates")
@@ -271,7 +305,7 @@ def analyse(model_tag: str = "", checkpoint: str = "", step: int = -1, gates=Non
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     p.add_argument("--model-tag", default="", help="model tag of an mHC checkpoint")
     p.add_argument("--checkpoint", default="", help="checkpoint directory (overrides --model-tag/--step)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = the newest)")

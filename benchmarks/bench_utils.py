@@ -62,12 +62,12 @@ def child_peak_memory_mib(module: str, child_arg: str, args, exclude: tuple = ()
 
 def write_record(path: str, benchmark: str, args, device_type: str, results: dict, **extra) -> dict:
     """Write a benchmark's JSON: its flags and results plus the environment that produced them."""
-    from nanochat.common import git_commit  # local import: the helpers above need nothing from nanochat
+    from nanochat.common import git_commit, machine_info  # local: the helpers above need nothing from nanochat
 
     record = dict(benchmark=benchmark, config=vars(args), device=device_type,
                   device_name=torch.cuda.get_device_name() if device_type == "cuda" else platform.processor(),
                   platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
-                  git_commit=git_commit(), **extra, results=results)
+                  machine=machine_info(), git_commit=git_commit(), **extra, results=results)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=2)

@@ -14,16 +14,18 @@ import statistics
 import torch
 
 from benchmarks.bench_utils import add_tiny_shape_args, timed_train_step, write_record
-from nanochat.common import autocast_ctx, autodetect_device_type, run_main
+from nanochat.common import doc_summary, autocast_ctx, autodetect_device_type, run_main
 from nanochat.gpt import ACTIVATION_CHECKPOINTING, GPT, GPTConfig, model_dims_from_depth
 from nanochat.memory import GIB, estimate_training_memory
+from nanochat.mhc import MHCConfig
 from nanochat.optim import setup_optimizers
 
 
 def model_config(args) -> GPTConfig:
     n_embd, n_head = model_dims_from_depth(args.depth, args.aspect_ratio, args.head_dim)
     return GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=n_embd, mhc_enabled=args.mhc, mhc_bf16_streams=args.bf16_streams)
+                     n_kv_head=n_head, n_embd=n_embd,
+                     mhc=MHCConfig(enabled=args.mhc, bf16_streams=args.mhc and args.bf16_streams))
 
 
 def build(cfg: GPTConfig, mode: str, args, device):
@@ -37,7 +39,7 @@ def build(cfg: GPTConfig, mode: str, args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     add_tiny_shape_args(p)
     p.add_argument("--mhc", action="store_true", help="the mHC model (default: the baseline)")
     p.add_argument("--bf16-streams", action="store_true", help="mHC: mhc_bf16_streams (under --dtype bfloat16)")

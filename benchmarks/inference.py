@@ -17,9 +17,10 @@ import time
 import torch
 
 from benchmarks.bench_utils import child_peak_memory_mib, own_peak_memory_mib, write_record
-from nanochat.common import autocast_ctx, autodetect_device_type, run_main
+from nanochat.common import doc_summary, autocast_ctx, autodetect_device_type, run_main
 from nanochat.engine import Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
+from nanochat.mhc import MHCConfig
 
 MODELS = ("baseline", "mhc")
 
@@ -27,7 +28,8 @@ MODELS = ("baseline", "mhc")
 def build(args, mhc: bool, device) -> GPT:
     n_embd, n_head = model_dims_from_depth(args.depth, args.aspect_ratio, args.head_dim)
     cfg = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
-                    n_kv_head=n_head, n_embd=n_embd, mhc_enabled=mhc, mhc_num_streams=args.num_streams)
+                    n_kv_head=n_head, n_embd=n_embd,
+                    mhc=MHCConfig(enabled=mhc, num_streams=args.num_streams))
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     model.init_weights()
@@ -60,7 +62,7 @@ def prefill_and_decode(model, prompts: torch.Tensor, new_tokens: int, ctx, devic
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--aspect-ratio", type=int, default=64)
     p.add_argument("--head-dim", type=int, default=64)

@@ -15,14 +15,14 @@ import argparse
 import time
 
 from benchmarks.bench_utils import write_record
-from nanochat.common import run_main
+from nanochat.common import doc_summary, run_main
 from nanochat.config import TrainConfig, build_config
 from nanochat.gpt import ACTIVATION_CHECKPOINTING
 from nanochat.memory import FRAGMENTATION, GIB, GPU_RESERVE_GIB, estimate_training_memory, gpu_budget
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--config", required=True, help="named config in configs/ (baseline, dynamic_mhc, tiny_cpu, ...)")
     p.add_argument("--vocab-size", type=int, default=32768, help="the tokenizer's vocabulary (GPU preset 32768, "
                    "tiny preset 4096)")
@@ -36,10 +36,10 @@ def main(argv=None):
     cfg, _ = build_config(TrainConfig, ["--config", args.config, *overrides], description="memory estimate")
     model_config = cfg.model_config(args.vocab_size)
     modes = [m for m in args.modes.split(",") if m] or [m for m in ACTIVATION_CHECKPOINTING
-                                                        if m != "mhc" or model_config.mhc_enabled]
+                                                        if m != "mhc" or model_config.mhc.enabled]
     budget = gpu_budget(int(args.gpu_memory_gib * GIB))
     print(f"{args.config}: depth {model_config.n_layer}, width {model_config.n_embd}, mHC "
-          f"{'on' if model_config.mhc_enabled else 'off'}; {cfg.device_batch_size} x {cfg.max_seq_len} tokens per "
+          f"{'on' if model_config.mhc.enabled else 'off'}; {cfg.device_batch_size} x {cfg.max_seq_len} tokens per "
           f"device, {args.dtype}; a {args.gpu_memory_gib:.0f} GiB GPU leaves {budget / GIB:.1f} GiB "
           f"({GPU_RESERVE_GIB:.0f} GiB CUDA/NCCL, {100 * FRAGMENTATION:.0f}% fragmentation)")
     header = ("checkpointing", "peak GiB", "params", "grads", "optim", "activ", "temp")
@@ -59,7 +59,7 @@ def main(argv=None):
     write_record(args.out or f"results/bench/memory_estimate_{args.config}.json", "memory_estimate", args, "fake",
                  dict(by_mode=results, budget_bytes=budget, device_batch_size=cfg.device_batch_size,
                       seq_len=cfg.max_seq_len, model=dict(n_layer=model_config.n_layer, n_embd=model_config.n_embd,
-                                                          mhc=model_config.mhc_enabled)))
+                                                          mhc=model_config.mhc.enabled)))
 
 
 if __name__ == "__main__":

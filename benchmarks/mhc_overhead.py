@@ -1,6 +1,7 @@
 """mHC overhead vs the baseline GPT: training-step time ratio (interleaved in one process, so machine noise hits
-both alike; the median of per-pair ratios, with its IQR and the ratio of the fastest steps), peak-memory ratio and parameter overhead; and, for one sub-layer's worth of logits
-([batch * seq, n, n]), the forward + backward time of the fast Sinkhorn against the log-space autograd reference.
+both alike; the median of per-pair ratios, with its IQR and the ratio of the fastest steps), peak-memory ratio and
+parameter overhead; and, for one sub-layer's worth of logits ([batch * seq, n, n]), the forward + backward time of
+the fast Sinkhorn against the log-space autograd reference.
 Writes JSON.
 
     python -m benchmarks.mhc_overhead                     # the tiny CPU config: depth 4, width 256, seq 256, batch 8
@@ -17,17 +18,18 @@ import torch
 
 from benchmarks.bench_utils import (add_tiny_shape_args, child_peak_memory_mib, own_peak_memory_mib,
                                     timed_train_step, write_record)
-from nanochat.common import autocast_ctx, autodetect_device_type, run_main
+from nanochat.common import doc_summary, autocast_ctx, autodetect_device_type, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
-from nanochat.mhc import sinkhorn, sinkhorn_log
+from nanochat.mhc import MHCConfig, sinkhorn, sinkhorn_log
 from nanochat.optim import setup_optimizers
 
 
 def build(args, mhc: bool, device):
     n_embd, n_head = model_dims_from_depth(args.depth, args.aspect_ratio, args.head_dim)
     cfg = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
-                    n_kv_head=n_head, n_embd=n_embd, mhc_enabled=mhc, mhc_num_streams=args.num_streams,
-                    mhc_sinkhorn_iters=args.sinkhorn_iters, mhc_bf16_streams=mhc and args.bf16_streams)
+                    n_kv_head=n_head, n_embd=n_embd,
+                    mhc=MHCConfig(enabled=mhc, num_streams=args.num_streams, sinkhorn_iters=args.sinkhorn_iters,
+                                  bf16_streams=mhc and args.bf16_streams))
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     model.init_weights()
@@ -61,7 +63,7 @@ def time_sinkhorns(args, device, device_type, rounds: int = 20) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     add_tiny_shape_args(p)
     p.add_argument("--num-streams", type=int, default=4)
     p.add_argument("--sinkhorn-iters", type=int, default=20)
@@ -115,7 +117,8 @@ def main(argv=None):
         sinkhorn=sinkhorn_times)
     print(f"step time: baseline {1000 * med['baseline']:.0f} ms, mHC {1000 * med['mhc']:.0f} ms "
           f"-> ratio {results['step_time_ratio']:.3f} (median of {len(paired)} paired steps; IQR "
-          f"{quartiles[0]:.3f}-{quartiles[2]:.3f}; ratio of the fastest steps {results['step_time_ratio_of_minimums']:.3f})")
+          f"{quartiles[0]:.3f}-{quartiles[2]:.3f}; ratio of the fastest steps "
+          f"{results['step_time_ratio_of_minimums']:.3f})")
     print(f"peak memory: baseline {memory['baseline']:.0f} MiB, mHC {memory['mhc']:.0f} MiB "
           f"-> ratio {results['peak_memory_ratio']:.3f}")
     print(f"parameters: baseline {params['baseline']:,}, mHC {params['mhc']:,} "

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from benchmarks.bench_utils import add_tiny_shape_args, write_record
-from nanochat.common import run_main
+from nanochat.common import doc_summary, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
+from nanochat.mhc import MHCConfig
 
 
 class ByteCounter(TorchDispatchMode):
@@ -56,7 +58,7 @@ def step_bytes(cfg: GPTConfig, batch: int, seq: int, dtype: str) -> ByteCounter:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     add_tiny_shape_args(p)
     p.set_defaults(depth=12, head_dim=128, seq_len=1024, batch_size=64, vocab_size=32768)  # the GPU preset
     p.add_argument("--num-streams", type=int, default=4)
@@ -69,8 +71,7 @@ def main(argv=None):
     n_embd, n_head = model_dims_from_depth(args.depth, args.aspect_ratio, args.head_dim)
     base = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
                      n_kv_head=n_head, n_embd=n_embd)
-    mhc = GPTConfig(**{**base.__dict__, "mhc_enabled": True, "mhc_num_streams": args.num_streams,
-                       "mhc_bf16_streams": args.bf16_streams})
+    mhc = replace(base, mhc=MHCConfig(enabled=True, num_streams=args.num_streams, bf16_streams=args.bf16_streams))
     counts = {name: step_bytes(cfg, args.batch_size, args.seq_len, args.dtype) for name, cfg in
               (("baseline", base), ("mhc", mhc))}
     tokens = args.batch_size * args.seq_len

@@ -16,7 +16,7 @@ import time
 import torch
 
 from benchmarks.bench_utils import add_tiny_shape_args, write_record
-from nanochat.common import UserError, run_main
+from nanochat.common import doc_summary, UserError, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_ngpt_optimizers, setup_optimizers
 
@@ -35,9 +35,11 @@ def build(arch: str, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     add_tiny_shape_args(p)
-    p.add_argument("--lazy-proj-freq", type=int, default=7, help="k of the lazy arm (the other nGPT arm uses 1)")
+    p.add_argument("--lazy-proj-freq", type=int, default=7, help="k of the benchmark's lazy arm (7: the nGPT "
+                   "campaign's winner, configs/sweeps/ngpt_campaign.toml; the other arm projects every step, "
+                   "training's default --lazy-proj-freq 1)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before measuring")
     p.add_argument("--rounds", type=int, default=28, help="timed steps per arm (a multiple of k gives the lazy arm "
                                                           "its exact share of projections)")

@@ -16,12 +16,12 @@ import time
 import torch
 
 from benchmarks.bench_utils import write_record
-from nanochat.common import UserError, autodetect_device_type, run_main
+from nanochat.common import doc_summary, UserError, autodetect_device_type, run_main
 from nanochat.newton_schulz import PRESETS, ns_schedule, zeropower_via_newtonschulz
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     p.add_argument("--shape", default="768x3072", help="rows x cols of each matrix")
     p.add_argument("--batch", type=int, default=1, help="matrices per call (Muon batches equal shapes)")
     p.add_argument("--presets", default="quintic,handover8,polar_express5,cubic")

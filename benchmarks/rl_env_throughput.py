@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.bench_utils import write_record
 from envs.mhc_env import GateScorer, GSM8KMHCEnv, GSM8KMHCVecEnv, build_problem_pool, load_frozen_model
-from nanochat.common import autodetect_device_type, run_main
+from nanochat.common import doc_summary, autodetect_device_type, run_main
 
 
 def time_single(env: GSM8KMHCEnv, steps: int, rng: np.random.Generator) -> float:
@@ -40,7 +40,7 @@ def time_vec(vec: GSM8KMHCVecEnv, steps: int, rng: np.random.Generator) -> float
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     p.add_argument("--model-tag", default="", help="model tag of a (fine-tuned) mHC checkpoint")
     p.add_argument("--checkpoint", default="", help="checkpoint directory (overrides --model-tag)")
     p.add_argument("--rewards", default="dense,exact", help="comma-separated rewards to time")

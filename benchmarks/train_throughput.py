@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from benchmarks.bench_utils import add_tiny_shape_args, timed_train_step, write_record
-from nanochat.common import autocast_ctx, autodetect_device_type, run_main
+from nanochat.common import doc_summary, autocast_ctx, autodetect_device_type, run_main
 from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.optim import setup_optimizers
 
@@ -24,7 +24,7 @@ def time_steps(model, optimizers, x, y, ctx, warmup: int, steps: int, device_typ
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     add_tiny_shape_args(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before measuring")
     p.add_argument("--steps", type=int, default=12, help="timed steps per dtype (the median is reported)")

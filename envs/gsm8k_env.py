@@ -10,15 +10,14 @@ Problems (GenExample: id, 0-shot prompt, reference = the final number, extra = q
 - `synthetic`: generated arithmetic word problems in GSM8K's format (nanochat/synthetic_gsm8k.py), which the tiny
   CPU models can learn, so the rewards are not all zero.
 
-Rewards of one problem under the gates currently set on the model:
-- exact: 1 if the greedy 0-shot completion's answer matches (the GSM8K task's primary metric), else 0 (the PRD's);
+The two metrics of one problem under the gates currently set on the model, from which the rewards are made
+(nanochat/gate_rewards.py):
+- exact: 1 if the greedy 0-shot completion's answer matches (the GSM8K task's primary metric), else 0;
 - dense: the mean per-token log-probability (nats, <= 0) of the gold worked answer under teacher forcing, one
-  forward pass and no generation;
-- mix: (1 - w) * exact + w * exp(dense), both terms in [0, 1] (exp(dense) is the geometric-mean token probability).
+  forward pass and no generation.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -100,10 +99,6 @@ def exact_rewards(model, tokenizer, problems: list[GenExample], max_new_tokens: 
     for r in records:
         r["correct"] = bool(r[GSM8K_METRIC])
     return records
-
-
-def mix_reward(exact: float, dense: float, weight: float) -> float:
-    return (1 - weight) * exact + weight * math.exp(dense)
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
-"""The RL environment over the mHC gates of a frozen model (seed 002, Phase 3).
+"""The RL environment over the mHC gates of a frozen model (phase 3 of the plan, docs/design.md).
 
     env = gymnasium.make("nanochat/GSM8KMHC-v0", checkpoint=PATH, action_space="per_layer", reward="dense")
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
 
-One episode = one GSM8K-format problem (as in the PRD): the observation describes the question, the action is the
+One episode = one GSM8K-format problem (as in the plan): the observation describes the question, the action is the
 gate vector, the reward scores the model's answer under those gates, and the episode ends.
 
 - Action: Box(0, 1, float32) of size 1 (`global`: every sub-layer), L (`per_layer`: both sub-layers of a layer)
@@ -29,33 +29,24 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
-from envs.gsm8k_env import (dense_rewards, exact_rewards, fit_problems, load_problems, mix_reward,
-                            question_features)
+from envs.gsm8k_env import dense_rewards, exact_rewards, fit_problems, load_problems, question_features
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
 from nanochat.common import UserError, autocast_ctx, compile_model
+from nanochat.gate_rewards import ACTION_SPACES, REWARD_BASELINES, REWARDS, check_reward_settings
+from nanochat.gate_rewards import action_space as get_action_space
 from nanochat.tokenizer import get_tokenizer
 
 ENV_ID = "nanochat/GSM8KMHC-v0"
-ACTION_SPACES = ("global", "per_layer", "per_sublayer")
-REWARDS = ("exact", "dense", "mix")
-REWARD_BASELINES = ("none", "default")
+__all__ = ["ACTION_SPACES", "REWARDS", "REWARD_BASELINES"]  # the registries (nanochat/gate_rewards.py)
 
 
 def num_gates(action_space: str, n_layer: int) -> int:
-    if action_space not in ACTION_SPACES:
-        raise UserError(f"action space must be one of {', '.join(ACTION_SPACES)} (got {action_space!r})")
-    return {"global": 1, "per_layer": n_layer, "per_sublayer": 2 * n_layer}[action_space]
+    return get_action_space(action_space).size(n_layer)
 
 
 def set_gates(model, action_space: str, gates) -> None:
     """gates: [B, k] (one gate vector per example) or [k]; k as num_gates(action_space)."""
-    gates = np.asarray(gates, dtype=np.float32)
-    if action_space == "global":
-        model.set_mhc_gate(gates[..., 0])
-    elif action_space == "per_layer":
-        model.set_mhc_gates_per_layer(gates)
-    else:
-        model.set_mhc_gates_per_sublayer(gates)
+    model.set_mhc_gates_per_sublayer(get_action_space(action_space).gates_per_sublayer(gates, model.config.n_layer))
 
 
 @contextmanager
@@ -99,12 +90,10 @@ def actions_to_gates(actions: np.ndarray, symmetric: bool) -> np.ndarray:
 
 
 def freeze(model):
-    """Eval mode, no gradients, no training-time gate noise or gate sampling."""
+    """Eval mode (no training-time gate noise or gate sampling: they act in training mode only), no gradients."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in model.mhc_modules():
-        m.gate_noise, m.gate_sample_frac = 0.0, 0.0
     return model
 
 
@@ -114,7 +103,7 @@ def load_frozen_model(checkpoint: str = "", model_tag: str = "", step: int = -1,
         raise UserError("pass a checkpoint path or a model tag of the mHC model to control")
     path = checkpoint or resolve_checkpoint(model_tag, step)
     model, meta = load_model(path, device)
-    if not model.config.mhc_enabled:
+    if not model.config.mhc.enabled:
         raise UserError(f"checkpoint {path} is a model without mHC (mhc_enabled is false): there are no gates "
                         f"for the controller to set")
     tokenizer = get_tokenizer()
@@ -134,13 +123,7 @@ class GateScorer:
     def __init__(self, model, tokenizer, *, action_space: str = "global", reward: str = "dense",
                  max_new_tokens: int = 256, mix_weight: float = 0.5, batch_size: int = 32, dtype: str = "float32",
                  reward_baseline: str = "none", compile: bool = False):
-        if reward not in REWARDS:
-            raise UserError(f"reward must be one of {', '.join(REWARDS)} (got {reward!r})")
-        if reward_baseline not in REWARD_BASELINES:
-            raise UserError(f"reward baseline must be one of {', '.join(REWARD_BASELINES)} (got "
-                            f"{reward_baseline!r})")
-        if not 0 <= mix_weight <= 1:
-            raise UserError(f"mix weight must be in [0, 1] (got {mix_weight})")
+        check_reward_settings(reward, reward_baseline, mix_weight)
         if batch_size <= 0 or max_new_tokens <= 0:
             raise UserError(f"batch size and max new tokens must be > 0 (got {batch_size}, {max_new_tokens})")
         self.model, self.tokenizer = model, tokenizer
@@ -207,7 +190,8 @@ class GateScorer:
         return out
 
     def _raw_score(self, problems, gates, metrics, space: str) -> list[dict]:
-        metrics = set(metrics or {"exact": ["exact"], "dense": ["dense"], "mix": ["exact", "dense"]}[self.reward])
+        reward = REWARDS[self.reward]
+        metrics = set(metrics or reward.metrics)
         if gates is not None:
             gates = np.asarray(gates, dtype=np.float32).reshape(len(problems), num_gates(space,
                                                                                          self.model.config.n_layer))
@@ -225,14 +209,8 @@ class GateScorer:
                                                         self.ctx)):
                         r.update(correct=e["correct"], completion=e["completion"], cut=e["cut"])
             for r in recs:
-                if self.reward == "exact" and "correct" in r:
-                    r["reward"] = float(r["correct"])
-                elif self.reward == "dense" and "dense" in r:
-                    r["reward"] = r["dense"]
-                elif self.reward == "mix" and "correct" in r and "dense" in r:
-                    r["reward"] = mix_reward(float(r["correct"]), r["dense"], self.mix_weight)
-                if "reward" in r:
-                    r["raw_reward"] = r["reward"]
+                if all(("correct" if m == "exact" else m) in r for m in reward.metrics):  # what the reward needs
+                    r["reward"] = r["raw_reward"] = reward.value(r, self.mix_weight)
             out += recs
         return out
 

@@ -20,17 +20,14 @@ from stable_baselines3.common.callbacks import BaseCallback
 from envs.mhc_env import actions_to_gates
 from nanochat.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanochat.common import UserError, append_jsonl
+from nanochat.gate_rewards import check_ppo_sizes
 
 
 def build_ppo(vec_env, *, learning_rate: float, n_steps: int, batch_size: int, n_epochs: int, gamma: float,
               ent_coef: float, seed: int, net_arch=(64, 64), log_std_init: float = 0.0) -> PPO:
     """PPO with an MLP policy on the CPU (a small MLP gains nothing from a GPU). `n_steps` is the rollout size
-    over all sub-environments (the PRD's number); SB3's per-env n_steps is derived from it."""
-    if n_steps % vec_env.num_envs:
-        raise UserError(f"--n-steps {n_steps} (the rollout size) must be a multiple of --num-envs "
-                        f"{vec_env.num_envs}")
-    if not 1 < batch_size <= n_steps:
-        raise UserError(f"--batch-size must be in (1, --n-steps = {n_steps}] (got {batch_size})")
+    over all sub-environments (the plan's number); SB3's per-env n_steps is derived from it."""
+    check_ppo_sizes(n_steps, vec_env.num_envs, batch_size)
     return PPO("MlpPolicy", vec_env, learning_rate=learning_rate, n_steps=n_steps // vec_env.num_envs,
                batch_size=batch_size, n_epochs=n_epochs, gamma=gamma, ent_coef=ent_coef, seed=seed, device="cpu",
                policy_kwargs=dict(net_arch=list(net_arch), log_std_init=log_std_init), verbose=0)

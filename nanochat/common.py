@@ -1,6 +1,7 @@
 """Shared utilities: directories, errors, logging, distributed/device setup."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,6 +43,80 @@ def git_commit() -> str:
         return (sha or "unknown") + ("+dirty" if sha and dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def machine_info() -> dict:
+    """What produced a result, for the record every run and benchmark writes: the CPU model and its cores, the GPU,
+    torch and its threads (numbers in the docs name the run and the machine they came from)."""
+    import platform
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    bf16, capability = cpu_bf16_support()
+    return dict(cpu=cpu, cpu_count=os.cpu_count(), cpu_capability=capability, cpu_native_bf16=bf16,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                torch=torch.__version__, threads=torch.get_num_threads(), platform=platform.platform())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings: a dataclass may nest another (GPTConfig.mhc, TrainConfig.mhc: an MHCConfig); outside the code each nested
+# setting has one flat name, <field>_<setting> (mhc_gate_init): the flag --mhc-gate-init, the TOML key, the key in
+# checkpoints and config.json. So a nested option is declared once, in its dataclass.
+
+def nested_fields(cls) -> dict:
+    """{field name: nested dataclass type} for the fields of `cls` that hold a dataclass (a default_factory)."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls)
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
+
+
+def flat_fields(cls) -> list[tuple[str, dataclasses.Field]]:
+    """(flat name, field) of every setting of `cls`, nested ones as <outer>_<inner>, in declaration order."""
+    nested = nested_fields(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in nested:
+            out += [(f"{f.name}_{name}", inner) for name, inner in flat_fields(nested[f.name])]
+        else:
+            out.append((f.name, f))
+    return out
+
+
+def to_flat_dict(obj) -> dict:
+    """A settings dataclass as a flat dict: the form of flags, TOML files, checkpoints and config.json."""
+    nested = nested_fields(type(obj))
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in nested:
+            out.update({f"{f.name}_{k}": v for k, v in to_flat_dict(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def from_flat_dict(cls, values: dict, what: str = "config", _prefix: str = ""):
+    """`cls` from flat (and, for nested fields, also already nested) settings; unknown keys are an error naming
+    them."""
+    nested = nested_fields(cls)
+    own = {f.name for f in dataclasses.fields(cls)}
+    kwargs, inner = {}, {name: {} for name in nested}
+    for key, value in values.items():
+        if key in nested and isinstance(value, dict):
+            inner[key].update(value)
+        elif key in own and key not in nested:
+            kwargs[key] = value
+        else:
+            outer = next((n for n in nested if key.startswith(n + "_")), None)
+            if outer is None:
+                known = ", ".join(_prefix + name for name, _ in flat_fields(cls))
+                raise UserError(f"unknown {what} key {_prefix + key!r} (known: {known})")
+            inner[outer][key[len(outer) + 1:]] = value
+    for name, sub in nested.items():
+        kwargs[name] = from_flat_dict(sub, inner[name], what, f"{_prefix}{name}_")
+    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,6 +304,13 @@ def append_jsonl(path: str, record: dict):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def doc_summary(doc: str) -> str:
+    """A script's --help description: its docstring's first paragraph as one line (the first line alone can end
+    mid-sentence)."""
+    paragraph = doc.strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 def run_main(main):

@@ -15,11 +15,13 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 
-from nanochat.common import UserError, repo_root
-from nanochat.gpt import ACTIVATION_CHECKPOINTING, GPTConfig, model_dims_from_depth
+from nanochat.common import UserError, flat_fields, from_flat_dict, nested_fields, repo_root
+from nanochat.gate_rewards import ACTION_SPACES, REWARD_BASELINES, REWARDS, check_ppo_sizes, check_reward_settings
+from nanochat.gpt import ACTIVATION_CHECKPOINTING, ARCHITECTURES, GPTConfig, model_dims_from_depth
+from nanochat.mhc import MHCConfig
 from nanochat.newton_schulz import ns_schedule, resolve_ns_coeffs
 
-_MHC = GPTConfig()  # the mHC defaults live in GPTConfig; the flags below only mirror them
+_MODEL = GPTConfig()  # the architecture defaults live in GPTConfig; the flags below take them from there
 
 
 def _f(default, help: str, **kw):
@@ -37,11 +39,12 @@ def check_choices(cfg, choices: dict):
 @dataclass
 class TrainConfig:
     # logging / runtime
-    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)")
-    model_tag: str = _f("", "name of the checkpoint and results folder (default: the run name, or d<depth>)")
-    device_type: str = _f("auto", "auto | cuda | cpu")
+    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)", resumable=True)
+    model_tag: str = _f("", "name of the checkpoint and results folder (default: the run name, or d<depth>)",
+                        resumable=True)
+    device_type: str = _f("auto", "auto | cuda | cpu", resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
-    compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false")
+    compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false", resumable=True)
     seed: int = _f(42, "random seed (model init and data order)")
     # model: one dial (depth) derives width and heads
     depth: int = _f(12, "number of transformer layers; width = depth * aspect_ratio rounded to head_dim")
@@ -49,37 +52,16 @@ class TrainConfig:
     head_dim: int = _f(128, "attention head dimension (tiny presets use 64)")
     num_kv_heads: int = _f(0, "key/value heads for grouped-query attention (0 = as many as query heads)")
     max_seq_len: int = _f(1024, "context length in tokens")
-    # Dynamic mHC (nanochat/mhc.py; defaults from GPTConfig)
-    mhc_enabled: bool = _f(_MHC.mhc_enabled, "wrap attention and MLP in Dynamic mHC connections")
-    mhc_num_streams: int = _f(_MHC.mhc_num_streams, "mHC: residual streams n (expansion rate)")
-    mhc_sinkhorn_iters: int = _f(_MHC.mhc_sinkhorn_iters, "mHC: Sinkhorn-Knopp iterations for H_res")
-    mhc_sinkhorn_tau: float = _f(_MHC.mhc_sinkhorn_tau, "mHC: Sinkhorn temperature (the paper uses none, i.e. 1)")
-    mhc_constraint: str = _f(_MHC.mhc_constraint, "mHC: H_res manifold, sinkhorn | orthostochastic")
-    mhc_ns_coeffs: str = _f(_MHC.mhc_ns_coeffs, "mHC: NS preset or literal for the orthostochastic projection")
-    mhc_dynamic: bool = _f(_MHC.mhc_dynamic, "mHC: per-token (dynamic) matrices; --no-mhc-dynamic = static")
-    mhc_alpha_init: float = _f(_MHC.mhc_alpha_init, "mHC: initial alpha_pre/post/res (paper: 0.01)")
-    mhc_res_init_diag: float = _f(_MHC.mhc_res_init_diag, "mHC: diagonal d of the learned Sinkhorn(b_res) at init, "
-                                  "in (1/n, 1); the effective H_res starts at diagonal 1 - g(1 - d)")
-    mhc_gate_init: float = _f(_MHC.mhc_gate_init, "mHC: initial gate g in H_res := (1-g) I + g H_res")
-    mhc_gate_learnable: bool = _f(_MHC.mhc_gate_learnable, "mHC: learn the gate (else fixed at --mhc-gate-init)")
-    mhc_gate_noise: float = _f(_MHC.mhc_gate_noise, "mHC: training-time gate noise a, g *= U[1-a, 1+a], in [0,1] "
-                               "(the PRD's is 0.2)")
-    mhc_gate_sample_frac: float = _f(_MHC.mhc_gate_sample_frac, "mHC: gate-range training, the fraction of "
-                                     "sequences whose gates are drawn from U[0, 1] (per sub-layer) instead of the "
-                                     "learned value, so the RL controller's range is in distribution")
-    mhc_stream_embed_std: float = _f(_MHC.mhc_stream_embed_std, "mHC: init std of the stream embedding")
-    mhc_readout: str = _f(_MHC.mhc_readout, "mHC: streams -> head, learned (sigmoid-weighted, as DeepSeek-V4) | sum "
-                          "(HC; the last sub-layer's H_res then cancels)")
-    mhc_bf16_streams: bool = _f(_MHC.mhc_bf16_streams, "mHC: under bf16 autocast, keep the n residual streams in "
-                                "bf16 (half their memory and traffic; the coefficient math and the mixing still "
-                                "accumulate in fp32); no effect in float32 runs")
+    # Dynamic mHC: one nested MHCConfig (nanochat/mhc.py), whose fields become --mhc-<setting> flags and mhc_<setting>
+    # TOML keys (common.flat_fields): an mHC option is declared there, once
+    mhc: MHCConfig = field(default_factory=MHCConfig, metadata=dict(help="mHC"))
     # nGPT (--arch ngpt; README "nGPT"); defaults from GPTConfig
-    arch: str = _f(_MHC.arch, "gpt (the baseline) | ngpt (normalized Transformer: weights and hidden states on the "
+    arch: str = _f(_MODEL.arch, "gpt (the baseline) | ngpt (normalized Transformer: weights and hidden states on the "
                    "unit sphere)")
-    scalar_alpha: bool = _f(_MHC.scalar_alpha, "ngpt: one eigen learning rate alpha per sub-layer instead of one "
+    scalar_alpha: bool = _f(_MODEL.scalar_alpha, "ngpt: one eigen learning rate alpha per sub-layer instead of one "
                             "per dimension")
-    ngpt_alpha_init: float = _f(_MHC.ngpt_alpha_init, "ngpt: initial alpha_A, alpha_M (NVIDIA/ngpt: 0.05)")
-    logit_scale: float = _f(_MHC.logit_scale, "ngpt: initial logit scale s_z (> 0; logits = s_z * cosines)")
+    ngpt_alpha_init: float = _f(_MODEL.ngpt_alpha_init, "ngpt: initial alpha_A, alpha_M (NVIDIA/ngpt: 0.05)")
+    logit_scale: float = _f(_MODEL.logit_scale, "ngpt: initial logit scale s_z (> 0; logits = s_z * cosines)")
     lazy_proj_freq: int = _f(1, "ngpt: renormalise the weights every N optimizer steps (1 = every step, as the "
                              "reference; >= 1)")
     ngpt_optimizer: str = _f("adamw", "ngpt: adamw (every matrix at --ngpt-lr) | muon (hidden matrices on Muon at "
@@ -88,9 +70,12 @@ class TrainConfig:
     # data
     data_source: str = _f("fineweb", "fineweb (FineWeb-Edu shards) | local (train splits under $NANOCHAT_DATA_DIR)")
     # batch and horizon
-    device_batch_size: int = _f(32, "sequences per device per micro-step")
+    device_batch_size: int = _f(32, "sequences per device per micro-step", resumable=True)
     total_batch_size: int = _f(524288, "tokens per optimizer step (gradient accumulation fills the gap)")
     num_iterations: int = _f(-1, "optimizer steps (-1: derive from --target-param-data-ratio)")
+    extend_to: int = _f(0, "with --resume: train on to this many steps instead of the run's horizon (recorded as a "
+                        "config change at the resume step; the LR schedule is recomputed for it, docs/design.md)",
+                        resumable=True)
     target_param_data_ratio: float = _f(20.0, "tokens per parameter when --num-iterations is -1 (Chinchilla), "
                                         "counting the baseline architecture's parameters, mHC or not: baseline and "
                                         "mHC get the same token budget")
@@ -111,23 +96,25 @@ class TrainConfig:
     final_lr_frac: float = _f(0.0, "LR at the end of warmdown, as a fraction of the peak")
     grad_clip: float = _f(0.0, "clip the global grad norm to this value (0 = off; the norm is logged anyway)")
     # evaluation, checkpoints
-    eval_every: int = _f(250, "evaluate val bpb every N steps (-1 = only at the end)")
-    eval_tokens: int = _f(10 * 524288, "validation tokens per bpb evaluation")
-    save_every: int = _f(1000, "save a checkpoint every N steps (-1 = only at the end)")
-    keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
-    resume: bool = _f(False, "continue from the newest checkpoint of this model tag")
-    log_every: int = _f(1, "print a step line every N steps")
+    eval_every: int = _f(250, "evaluate val bpb every N steps (-1 = only at the end)", resumable=True)
+    eval_tokens: int = _f(10 * 524288, "validation tokens per bpb evaluation", resumable=True)
+    save_every: int = _f(1000, "save a checkpoint every N steps (-1 = only at the end)", resumable=True)
+    keep_checkpoints: int = _f(2, "keep the newest K checkpoints", resumable=True)
+    resume: bool = _f(False, "continue from the newest checkpoint of this model tag", resumable=True)
+    log_every: int = _f(1, "print a step line every N steps", resumable=True)
     # memory and speed (docs/performance.md)
     activation_checkpointing: str = _f("off", "recompute activations in backward: off | mhc (each mHC connection's "
-                                       "coefficient math, read-out and mixing) | full (every sub-layer)")
+                                       "coefficient math, read-out and mixing) | full (every sub-layer)",
+                                       resumable=True)
     memory_check: str = _f("auto", "estimate the step's peak memory before training: auto (on CUDA) | true | "
-                           "false; on CUDA a device batch that does not fit the GPU is refused, with the numbers")
+                           "false; on CUDA a device batch that does not fit the GPU is refused, with the numbers",
+                           resumable=True)
     peak_flops: float = _f(0.0, "bf16 peak FLOP/s of one GPU, for MFU (0: from the GPU's name, H100 SXM/PCIe/NVL, "
-                           "H200, A100; other GPUs log no MFU)")
+                           "H200, A100; other GPUs log no MFU)", resumable=True)
     mhc_log_every: int = _f(0, "mHC: every N steps (and at the end) append each sub-layer's gate, H_res diagonal, "
                             "distance from I, sum error and mean H_pre/H_post on a fixed val batch to "
-                            "metrics.jsonl (0 = off)")
-    results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<model_tag>/")
+                            "metrics.jsonl (0 = off)", resumable=True)
+    results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<model_tag>/", resumable=True)
 
     def validate(self):
         positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
@@ -141,11 +128,14 @@ class TrainConfig:
         check_choices(self, choices)
         if self.peak_flops < 0:
             raise UserError(f"--peak-flops must be >= 0 (got {self.peak_flops})")
-        if self.activation_checkpointing == "mhc" and not self.mhc_enabled:
+        if self.activation_checkpointing == "mhc" and not self.mhc.enabled:
             raise UserError("--activation-checkpointing mhc recomputes the mHC connections: add --mhc-enabled, or "
                             "use full (every sub-layer)")
         if self.num_iterations == 0 or self.num_iterations < -1:
             raise UserError(f"--num-iterations must be > 0 or -1 (got {self.num_iterations})")
+        if self.extend_to < 0 or (self.extend_to and not self.resume):
+            raise UserError(f"--extend-to continues an existing run to N > 0 steps: it needs --resume (got "
+                            f"--extend-to {self.extend_to}{'' if self.resume else ' without --resume'})")
         if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
             raise UserError(f"--target-param-data-ratio must be > 0 (got {self.target_param_data_ratio})")
         for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
@@ -159,12 +149,17 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.mhc_log_every < 0:
             raise UserError(f"--mhc-log-every must be >= 0 (got {self.mhc_log_every})")
-        mhc_set = [f.name for f in dataclasses.fields(self)
-                   if f.name.startswith("mhc_") and f.name != "mhc_enabled" and getattr(self, f.name) != f.default]
-        if mhc_set and not self.mhc_enabled:  # else the run would silently train the baseline
+        defaults = MHCConfig()
+        mhc_set = [f"mhc_{f.name}" for f in dataclasses.fields(MHCConfig)
+                   if f.name != "enabled" and getattr(self.mhc, f.name) != getattr(defaults, f.name)]
+        own_defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        mhc_set += [name for name in ("mhc_lr", "mhc_log_every") if getattr(self, name) != own_defaults[name]]
+        if mhc_set and not self.mhc.enabled:  # else the run would silently train the baseline
             flags = ", ".join("--" + name.replace("_", "-") for name in mhc_set)
             raise UserError(f"{flags} set but mHC is off: add --mhc-enabled (or drop the mHC settings)")
-        self._validate_ngpt()
+        if self.mhc.enabled:
+            self.mhc.validate()
+        self._validate_arch()
         if self.num_kv_heads < 0:
             raise UserError(f"--num-kv-heads must be >= 0 (got {self.num_kv_heads})")
         if self.muon_ns_steps < 0:
@@ -181,45 +176,27 @@ class TrainConfig:
         n_kv_head = self.num_kv_heads or n_head
         if n_head % n_kv_head:
             raise UserError(f"--num-kv-heads {n_kv_head} must divide the number of query heads {n_head}")
-        mhc = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig) if f.name.startswith("mhc_")}
         ngpt = dict(arch=self.arch, scalar_alpha=self.scalar_alpha, ngpt_alpha_init=self.ngpt_alpha_init,
                     logit_scale=self.logit_scale)
         return GPTConfig(sequence_len=self.max_seq_len, vocab_size=vocab_size, n_layer=self.depth, n_head=n_head,
-                         n_kv_head=n_kv_head, n_embd=n_embd, **mhc, **ngpt)
+                         n_kv_head=n_kv_head, n_embd=n_embd, mhc=dataclasses.replace(self.mhc), **ngpt)
 
-    def _validate_ngpt(self):
-        check_choices(self, dict(arch=("gpt", "ngpt"), ngpt_optimizer=("adamw", "muon")))
+    def _validate_arch(self):
+        """The architecture flags: their values, none of another variant's set (else the run would silently train
+        without them), and the combinations the chosen variant refuses (Architecture.validate_training)."""
+        check_choices(self, dict(arch=tuple(ARCHITECTURES), ngpt_optimizer=("adamw", "muon")))
         if self.lazy_proj_freq < 1:
             raise UserError(f"--lazy-proj-freq must be >= 1 (1 = every step; got {self.lazy_proj_freq})")
         for name in ("logit_scale", "ngpt_alpha_init", "ngpt_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-
-        def changed_flags(names) -> str:  # the flags among `names` set away from their defaults
-            return ", ".join("--" + n.replace("_", "-") for n in names if getattr(self, n) != defaults[n])
-
-        ngpt_only = ("scalar_alpha", "ngpt_alpha_init", "logit_scale", "lazy_proj_freq", "ngpt_optimizer", "ngpt_lr")
-        if self.arch != "ngpt":
-            if changed_flags(ngpt_only):  # else the run would silently train the baseline
-                raise UserError(f"{changed_flags(ngpt_only)} set but --arch is {self.arch!r}: add --arch ngpt")
-            return
-        if self.mhc_enabled:
-            raise UserError("--arch ngpt with --mhc-enabled: mHC mixes n residual streams with a doubly stochastic "
-                            "H_res, and averages of unit vectors leave the sphere nGPT keeps its hidden states on "
-                            "(README, nGPT). Drop --mhc-enabled")
-        for name, why in (("weight_decay", "the weights live on the unit sphere, decay would only fight the "
-                           "projection"), ("warmup_ratio", "as the reference, nGPT trains without LR warmup")):
-            if getattr(self, name) != 0:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} with --arch ngpt: must be 0 "
-                                f"({why})")
-        unused = ["embedding_lr", "unembedding_lr", "scalar_lr"]
-        if self.ngpt_optimizer == "adamw":
-            unused.append("matrix_lr")
-        if changed_flags(unused):  # these LRs belong to the gpt recipe; a silently ignored flag would mislead a sweep
-            muon = "" if self.ngpt_optimizer == "muon" else ", or --ngpt-optimizer muon (then --matrix-lr is Muon's)"
-            raise UserError(f"{changed_flags(unused)} not used with --arch ngpt: set --ngpt-lr (the matrices; the "
-                            f"vectors get 0.3x it){muon}")
+        for arch in ARCHITECTURES.values():
+            changed = [n for n in arch.training_flags if getattr(self, n) != defaults[n]]
+            if arch.name != self.arch and changed:
+                flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+                raise UserError(f"{flags} set but --arch is {self.arch!r}: add --arch {arch.name}")
+        ARCHITECTURES[self.arch].validate_training(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +204,7 @@ class TrainConfig:
 
 def _coerce(cls, key: str, value, source: str):
     """Check a config-file value against the field's type; ints are accepted for float fields."""
-    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    ftype = {name: f.type for name, f in flat_fields(cls)}[key]
     expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[ftype]
     if isinstance(value, bool) and ftype != "bool" or not isinstance(value, expected):
         raise UserError(f"{source}: key {key!r} expects a {ftype} (got {value!r})")
@@ -285,7 +262,7 @@ def load_config_file(cls, path: str, _seen: tuple = ()) -> dict:
         if os.path.realpath(parent_path) in _seen + (os.path.realpath(path),):
             raise UserError(f"config file {path}: 'extends' forms a cycle through {parent_path}")
         out.update(load_config_file(cls, parent_path, _seen + (os.path.realpath(path),)))
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {name for name, _ in flat_fields(cls)}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
@@ -295,10 +272,14 @@ def load_config_file(cls, path: str, _seen: tuple = ()) -> dict:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls):
-    """One flag per field, kebab-case, help and default taken from the dataclass (so docs cannot drift)."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+    """One flag per setting, kebab-case, help and default taken from the dataclass (so docs cannot drift); a nested
+    settings dataclass (TrainConfig.mhc) gives --<field>-<setting> flags, its help prefixed by the field's."""
+    labels = {name: f.metadata.get("help", name) for name, f in
+              ((f.name, f) for f in dataclasses.fields(cls)) if name in nested_fields(cls)}
+    for name, f in flat_fields(cls):
+        flag = "--" + name.replace("_", "-")
+        label = next((f"{labels[outer]}: " for outer in labels if name.startswith(outer + "_")), "")
+        help_text = f"{label}{f.metadata.get('help', '')} (default: {f.default!r})"
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
@@ -307,11 +288,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls):
                                 default=argparse.SUPPRESS, help=help_text)
 
 
-def build_config(cls, argv, description: str, extra_args=None):
+def build_config(cls, argv, description: str, extra_args=None, config_help: str = ""):
     """Parse argv into an instance of `cls`. Returns (config, parsed_namespace)."""
     parser = ConfigArgumentParser(description=description, allow_abbrev=False)  # a typo must not match a prefix
     parser.add_argument("--config", default=None,
-                        help="named config in configs/ (e.g. baseline, tiny_cpu) or a path to a .toml file")
+                        help=config_help or "named config in configs/ (e.g. baseline, dynamic_mhc, tiny_cpu, "
+                        "tiny_cpu_mhc) or a path to a .toml file")
     if extra_args:
         extra_args(parser)
     add_dataclass_args(parser, cls)
@@ -322,9 +304,9 @@ def build_config(cls, argv, description: str, extra_args=None):
     values = {}
     if args.config:
         values.update(load_config_file(cls, resolve_config_path(args.config)))
-    field_names = {f.name for f in dataclasses.fields(cls)}
+    field_names = {name for name, _ in flat_fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in field_names})
-    config = cls(**values)
+    config = from_flat_dict(cls, values)
     config.validate()
     return config, args
 
@@ -418,10 +400,10 @@ class SFTConfig:
     checkpoint: str = _f("", "path to a base checkpoint directory (overrides --model-tag/--step)")
     step: int = _f(-1, "base checkpoint step (-1 = the newest)")
     output_tag: str = _f("", "model tag of the fine-tuned checkpoints (default: <model-tag>_sft)")
-    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)")
-    device_type: str = _f("auto", "auto | cuda | cpu")
+    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)", resumable=True)
+    device_type: str = _f("auto", "auto | cuda | cpu", resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
-    compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false")
+    compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false", resumable=True)
     seed: int = _f(42, "seed of the data order and the held-out split")
     # data
     data: str = _f("gsm8k,synthetic", f"comma-separated fine-tuning sources: {', '.join(SFT_DATA)} (GSM8K train "
@@ -436,22 +418,27 @@ class SFTConfig:
     # optimisation
     device_batch_size: int = _f(16, "rows per device per step")
     num_iterations: int = _f(-1, "optimizer steps (-1: one epoch of the training rows)")
+    extend_to: int = _f(0, "with --resume: train on to this many steps instead of the run's horizon (the linear "
+                        "decay is recomputed for it)", resumable=True)
     lr_scale: float = _f(0.2, "learning rates = the base run's LRs x this (linear decay to 0 over the run)")
     mhc_gate_noise: float = _f(-1.0, "mHC gate noise during fine-tuning (-1: keep the base model's)")
     mhc_gate_sample_frac: float = _f(0.25, "mHC gate-range training during fine-tuning: the fraction of rows whose "
                                      "gates are drawn from U[0, 1], so the RL controller acts where the model was "
                                      "trained (-1: keep the base model's; ignored without mHC)")
     # evaluation, checkpoints
-    eval_every: int = _f(100, "evaluate the validation answer loss every N steps (-1 = only at the end)")
-    save_every: int = _f(500, "save a checkpoint every N steps (-1 = only at the end)")
-    keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
-    resume: bool = _f(False, "continue from the newest checkpoint of --output-tag")
-    log_every: int = _f(10, "print a step line every N steps")
+    eval_every: int = _f(100, "evaluate the validation answer loss every N steps (-1 = only at the end)",
+                         resumable=True)
+    save_every: int = _f(500, "save a checkpoint every N steps (-1 = only at the end)", resumable=True)
+    keep_checkpoints: int = _f(2, "keep the newest K checkpoints", resumable=True)
+    resume: bool = _f(False, "continue from the newest checkpoint of --output-tag", resumable=True)
+    log_every: int = _f(10, "print a step line every N steps", resumable=True)
     activation_checkpointing: str = _f("off", "recompute activations in backward: off | mhc (each mHC connection's "
-                                       "coefficient math, read-out and mixing) | full (every sub-layer)")
+                                       "coefficient math, read-out and mixing) | full (every sub-layer)",
+                                       resumable=True)
     memory_check: str = _f("auto", "estimate the step's peak memory (rows at the full context) before training: "
-                           "auto (on CUDA) | true | false; on CUDA a device batch that does not fit is refused")
-    results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<output_tag>/")
+                           "auto (on CUDA) | true | false; on CUDA a device batch that does not fit is refused",
+                           resumable=True)
+    results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<output_tag>/", resumable=True)
 
     def data_sources(self) -> list[str]:
         return [d.strip() for d in self.data.split(",") if d.strip()]
@@ -475,6 +462,9 @@ class SFTConfig:
             raise UserError(f"--val-problems must be >= 0 (got {self.val_problems})")
         if not self.lr_scale > 0:
             raise UserError(f"--lr-scale must be > 0 (got {self.lr_scale})")
+        if self.extend_to < 0 or (self.extend_to and not self.resume):
+            raise UserError(f"--extend-to continues an existing run to N > 0 steps: it needs --resume (got "
+                            f"--extend-to {self.extend_to}{'' if self.resume else ' without --resume'})")
         for name in ("mhc_gate_noise", "mhc_gate_sample_frac"):
             v = getattr(self, name)
             if v != -1.0 and not 0 <= v <= 1:
@@ -486,8 +476,6 @@ class SFTConfig:
         check_choices(self, choices)
 
 
-RL_ACTION_SPACES = ("global", "per_layer", "per_sublayer")  # = envs.mhc_env.ACTION_SPACES
-RL_REWARDS = ("exact", "dense", "mix")                      # = envs.mhc_env.REWARDS
 RL_BASELINES = ("grid", "random", "es")
 
 
@@ -498,25 +486,26 @@ class RLConfig:
     step: int = _f(-1, "checkpoint step (-1 = the newest)")
     tag: str = _f("", "name of this RL run: results/rl/<tag>/ and checkpoints/rl/<tag>/ (default "
                   "<model-tag>-<problems>-<action-space>-<reward>)")
-    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)")
-    device_type: str = _f("auto", "device of the frozen model: auto | cuda | cpu (the policy MLP runs on the CPU)")
+    run: str = _f("dummy", "wandb run name ('dummy' disables wandb)", resumable=True)
+    device_type: str = _f("auto", "device of the frozen model: auto | cuda | cpu (the policy MLP runs on the CPU)",
+                          resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
     compile: str = _f("auto", "torch.compile the frozen model's scoring forward (dense reward, observations): auto "
-                      "(on CUDA only) | true | false; generation stays eager")
+                      "(on CUDA only) | true | false; generation stays eager", resumable=True)
     seed: int = _f(0, "seed of PPO, the problem sampler and the black-box baselines")
     # the environment
-    action_space: str = _f("global", f"gates the controller sets: {', '.join(RL_ACTION_SPACES)} (1, L or 2L values)")
-    reward: str = _f("exact", "exact (1/0 greedy answer, the PRD's) | dense (mean log-prob of the gold answer, no "
-                     "generation) | mix ((1-w) exact + w exp(dense))")
+    action_space: str = _f("global", "gates the controller sets: " + " | ".join(
+        f"{a.name} ({a.help})" for a in ACTION_SPACES.values()))
+    reward: str = _f("exact", " | ".join(f"{r.name} ({r.help})" for r in REWARDS.values()))
     mix_weight: float = _f(0.5, "w of the mix reward")
     reward_baseline: str = _f("default", "default: each reward minus the learned gates' reward on the same problem "
                               "(a per-problem control variate: same optimum, far less variance) | none: the plain "
                               "reward")
     problems: str = _f("gsm8k", "problem source: gsm8k | synthetic (generated, nanochat/synthetic_gsm8k.py)")
     train_split: str = _f("train", "GSM8K split RL trains on")
-    eval_split: str = _f("test", "GSM8K split of the held-out evaluation (RL never sees it)")
+    eval_split: str = _f("test", "GSM8K split of the held-out evaluation (RL never sees it)", resumable=True)
     train_problems: int = _f(-1, "problems in the training pool (-1: the whole split; synthetic: 2048)")
-    eval_problems: int = _f(-1, "held-out evaluation problems (-1: the whole split; synthetic: 512)")
+    eval_problems: int = _f(-1, "held-out evaluation problems (-1: the whole split; synthetic: 512)", resumable=True)
     synthetic_seed: int = _f(1, "synthetic: generator seed of the training pool (evaluation: seed + 1, minus every "
                              "training question; fine-tuning uses seed 0)")
     synthetic_steps: str = _f("1,2", "synthetic: operations per problem, comma-separated choices")
@@ -524,39 +513,42 @@ class RLConfig:
     synthetic_ops: str = _f("+-", "synthetic: operations to draw from, any of + - * /")
     task_data: str = _f("auto", "GSM8K data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
     max_new_tokens: int = _f(256, "exact reward: generation limit per problem (greedy)")
-    score_batch_size: int = _f(32, "problems per batched forward / generation when scoring baselines and arms")
+    score_batch_size: int = _f(32, "problems per batched forward / generation when scoring baselines and arms",
+                               resumable=True)
     num_envs: int = _f(16, "sub-environments of the batched vec env: problems scored per PPO env step")
-    # PPO (the PRD's defaults)
-    total_timesteps: int = _f(50000, "PPO's budget in problems scored (the baselines get the same)")
+    # PPO (the plan's defaults, docs/design.md section 1)
+    total_timesteps: int = _f(50000, "PPO's budget in problems scored (the baselines get the same)", resumable=True)
     learning_rate: float = _f(3e-4, "PPO Adam learning rate")
     n_steps: int = _f(1024, "PPO rollout size in env steps over all sub-environments (multiple of --num-envs)")
     batch_size: int = _f(64, "PPO minibatch size")
     n_epochs: int = _f(10, "PPO epochs per rollout")
     gamma: float = _f(0.99, "PPO discount (episodes are one step long, so it has no effect)")
-    ent_coef: float = _f(0.1, "PPO entropy bonus (the PRD's 0.1: high, for exploration)")
+    ent_coef: float = _f(0.1, "PPO entropy bonus (the plan's 0.1: high, for exploration)")
     net_arch: str = _f("64,64", "hidden sizes of the policy and value MLPs")
     log_std_init: float = _f(0.0, "initial log std of the Gaussian policy (SB3's 0: std 1 in [-1, 1], i.e. 0.5 in "
                              "gate units)")
-    save_every: int = _f(4096, "write a policy checkpoint every N timesteps (and at the end)")
-    keep_checkpoints: int = _f(2, "keep the newest K policy checkpoints")
-    resume: bool = _f(False, "continue from the newest policy checkpoint of --tag")
-    progress: bool = _f(True, "SB3's progress bar during learning")
+    save_every: int = _f(4096, "write a policy checkpoint every N timesteps (and at the end)", resumable=True)
+    keep_checkpoints: int = _f(2, "keep the newest K policy checkpoints", resumable=True)
+    resume: bool = _f(False, "continue from the newest policy checkpoint of --tag", resumable=True)
+    progress: bool = _f(True, "SB3's progress bar during learning", resumable=True)
     # baselines and evaluation
     baselines: str = _f("grid,random,es", "black-box baselines on the same budget: grid (global gate), random, es "
-                        "(per-layer gates), or none")
-    random_candidates: int = _f(16, "random search: candidate gate vectors")
-    es_population: int = _f(8, "evolution strategy: candidates per generation")
-    es_parents: int = _f(4, "evolution strategy: best candidates averaged into the next mean")
-    es_generations: int = _f(8, "evolution strategy: generations")
-    es_sigma: float = _f(0.2, "evolution strategy: initial mutation std (decays to a quarter)")
-    eval_only: bool = _f(False, "skip learning: evaluate the newest policy checkpoint of --tag (and baselines)")
-    results_dir: str = _f("results", "metrics.jsonl, baselines.json, eval.json go to <results_dir>/rl/<tag>/")
+                        "(per-layer gates), or none", resumable=True)
+    random_candidates: int = _f(16, "random search: candidate gate vectors", resumable=True)
+    es_population: int = _f(8, "evolution strategy: candidates per generation", resumable=True)
+    es_parents: int = _f(4, "evolution strategy: best candidates averaged into the next mean", resumable=True)
+    es_generations: int = _f(8, "evolution strategy: generations", resumable=True)
+    es_sigma: float = _f(0.2, "evolution strategy: initial mutation std (decays to a quarter)", resumable=True)
+    eval_only: bool = _f(False, "skip learning: evaluate the newest policy checkpoint of --tag (and baselines)",
+                         resumable=True)
+    results_dir: str = _f("results", "metrics.jsonl, baselines.json, eval.json go to <results_dir>/rl/<tag>/",
+                          resumable=True)
 
     def validate(self):
         if not self.model_tag and not self.checkpoint:
             raise UserError("pass --model-tag (or --checkpoint PATH) of the mHC model whose gates to control")
-        choices = dict(action_space=RL_ACTION_SPACES, reward=RL_REWARDS, problems=("gsm8k", "synthetic"),
-                       reward_baseline=("default", "none"),
+        choices = dict(action_space=tuple(ACTION_SPACES), reward=tuple(REWARDS), problems=("gsm8k", "synthetic"),
+                       reward_baseline=REWARD_BASELINES,
                        train_split=("train", "test"), eval_split=("train", "test"),
                        device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
                        task_data=("auto", "hub", "local"), compile=("auto", "true", "false"))
@@ -570,16 +562,11 @@ class RLConfig:
         for name in ("train_problems", "eval_problems"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 or -1 (got {getattr(self, name)})")
-        if self.n_steps % self.num_envs:
-            raise UserError(f"--n-steps {self.n_steps} (the rollout size) must be a multiple of --num-envs "
-                            f"{self.num_envs}")
-        if not 1 < self.batch_size <= self.n_steps:
-            raise UserError(f"--batch-size must be in (1, --n-steps = {self.n_steps}] (got {self.batch_size})")
+        check_ppo_sizes(self.n_steps, self.num_envs, self.batch_size)
         if self.problems == "gsm8k" and self.train_split == self.eval_split:
             raise UserError(f"--train-split and --eval-split are both {self.train_split!r}: the evaluation must be "
                             f"on problems RL never saw")
-        if not 0 <= self.mix_weight <= 1:
-            raise UserError(f"--mix-weight must be in [0, 1] (got {self.mix_weight})")
+        check_reward_settings(self.reward, self.reward_baseline, self.mix_weight)
         if not self.learning_rate > 0 or self.ent_coef < 0 or not 0 <= self.gamma <= 1 or self.es_sigma <= 0:
             raise UserError(f"PPO/ES settings out of range: --learning-rate {self.learning_rate} (> 0), --ent-coef "
                             f"{self.ent_coef} (>= 0), --gamma {self.gamma} (in [0, 1]), --es-sigma {self.es_sigma} "

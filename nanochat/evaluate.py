@@ -19,7 +19,7 @@ from nanochat.stats import wilson_interval
 from nanochat.task_common import GenExample, MCExample, ModelScorer, load_rows, parse_rows, score_mc, subsample
 
 # name -> (kind, data, parser, primary metric, few-shot count). Primary metrics follow common reporting
-# (shared/notes §3): HellaSwag acc_norm, ARC-Easy acc, ARC-Challenge acc_norm, GSM8K flexible exact match.
+# (docs/design.md, section 7): HellaSwag acc_norm, ARC-Easy acc, ARC-Challenge acc_norm, GSM8K flexible exact match.
 TASKS = {
     "gsm8k": ("gen", task_gsm8k.DATA, lambda: task_gsm8k.make_parser(0), "exact_match_flexible", 0),
     "gsm8k_8shot": ("gen", task_gsm8k.DATA, lambda: task_gsm8k.make_parser(8), "exact_match_flexible", 8),

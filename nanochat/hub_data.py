@@ -90,8 +90,30 @@ def fetch_url(url: str) -> bytes:
                         f"the layout of shared/data") from None
 
 
-def write_hub_small(out_dir: str, fetch_rows=fetch_hub_rows, fetch_text=fetch_url) -> dict:
-    """Fetch every file of the layout and write it under out_dir. Returns the manifest."""
+OFFLINE_HINT = ("Offline, set NANOCHAT_DATA_DIR to a folder in the layout of shared/data (gsm8k/, arc/, hellaswag/, "
+                "tinyshakespeare/)")
+
+
+def check_hub_reachable(host: str = "huggingface.co"):
+    """Fail at once, with one message, when the hub cannot be reached: offline mode set, or the host's name does not
+    resolve. (datasets would otherwise retry each request 5 times with backoff, ~25 s, before failing.)"""
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(f"cannot download the small datasets: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set. "
+                        f"{OFFLINE_HINT}")
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise UserError(f"cannot download the small datasets: {host} does not resolve ({e}). {OFFLINE_HINT}") from None
+
+
+def write_hub_small(out_dir: str, fetch_rows=None, fetch_text=None) -> dict:
+    """Fetch every file of the layout and write it under out_dir (default fetchers: the HF hub and HTTP; tests pass
+    their own). Returns the manifest."""
+    if fetch_rows is None:
+        check_hub_reachable()
+        fetch_rows = fetch_hub_rows
+    fetch_text = fetch_text or fetch_url
     manifest = {}
     for rel, (hub_id, config, split, writer) in HUB_FILES.items():
         data = writer(fetch_rows(hub_id, config, split)).encode("utf-8")

@@ -44,9 +44,9 @@ def _tracker():
 def _warm_init_caches(config: GPTConfig):
     """Init values computed with .item() (the orthostochastic start) cannot run on fake tensors: compute them
     here, on real ones, so that the fake construction finds them cached."""
-    if config.mhc_enabled and config.mhc_constraint == "orthostochastic":
+    if config.mhc.enabled and config.mhc.constraint == "orthostochastic":
         from nanochat.mhc import _ortho_init_logits
-        _ortho_init_logits(config.mhc_num_streams, config.mhc_res_init_diag)
+        _ortho_init_logits(config.mhc.num_streams, config.mhc.res_init_diag)
 
 
 def _optimizers(model: GPT, ns_dtype: torch.dtype) -> list:
@@ -106,7 +106,7 @@ _CACHE: dict = {}
 
 
 def _estimate_cached(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: str) -> dict:
-    key = (tuple(sorted(dataclasses.asdict(config).items())), batch_size, seq_len, dtype, checkpointing)
+    key = (tuple(sorted(config.to_dict().items())), batch_size, seq_len, dtype, checkpointing)
     if key not in _CACHE:
         _CACHE[key] = estimate_training_memory(config, batch_size, seq_len, dtype, checkpointing)
     return _CACHE[key]

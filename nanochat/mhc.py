@@ -12,7 +12,7 @@ Around each sub-layer (attention and MLP each count as one):
     y      = branch(sum_i H_pre[i] * x[i])                         the branch keeps its own pre-norm
     x_next = H_res @ x + H_post[j] * y                             per stream j
 
-Design decisions (the paper leaves them open; DESIGN.md §4-5):
+Design decisions (the paper leaves them open; docs/design.md, section 4):
 - Near-identity start through the gate, not through a saturated Sinkhorn. The learned matrix Sinkhorn(b_res)
   starts at diagonal `res_init_diag` (0.6; uniform mixing would be 1/n) and the gate at `gate_init` (0.2), so the
   effective H_res = (1 - g) I + g Sinkhorn(b_res) has diagonal 1 - g (1 - d) = 0.92 at step 0. Why not put the
@@ -32,7 +32,7 @@ Design decisions (the paper leaves them open; DESIGN.md §4-5):
   value or one per example ([B]: a batch of rollouts with different actions in one forward); clear_gate() returns to
   the learned value. An override is run state: a plain attribute, never in the state dict or a checkpoint.
 - Gate-range training (so the controller's range is not out of distribution): `gate_noise` a multiplies g by
-  U[1 - a, 1 + a] (the PRD's, a = 0.2) and clamps to [0, 1]; `gate_sample_frac` f replaces g, for a fraction f of
+  U[1 - a, 1 + a] (the plan's a = 0.2) and clamps to [0, 1]; `gate_sample_frac` f replaces g, for a fraction f of
   the sequences, by an independent draw from U[0, 1] per sub-layer and sequence. Either way g stays in [0, 1], so
   H_res stays doubly stochastic and non-negative; the learned gate keeps its gradient from the other sequences.
 - Orthostochastic alternative: H_res = NS(logits) ** 2 elementwise (rows/columns sum to 1 when NS has converged,
@@ -65,19 +65,92 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
+import einops
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanochat.common import UserError
 from nanochat.newton_schulz import resolve_ns_coeffs, zeropower_via_newtonschulz
 
-CONSTRAINTS = ("sinkhorn", "orthostochastic")
 READOUTS = ("learned", "sum")
 # H_pre of sub-layer k (and the learned read-out) starts at sigmoid(1) = 0.73 on stream k mod n and 0.5 elsewhere
 PRE_PREFERENCE_LOGIT = 1.0
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata=dict(help=help))
+
+
+@dataclass
+class MHCConfig:
+    """Every Dynamic mHC setting, declared once. GPTConfig and TrainConfig each hold one (their `mhc` field); the
+    flags (--mhc-<setting>), TOML keys and the flat names in checkpoints and config.json (mhc_<setting>) are
+    generated from these fields (nanochat/common.py, flat_fields). validate() is the one check of their values."""
+    enabled: bool = _opt(False, "wrap attention and MLP in Dynamic mHC connections (off: the plain residual)")
+    num_streams: int = _opt(4, "residual streams n (expansion rate; the paper's 4)")
+    sinkhorn_iters: int = _opt(20, "Sinkhorn-Knopp iterations for H_res (the paper's t_max = 20)")
+    sinkhorn_tau: float = _opt(1.0, "Sinkhorn temperature (the paper uses none, i.e. 1)")
+    constraint: str = _opt("sinkhorn", "H_res manifold: sinkhorn | orthostochastic | a name given to "
+                           "nanochat.mhc.register_constraint")
+    ns_coeffs: str = _opt("handover8", "Newton-Schulz preset or literal of the orthostochastic projection")
+    dynamic: bool = _opt(True, "per-token (dynamic) matrices; --no-mhc-dynamic = static (biases only)")
+    alpha_init: float = _opt(0.01, "initial alpha_pre/post/res, the dynamic part's gains (the paper's 0.01)")
+    res_init_diag: float = _opt(0.6, "diagonal d of the learned H_res(b_res) at init, in (1/n, 1); the effective "
+                                "H_res starts at diagonal 1 - g(1 - d)")
+    gate_init: float = _opt(0.2, "initial gate g in H_res := (1-g) I + g H_res")
+    gate_learnable: bool = _opt(True, "learn the gate, g = sigmoid(theta) (else fixed at --mhc-gate-init)")
+    gate_noise: float = _opt(0.0, "training-time gate noise a, g *= U[1-a, 1+a] clamped to [0, 1] (the original "
+                             "plan used 0.2)")
+    gate_sample_frac: float = _opt(0.0, "gate-range training: the fraction of sequences whose gates are drawn from "
+                                   "U[0, 1] (per sub-layer) instead of the learned value, so an RL controller's "
+                                   "range is in distribution")
+    stream_embed_std: float = _opt(1.0, "init std of the stream embedding that breaks the replicated streams' "
+                                   "symmetry (x has unit RMS too)")
+    readout: str = _opt("learned", "streams -> head: learned (sigmoid-weighted, as DeepSeek-V4's hc_head) | sum "
+                        "(HC; the last sub-layer's H_res then cancels)")
+    bf16_streams: bool = _opt(False, "under bf16 autocast, keep the n residual streams in bf16 (half their memory; "
+                              "the coefficient math and the mixing still accumulate in fp32); no effect in fp32")
+
+    def validate(self):
+        """The one check of these values; errors name the flat setting (mhc_<name>)."""
+        def bad(name: str, rule: str, value):
+            raise UserError(f"mhc_{name} must be {rule} (got {value!r})")
+        for name in ("num_streams", "sinkhorn_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(name, "an integer >= 1", value)
+        if not self.sinkhorn_tau > 0 or not math.isfinite(self.sinkhorn_tau):
+            bad("sinkhorn_tau", "a finite number > 0", self.sinkhorn_tau)
+        if self.constraint not in CONSTRAINTS:
+            bad("constraint", "one of " + ", ".join(CONSTRAINTS), self.constraint)
+        n = self.num_streams
+        if n > 1 and not 1 / n < self.res_init_diag < 1:
+            bad("res_init_diag", f"in (1/n, 1) = ({1 / n:.3f}, 1)", self.res_init_diag)
+        if self.gate_learnable and not 0 < self.gate_init < 1:
+            raise UserError(f"mhc_gate_init must be in (0, 1) for a learned gate (sigmoid never reaches 0 or 1); got "
+                            f"{self.gate_init!r} (use mhc_gate_learnable=false to fix the gate at 0 or 1)")
+        if not self.gate_learnable and not 0 <= self.gate_init <= 1:
+            bad("gate_init", "in [0, 1]", self.gate_init)
+        for name in ("gate_noise", "gate_sample_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, "in [0, 1]", getattr(self, name))
+        if self.stream_embed_std < 0:
+            bad("stream_embed_std", ">= 0", self.stream_embed_std)
+        if self.readout not in READOUTS:
+            bad("readout", "one of " + ", ".join(READOUTS), self.readout)
+        if self.constraint == "orthostochastic":
+            resolve_ns_coeffs(self.ns_coeffs)
+        return self
+
+    def gate_range_trained(self) -> bool:
+        """Whether training drew gates over [0, 1] (so an RL controller acts where the model was trained)."""
+        return self.enabled and self.gate_sample_frac > 0
 
 
 def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
@@ -299,6 +372,37 @@ def _preference_bias(n: int, index: int) -> torch.Tensor:
     return b
 
 
+# -- H_res constraints: pluggable --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Constraint:
+    """A manifold for H_res. project(logits [..., n, n], connection) -> [..., n, n] doubly stochastic matrices in fp32
+    (the connection gives its settings: sinkhorn_iters, sinkhorn_tau, ns_coeffs); init_logits(n, diag, connection)
+    -> the [n, n] b_res at init (a CPU tensor) whose projection has `diag` on its diagonal."""
+    project: Callable
+    init_logits: Callable
+
+
+CONSTRAINTS: dict[str, Constraint] = {}
+
+
+def register_constraint(name: str, project: Callable, init_logits: Callable | None = None):
+    """Make `name` a value of MHCConfig.constraint (and of --mhc-constraint). init_logits defaults to Sinkhorn's
+    symmetric start (diagonal logit D, 0 off it), right for any projection that normalises exp(logits)."""
+    CONSTRAINTS[name] = Constraint(project, init_logits or _sinkhorn_init_logits)
+
+
+def _sinkhorn_init_logits(n: int, diag: float, connection) -> torch.Tensor:
+    # symmetric start: Sinkhorn is exact on it
+    return torch.eye(n, device="cpu") * _sinkhorn_diag_logit(n, diag) * getattr(connection, "sinkhorn_tau", 1.0)
+
+
+register_constraint("sinkhorn", lambda logits, c: sinkhorn(logits, c.sinkhorn_iters, c.sinkhorn_tau),
+                    _sinkhorn_init_logits)
+register_constraint("orthostochastic", lambda logits, c: orthostochastic_project(logits, c.ns_coeffs),
+                    lambda n, diag, c: _ortho_init_logits(n, diag).clone())  # clone: the cached tensor stays intact
+
+
 class _NormedProjection(torch.autograd.Function):
     """RMSNorm(x) @ phi as (x @ phi, 1 / RMS(x)): x [N, D] (the streams, fp32 or bf16), phi [D, m] -> proj [N, m] and
     inv [N, 1], both fp32 (float64 for float64 input); RMSNorm(x) @ phi = proj * inv. The norm is one scalar per
@@ -332,25 +436,37 @@ def _normed_projection(x: torch.Tensor, phi: torch.Tensor):
 
 # -- the connection -------------------------------------------------------------------------------------------------
 
+class Residual(nn.Module):
+    """A connection with mHC disabled: the plain pre-norm residual x + branch(RMSNorm(x)), with DynamicMHC's calling
+    convention, so the baseline and the mHC model share one block. No parameters."""
+
+    def forward(self, x: torch.Tensor, branch_fn) -> torch.Tensor:
+        return x + branch_fn(F.rms_norm(x, (x.size(-1),)))
+
+
+def make_connection(dim: int, cfg: MHCConfig, index: int) -> nn.Module:
+    """The connection around sub-layer `index` (attention 2i, MLP 2i + 1): DynamicMHC, or Residual when mHC is
+    disabled. Either applies the branch's parameter-free pre-norm itself."""
+    return DynamicMHC(dim, cfg, layer_idx=index, prenorm=True) if cfg.enabled else Residual()
+
+
 class DynamicMHC(nn.Module):
     """One mHC connection around a branch. forward(x [B, T, n*C], branch_fn) -> [B, T, n*C]. With prenorm the branch
-    gets RMSNorm(sum_i H_pre[i] x[i]) (the branch's own pre-norm, computed here), else the plain read-out."""
+    gets RMSNorm(sum_i H_pre[i] x[i]) (the branch's own pre-norm, computed here), else the plain read-out.
+    DynamicMHC(dim, cfg) takes an MHCConfig; keyword overrides of its fields are accepted for convenience
+    (DynamicMHC(8, num_streams=2)). Validated here, once."""
 
-    def __init__(self, dim: int, num_streams: int = 4, sinkhorn_iters: int = 20, sinkhorn_tau: float = 1.0,
-                 layer_idx: int = 0, constraint: str = "sinkhorn", ns_coeffs="handover8", dynamic: bool = True,
-                 alpha_init: float = 0.01, res_init_diag: float = 0.6, gate_init: float = 0.2,
-                 gate_learnable: bool = True, gate_noise: float = 0.0, gate_sample_frac: float = 0.0,
-                 prenorm: bool = False):
+    def __init__(self, dim: int, cfg: MHCConfig | None = None, layer_idx: int = 0, prenorm: bool = False,
+                 **overrides):
         super().__init__()
-        validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
-                          gate_learnable, gate_noise, gate_sample_frac)
-        n = num_streams
-        self.dim, self.num_streams, self.layer_idx = dim, n, layer_idx
-        self.sinkhorn_iters, self.sinkhorn_tau = sinkhorn_iters, sinkhorn_tau
-        self.constraint, self.dynamic = constraint, dynamic
-        self.gate_noise, self.gate_sample_frac = gate_noise, gate_sample_frac
-        self.ns_coeffs = resolve_ns_coeffs(ns_coeffs) if constraint == "orthostochastic" else None
-        self.alpha_init, self.res_init_diag, self.gate_init = alpha_init, res_init_diag, gate_init
+        cfg = replace(cfg or MHCConfig(), enabled=True, **overrides).validate()
+        n = cfg.num_streams
+        self.cfg, self.dim, self.num_streams, self.layer_idx = cfg, dim, n, layer_idx
+        self.sinkhorn_iters, self.sinkhorn_tau, self.dynamic = cfg.sinkhorn_iters, cfg.sinkhorn_tau, cfg.dynamic
+        self.constraint = cfg.constraint
+        self.project = CONSTRAINTS[cfg.constraint].project  # [..., n, n] logits -> H_res
+        self.ns_coeffs = resolve_ns_coeffs(cfg.ns_coeffs) if cfg.constraint == "orthostochastic" else None
+        self.gate_noise, self.gate_sample_frac = cfg.gate_noise, cfg.gate_sample_frac  # run state (freeze: 0)
         self.capture = False       # set by GPT.capture_mhc(); when on, forward keeps the last matrices
         self.captured: dict = {}
         # the branch's parameter-free pre-norm, folded into the read-out (GPT's blocks): the un-normalised read-out
@@ -358,14 +474,14 @@ class DynamicMHC(nn.Module):
         self.prenorm = prenorm
         self.recompute = False     # run state (GPT.set_activation_checkpointing): recompute _read_and_mix in backward
         # dynamic part: one fused projection to [pre n | post n | res n*n] logits, and three scalar gains
-        self.phi = nn.Parameter(torch.empty(n * dim, n * n + 2 * n)) if dynamic else None
-        self.alpha = nn.Parameter(torch.empty(3)) if dynamic else None  # alpha_pre, alpha_post, alpha_res
+        self.phi = nn.Parameter(torch.empty(n * dim, n * n + 2 * n)) if cfg.dynamic else None
+        self.alpha = nn.Parameter(torch.empty(3)) if cfg.dynamic else None  # alpha_pre, alpha_post, alpha_res
         # static part
         self.b_pre = nn.Parameter(torch.empty(n))
         self.b_post = nn.Parameter(torch.empty(n))
         self.b_res = nn.Parameter(torch.empty(n, n))
-        self.gate_learnable = gate_learnable
-        if gate_learnable:
+        self.gate_learnable = cfg.gate_learnable
+        if cfg.gate_learnable:
             self.gate_logit = nn.Parameter(torch.empty(()))
         else:
             self.register_buffer("gate_fixed", torch.empty(()))
@@ -379,22 +495,18 @@ class DynamicMHC(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        n = self.num_streams
+        n, cfg = self.num_streams, self.cfg
         eye = torch.eye(n, device="cpu")  # init values are built on the CPU (this also runs under the meta device)
         if self.dynamic:
             nn.init.normal_(self.phi, std=(n * self.dim) ** -0.5)  # v has unit RMS: logits ~ N(0, 1) before alpha
-            self.alpha.fill_(self.alpha_init)
+            self.alpha.fill_(cfg.alpha_init)
         self.b_pre.copy_(_preference_bias(n, self.layer_idx))
         self.b_post.zero_()
-        if self.constraint == "sinkhorn":
-            # symmetric start: Sinkhorn is exact on it
-            self.b_res.copy_(eye * _sinkhorn_diag_logit(n, self.res_init_diag) * self.sinkhorn_tau)
-        else:
-            self.b_res.copy_(_ortho_init_logits(n, self.res_init_diag))  # copy_: the cached tensor stays intact
+        self.b_res.copy_(CONSTRAINTS[self.constraint].init_logits(n, cfg.res_init_diag, self))
         if self.gate_learnable:
-            self.gate_logit.fill_(math.log(self.gate_init / (1 - self.gate_init)))
+            self.gate_logit.fill_(math.log(cfg.gate_init / (1 - cfg.gate_init)))
         else:
-            self.gate_fixed.fill_(self.gate_init)
+            self.gate_fixed.fill_(cfg.gate_init)
         self.gate_override = None
         self.eye.copy_(eye)
         self.alpha_index.copy_(torch.tensor([0] * n + [1] * n + [2] * (n * n)))
@@ -461,11 +573,7 @@ class DynamicMHC(nn.Module):
             logits = bias[None]
         H_pre = torch.sigmoid(logits[:, :n])
         H_post = 2 * torch.sigmoid(logits[:, n:2 * n])
-        res = logits[:, 2 * n:].reshape(-1, n, n)
-        if self.constraint == "sinkhorn":
-            H_res = sinkhorn(res, self.sinkhorn_iters, self.sinkhorn_tau)
-        else:
-            H_res = orthostochastic_project(res, self.ns_coeffs)
+        H_res = self.project(logits[:, 2 * n:].reshape(-1, n, n), self)               # [N', n, n]
         H_res = self._gated(H_res, self._row_gates(B), B, T)                          # (1 - g) I + g H_res
         return H_res, H_pre, H_post
 
@@ -554,6 +662,111 @@ class StreamReadout(nn.Module):
             return out.view(B, T, nC // n)
 
 
+class StreamEnds(nn.Module):
+    """Where the n streams begin and end. expand: [B, T, C] -> [B, T, n*C], the input replicated into n streams plus
+    a zero-mean learnable stream embedding (it makes the copies differ without moving their mean: H_pre's and the
+    read-out's stream preferences, 0.73 vs 0.5, see the differences from step 0); in bf16 under autocast with
+    bf16_streams. reduce: [B, T, n*C] -> [B, T, C], the learned read-out (StreamReadout) or HC's plain sum. With
+    mHC disabled both are the identity; one stream needs no embedding and has nothing to read out."""
+
+    def __init__(self, dim: int, cfg: MHCConfig, index: int, init: bool = True):
+        super().__init__()
+        self.enabled, self.num_streams = cfg.enabled, cfg.num_streams
+        self.embed_std, self.bf16_streams = cfg.stream_embed_std, cfg.bf16_streams
+        several = cfg.enabled and cfg.num_streams > 1
+        self.embed = nn.Parameter(torch.empty(cfg.num_streams, dim)) if several else None
+        self.readout = (StreamReadout(dim, cfg.num_streams, index, alpha_init=cfg.alpha_init)
+                        if several and cfg.readout == "learned" else None)
+        if init and self.embed is not None:  # (GPT initialises it in init_weights, with everything else)
+            nn.init.normal_(self.embed, std=self.embed_std)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        if self.embed is not None:
+            nn.init.normal_(self.embed, std=self.embed_std)
+        if self.readout is not None:
+            self.readout.reset_parameters()
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        x = einops.repeat(x, "b t c -> b t n c", n=self.num_streams)
+        if self.embed is not None:  # zero-mean over the streams
+            x = x + (self.embed - self.embed.mean(dim=0)).to(x.dtype)
+        x = einops.rearrange(x, "b t n c -> b t (n c)")
+        if self.bf16_streams and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the streams' dtype from here to the read-out
+        return x
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.readout is not None:
+            return self.readout(x)
+        return einops.reduce(x, "b t (n c) -> b t c", "sum", n=self.num_streams)
+
+
+class GateController:
+    """The gates of a model's 2L connections as an RL controller sets them; the connections in order: layer 0
+    attention, layer 0 MLP, layer 1 attention, ... Values may be python or numpy numbers, 0-d arrays or tensors,
+    arrays or tensors (a gymnasium Box action is one), each in [0, 1]; a leading batch dimension [B, k] gives every
+    row of a batch its own gates (a batch of rollouts in one forward). An override is run state, never saved."""
+
+    def __init__(self, connections: list, n_layer: int):
+        self.connections, self.n_layer = connections, n_layer
+
+    def set_global(self, value):
+        """One value for every sub-layer, or one per example ([B])."""
+        g = gate_tensor(value, "gate")
+        if g.dim() > 1:
+            raise UserError(f"set_mhc_gate: expected one gate or one per example [B], got shape {tuple(g.shape)}")
+        self._apply(g.unsqueeze(-1).expand(*g.shape, len(self.connections)), 1)
+
+    def set_per_layer(self, values):
+        """values[i] overrides both sub-layers of layer i: [L], or [B, L]."""
+        self._apply(self._matrix(values, self.n_layer, "per layer"), 2)
+
+    def set_per_sublayer(self, values):
+        """values[j] overrides sub-layer j: [2L], or [B, 2L]."""
+        self._apply(self._matrix(values, len(self.connections), "per sub-layer"), 1)
+
+    def set_by_count(self, values, source: str = "gates"):
+        """One flat vector whose length says what it sets: 1 (every sub-layer), L (per layer) or 2L (per sub-layer)."""
+        values = [float(v) for v in values]
+        L = self.n_layer
+        setters = {1: lambda v: self.set_global(v[0]), L: self.set_per_layer, 2 * L: self.set_per_sublayer}
+        if len(values) not in setters:
+            raise UserError(f"{source}: {len(values)} gate values; this model takes 1 (global), {L} (per layer) or "
+                            f"{2 * L} (per sub-layer)")
+        setters[len(values)](values)
+
+    def clear(self):
+        """Every gate back to its learned (or fixed) value."""
+        for c in self.connections:
+            c.clear_gate()
+
+    def tensor(self) -> torch.Tensor:
+        """The effective gates: [2L], or [B, 2L] while per-example overrides are set."""
+        gates = [c.gate().detach().float().cpu() for c in self.connections]
+        B = max((g.numel() for g in gates if g.dim() == 1), default=0)
+        if B:
+            return torch.stack([g.expand(B) for g in gates], dim=-1)
+        return torch.stack(gates)
+
+    def _matrix(self, values, expected: int, what: str) -> torch.Tensor:
+        g = gate_tensor(values, "gate")
+        if g.dim() not in (1, 2) or g.size(-1) != expected:
+            got = f"{g.size(-1)}" if g.dim() in (1, 2) else f"shape {tuple(g.shape)}"
+            raise UserError(f"expected {expected} gate values {what}, got {got} (shape [{expected}] or "
+                            f"[B, {expected}] for one vector per example)")
+        return g
+
+    def _apply(self, gates: torch.Tensor, repeat: int):
+        """gates: [k] or [B, k] checked values; sub-layer j takes column j // repeat."""
+        for j, c in enumerate(self.connections):
+            c.gate_override = gates[..., j // repeat].contiguous().to(c.b_pre.device)
+
+
 def connection_stats(captured: dict, gate: float) -> dict:
     """What one sub-layer's connection does, from its captured matrices (GPT.capture_mhc; H_res [..., n, n], H_pre
     and H_post [..., n]) averaged over the tokens: the gate, H_res's mean diagonal, its mean absolute distance from
@@ -590,27 +803,3 @@ def gate_tensor(values, name: str = "gate") -> torch.Tensor:
         where = name + "".join(f"[{i}]" for i in first)
         raise UserError(f"mHC {where} must be a number in [0, 1] (got {float(arr[first])!r})")
     return torch.from_numpy(arr.astype(np.float32))
-
-
-def validate_mhc_args(num_streams, sinkhorn_iters, sinkhorn_tau, constraint, res_init_diag, gate_init,
-                      gate_learnable, gate_noise, gate_sample_frac=0.0):
-    if not isinstance(num_streams, int) or isinstance(num_streams, bool) or num_streams < 1:
-        raise UserError(f"mhc_num_streams must be an integer >= 1 (got {num_streams!r})")
-    if not isinstance(sinkhorn_iters, int) or isinstance(sinkhorn_iters, bool) or sinkhorn_iters < 1:
-        raise UserError(f"mhc_sinkhorn_iters must be an integer >= 1 (got {sinkhorn_iters!r})")
-    if not sinkhorn_tau > 0 or not math.isfinite(sinkhorn_tau):
-        raise UserError(f"mhc_sinkhorn_tau must be a finite number > 0 (got {sinkhorn_tau!r})")
-    if constraint not in CONSTRAINTS:
-        raise UserError(f"mhc_constraint must be one of {', '.join(CONSTRAINTS)} (got {constraint!r})")
-    if num_streams > 1 and not 1 / num_streams < res_init_diag < 1:
-        raise UserError(f"mhc_res_init_diag must be in (1/n, 1) = ({1 / num_streams:.3f}, 1) "
-                        f"(got {res_init_diag!r})")
-    if gate_learnable and not 0 < gate_init < 1:
-        raise UserError(f"mhc_gate_init must be in (0, 1) for a learned gate (sigmoid never reaches 0 or 1); "
-                        f"got {gate_init!r} (use mhc_gate_learnable=false to fix the gate at 0 or 1)")
-    if not gate_learnable and not 0 <= gate_init <= 1:
-        raise UserError(f"mhc_gate_init must be in [0, 1] (got {gate_init!r})")
-    if not 0 <= gate_noise <= 1:
-        raise UserError(f"mhc_gate_noise must be in [0, 1] (got {gate_noise!r})")
-    if not 0 <= gate_sample_frac <= 1:
-        raise UserError(f"mhc_gate_sample_frac must be in [0, 1] (got {gate_sample_frac!r})")

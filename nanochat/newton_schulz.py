@@ -7,21 +7,22 @@ Each NS step applies an odd matrix polynomial to the iterate X (A = X X^T):
 
 which acts on every singular value independently, s <- p(s) = a s + b s^3 + c s^5. After Frobenius normalisation
 every input singular value lies in (0, 1], so the quality of a coefficient set is the band [min, max] of the
-composed map over s in [1e-3, 1] (DESIGN.md §6; computed in float64 and re-measured by tests/test_newton_schulz.py):
+composed map over s in [1e-3, 1] (docs/design.md, section 6; computed in float64 and re-measured by
+tests/test_newton_schulz.py):
 
     preset           steps  band over s in [1e-3, 1]   notes
     quintic            5    [0.4705, 1.2024]           Keller Jordan's Muon set; overshoots on purpose, never -> 1
     cubic              5    [0.2411, 1.2105]           (3.0, -3.2, 1.2): p(1) = 1, converges, but slowly
     cubic              8    [0.9721, 1.0706]
     polar_express5     5    [0.8589, 1.1411]           modded-nanogpt / nanochat's Polar Express set
-    handover8          8    [0.9993, 1.0004]           the handover's schedule; near-exact orthogonality
+    handover8          8    [0.9993, 1.0004]           the 8-step schedule of the user's notes; near-exact orthogonality
     handover8[:5]      5    [0.4549, 1.8340]           why a schedule is never sliced
 
 Coefficients are given as a preset name, one triple (applied `steps` times, default 5) or a schedule (a list of
 triples, one per step; `steps` must then be None or its length -- a tuned schedule is never sliced or repeated,
 because a truncated schedule is a much worse map, see the table).
 
-The handover's open questions (seed 000), answered with the ablation's numbers (README "Newton–Schulz"):
+The open questions of the user's notes on NS coefficients, answered with the ablation's numbers (docs/results.md):
   1. Default coefficients. Muon keeps `quintic` x5. Muon only needs the update's singular values in a band around
      1: in the tiny-preset ablation (scripts/ns_ablation.py, 3 seeds) handover8 and polar_express5 land within
      -0.017 ... +0.010 nats of the quintic's val loss, inside the seed-to-seed noise, while
@@ -51,10 +52,10 @@ PolyStep = Union[Sequence[float], Callable[[torch.Tensor], Sequence[float]]]
 
 # Keller Jordan's quintic (Muon's default): maximal slope at 0 so small singular values grow fast; band above.
 QUINTIC: Coeffs = (3.4445, -4.7750, 2.0315)
-# The classic convergent choice used as the handover's starting point (p(1) = 1, p'(1) = 0.2).
+# The classic convergent choice the user's notes start from (p(1) = 1, p'(1) = 0.2).
 CUBIC: Coeffs = (3.0, -3.2, 1.2)
-# The 8-step per-step schedule from the user's handover note (seed 000). The note calls it "NanoGPT-medium", but it
-# is not from modded-nanogpt (see ../shared/notes/newton_schulz_muon_ngpt.md), so it goes by a neutral name.
+# The 8-step per-step schedule from the user's notes. The notes call it "NanoGPT-medium", but it is not from
+# modded-nanogpt (docs/design.md, section 5), so it goes by a neutral name.
 HANDOVER8: list[Coeffs] = [
     (7.2086, -15.5131, 9.0178),
     (3.9623, -2.5813, 0.4542),

@@ -1,6 +1,6 @@
-"""Training-loop helpers shared by the training scripts (base_train, sft_train, train_rl): a graceful stop on
-SIGINT/SIGTERM, one writer per run (an OS file lock), resume that refuses changed settings, and metrics files
-that stay consistent across a resume."""
+"""What the training scripts (base_train, sft_train, train_rl) share: the Run frame (one writer per run, resume or
+refuse, the settings check, config.json and metrics.jsonl, saves with every rank's generators, the divergence
+check, stop signals), the horizon rule of --extend-to, and per-rank seeds."""
 from __future__ import annotations
 
 import fcntl
@@ -12,7 +12,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError
+from nanochat.checkpoint import latest_checkpoint, latest_intact_checkpoint, recover_interrupted_saves, save_checkpoint
+from nanochat.common import UserError, append_jsonl, compute_cleanup, flat_fields, print0, to_flat_dict
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -112,24 +113,166 @@ def acquire_run_lock(folders: list[str], what: str, master: bool, device) -> Run
     return lock
 
 
-# Settings that change only logging, evaluation, saving or placement, not the trained model: these may change
-# on --resume (the change is recorded in metrics.jsonl); any other difference is refused.
-RESUMABLE_CHANGES = ("run", "model_tag", "resume", "log_every", "eval_every", "eval_tokens", "save_every",
-                     "keep_checkpoints", "results_dir", "mhc_log_every", "device_type", "compile", "device_batch_size",
-                     "activation_checkpointing", "memory_check", "peak_flops")
+def resumable_settings(cls) -> set[str]:
+    """The flat names of the settings that may change on --resume: those whose field metadata says resumable (they
+    change only logging, evaluation cadence, saving, placement or speed, never what is trained)."""
+    return {name for name, f in flat_fields(cls) if f.metadata.get("resumable")}
 
 
-def check_resume_settings(saved: dict, now: dict, path: str, allowed=RESUMABLE_CHANGES) -> dict:
-    """Compare the run settings stored in the checkpoint with this invocation's. Returns the allowed changes
-    ({key: [old, new]}); any other difference is refused with the keys named (the checkpoint's optimizer state,
-    schedule and data order would silently keep the old values while config.json recorded the new ones)."""
+def check_resume_settings(saved: dict, now: dict, path: str, allowed, tag_flag: str = "--model-tag") -> dict:
+    """Compare the run settings stored in the checkpoint with this invocation's (flat dicts). Returns the allowed
+    changes ({key: [old, new]}); any other difference is refused with the keys named (the checkpoint's optimizer
+    state, schedule and data order would silently keep the old values while config.json recorded the new ones).
+    Keys the checkpoint does not have (settings added since) are not compared."""
     changed = {k: [saved.get(k), v] for k, v in now.items() if k in saved and saved[k] != v}
     refused = {k: ov for k, ov in changed.items() if k not in allowed}
     if refused:
         detail = "; ".join(f"--{k.replace('_', '-')}: checkpoint {o!r}, now {n!r}" for k, (o, n) in refused.items())
         raise UserError(f"cannot resume from {path} with different settings ({detail}). Resume with the "
-                        f"checkpoint's values, or start a new run under another --model-tag")
+                        f"checkpoint's values, or start a new run under another {tag_flag}")
     return {k: ov for k, ov in changed.items() if k in allowed}
+
+
+class Run:
+    """The frame of a training run, the same for base_train, sft_train and train_rl:
+    - one writer per run: an OS lock on its checkpoint and results folders (every rank learns the outcome), and
+      the recovery of a save a crash interrupted;
+    - resume-or-refuse: checkpoints without --resume are refused; --resume takes the newest intact one;
+    - the settings check on resume: only settings declared resumable (field metadata) may differ, and those
+      changes are recorded in metrics.jsonl at the resume step;
+    - config.json written atomically, metrics.jsonl appended (rank 0) and truncated to the resume step;
+    - saves with every rank's generator states (CPU and CUDA);
+    - the divergence check before an optimizer step;
+    - SIGINT/SIGTERM: a flag checked at step boundaries; finish() exits 128 + signal after the save."""
+
+    def __init__(self, what: str, ckpt_root: str, results_dir: str, *, tag_flag: str, master: bool = True,
+                 device=None):
+        self.what, self.ckpt_root, self.results_dir, self.tag_flag = what, ckpt_root, results_dir, tag_flag
+        self.master, self.device = master, device
+        self.metrics_path = os.path.join(results_dir, "metrics.jsonl")
+        self.lock = acquire_run_lock([ckpt_root, results_dir], what, master, device)
+        if master:
+            recover_interrupted_saves(ckpt_root)
+        if dist.is_initialized():
+            dist.barrier()
+        self.stop: StopFlag | None = None
+
+    def resume_path(self, resume: bool, *, allow_without_resume: bool = False) -> str | None:
+        """The checkpoint to resume from: None for a fresh run. Checkpoints without --resume are refused (unless
+        allow_without_resume: an evaluation of the run); --resume falls back past a damaged newest one."""
+        existing = latest_checkpoint(self.ckpt_root)
+        if existing and not (resume or allow_without_resume):
+            raise UserError(f"checkpoints already exist in {self.ckpt_root}: pass --resume to continue that run, or "
+                            f"choose another {self.tag_flag} (or delete the folder to start over)")
+        if not existing:
+            if resume:
+                print0(f"--resume: no checkpoint in {self.ckpt_root} yet, starting from scratch")
+            return None
+        return latest_intact_checkpoint(self.ckpt_root)  # says why when it falls back
+
+    def check_settings(self, saved: dict, cfg, path: str) -> dict:
+        """Refuse a changed setting that is not resumable (names them); returns the resumable changes."""
+        return check_resume_settings(saved, to_flat_dict(cfg), path, resumable_settings(type(cfg)), self.tag_flag)
+
+    def resumed_at(self, step: int, changes: dict):
+        """metrics.jsonl continues from the checkpoint's step: later records go, the changes are recorded."""
+        if self.master:
+            truncate_metrics(self.metrics_path, step)
+            if changes:  # what changed at this step, so the curves can be read honestly
+                append_jsonl(self.metrics_path, {"step": step, "config_change": changes})
+
+    def write_config(self, run_config: dict):
+        if self.master:
+            atomic_json(os.path.join(self.results_dir, "config.json"), run_config)
+
+    def log(self, record: dict):
+        if self.master:
+            append_jsonl(self.metrics_path, record)
+
+    def save(self, step: int, model, optimizers, meta: dict, keep: int, device_type: str) -> str | None:
+        """A checkpoint with every rank's generators (call on every rank: gathering them is a collective)."""
+        rng = rng_states(device_type)
+        path = None
+        if self.master:
+            path = save_checkpoint(self.ckpt_root, step, model, optimizers, meta, keep=keep,
+                                   rng_state={"ranks": rng})
+            print0(f"saved checkpoint {path}")
+        return path
+
+    def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, hint: str):
+        """Before the optimizer step (one device sync): a non-finite loss or gradient norm stops the run, with no
+        update applied and nothing saved."""
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            raise UserError(f"training diverged at step {step}: loss {loss.item()} / grad norm {grad_norm.item()} is "
+                            f"not finite; no update was applied and nothing was saved. {hint}, or resume from the "
+                            f"last checkpoint in {self.ckpt_root}")
+
+    def stop_flag(self) -> StopFlag:
+        """SIGINT/SIGTERM handlers from here on (a signal finishes the step, then saves)."""
+        self.stop = self.stop or StopFlag()
+        return self.stop
+
+    def finish(self, step: int, signum: int = 0):
+        """Release the run; after a signal, say how to continue and exit 128 + signal."""
+        compute_cleanup()
+        if self.lock:
+            self.lock.release()
+        if signum:
+            print0(f"stopped by signal {signum} at step {step}; continue with --resume")
+            sys.exit(128 + signum)
+
+
+def atomic_json(path: str, obj):
+    """A reader (or a kill) never sees a half-written file: write a .tmp, then rename it over the old one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def horizon(derived: int, saved: int | None, extend_to: int, step: int) -> tuple[int, dict]:
+    """The number of steps a run trains for: the derived one for a fresh run, the checkpoint's on a resume, and N
+    with --extend-to N (beyond the resume step and the checkpoint's horizon). Returns (steps, the change to record).
+    The LR schedule is recomputed for the new horizon (docs/design.md, "Training longer")."""
+    steps = derived if saved is None else saved
+    if not extend_to:
+        return steps, {}
+    if saved is None:
+        raise UserError("--extend-to continues an existing run: add --resume (a new run takes --num-iterations)")
+    if extend_to <= max(step, saved):
+        raise UserError(f"--extend-to {extend_to} must be beyond the checkpoint's step {step} and its horizon "
+                        f"{saved}")
+    return extend_to, {"num_iterations": [saved, extend_to]}
+
+
+def restore_training_state(meta: dict, optim_payload: dict, weights: dict, model, optimizers, loader, rank: int,
+                           world_size: int, device_type: str, seed: int) -> int:
+    """Put a checkpoint back into a model, its optimizers, its data loader and this rank's generators; returns the
+    checkpoint's step. The one restore of base_train and sft_train, so the two resume exactly alike."""
+    model.load_state_dict(weights)
+    for opt, state in zip(optimizers, optim_payload["optimizers"]):
+        opt.load_state_dict(state)
+    loader.load_state_dict(meta["loader_state"])
+    restore_rng(optim_payload.get("rng", {}), rank, world_size, device_type, seed)
+    return meta["step"]
+
+
+def resume_horizon(run: "Run", derived: int, meta: dict | None, extend_to: int, changes: dict, decay_start: float,
+                   resume_path: str | None) -> int:
+    """The horizon of a fresh or resumed run (horizon() with the checkpoint's), recorded at the resume step with the
+    other allowed changes. decay_start is the fraction of the horizon where the LR starts to fall (1 - warmdown
+    ratio; 0 for a linear decay): an extension from inside it raises the LR back, which the run says."""
+    step = meta["step"] if meta else 0
+    saved = meta.get("run_config", {}).get("num_iterations", derived) if meta else None
+    steps, extended = horizon(derived, saved, extend_to, step)
+    changes = {**changes, **extended}
+    if resume_path:
+        run.resumed_at(step, changes)
+        print0(f"resumed from {resume_path} at step {step}" + (f" (changed: {', '.join(changes)})" if changes else ""))
+        if extended and step > round(saved * decay_start):
+            print0(f"note: step {step} is inside the old horizon's LR decay (from step {round(saved * decay_start)});"
+                   f" the schedule of {steps} steps raises the LR back to its value there")
+    return steps
 
 
 def seed_rank(seed: int, rank: int):

@@ -24,8 +24,8 @@ import threading
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import (UserError, compile_model, compute_cleanup, compute_init, git_commit, print0, progress,
-                             rank0_first, resolve_precision, run_main)
+from nanochat.common import (UserError, compile_model, compute_cleanup, compute_init, doc_summary, git_commit,
+                             machine_info, print0, progress, rank0_first, resolve_precision, run_main)
 from nanochat.config import EvalConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -51,7 +51,7 @@ def apply_gates(model, cfg: EvalConfig) -> dict | None:
     """--mhc-gates / --mhc-gates-from: the gates to evaluate the mHC model at (None: its learned gates)."""
     if not cfg.mhc_gates and not cfg.mhc_gates_from:
         return None
-    if not model.config.mhc_enabled:
+    if not model.config.mhc.enabled:
         raise UserError("--mhc-gates / --mhc-gates-from given, but the checkpoint has no mHC (no gates to set)")
     source = "--mhc-gates"
     if cfg.mhc_gates_from:
@@ -134,7 +134,7 @@ def run_bpb(cfg: EvalConfig, model, tokenizer, token_bytes, ctx, device, meta: d
 
 
 def evaluate(argv=None):
-    cfg, _ = build_config(EvalConfig, argv, description=__doc__.split("\n")[0])
+    cfg, _ = build_config(EvalConfig, argv, description=doc_summary(__doc__))
     device_type, device, _, rank, _, world_size = compute_init(cfg.device_type)
     dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
@@ -158,7 +158,7 @@ def evaluate(argv=None):
     eval_path = os.path.join(out_dir, "eval.json")
     record = dict(checkpoint=path, step=meta["step"], status="running", finished=[], pending=list(tasks),
                   results=results, eval_config=dataclasses.asdict(cfg), mhc_gates=gates, git_commit=git_commit(),
-                  dtype=dtype, compile=use_compile, world_size=world_size)
+                  dtype=dtype, compile=use_compile, world_size=world_size, machine=machine_info())
 
     def save(status: str, **extra):
         """eval.json's status, the finished tasks and the pending ones (the one running included)."""

@@ -10,10 +10,8 @@ SIGINT/SIGTERM finish the current step, save a checkpoint and exit (130/143); `-
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -21,33 +19,33 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanochat.checkpoint import (checkpoint_root, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
-                                 recover_interrupted_saves, save_checkpoint)
-from nanochat.common import (UserError, append_jsonl, compile_model, compute_cleanup, compute_init, git_commit,
-                             init_wandb, peak_bf16_flops, print0, rank0_first, resolve_precision, run_main)
+from nanochat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
+from nanochat.common import (UserError, compile_model, compute_init, doc_summary, git_commit, init_wandb,
+                             machine_info, peak_bf16_flops, print0, rank0_first, resolve_precision, run_main,
+                             to_flat_dict)
 from nanochat.config import TrainConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.mhc import MHCConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import memory_check
 from nanochat.newton_schulz import resolve_ns_coeffs
-from nanochat.optim import apply_schedules, setup_ngpt_optimizers, setup_optimizers
+from nanochat.optim import apply_schedules
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import (StopFlag, acquire_run_lock, check_resume_settings, restore_rng, rng_states, seed_rank,
-                               truncate_metrics)
+from nanochat.training import Run, restore_training_state, resume_horizon, seed_rank
 
 def token_budget_params(model_config: GPTConfig) -> int:
     """The parameter count the derived horizon (--num-iterations -1) scales with: the baseline architecture's,
     mHC or not, so the mHC model trains on exactly the baseline's tokens (its own ~1-4% more parameters would
     otherwise buy it more data); nGPT's scales and eigen learning rates do not count either."""
     with torch.device("meta"):
-        return GPT(dataclasses.replace(model_config, mhc_enabled=False, arch="gpt")).num_params()
+        return GPT(dataclasses.replace(model_config, mhc=MHCConfig(), arch="gpt")).num_params()
 
 
 def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: str, path: str):
-    saved = dataclasses.asdict(GPTConfig.from_dict(meta["model_config"]))  # keys added since: their defaults
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in dataclasses.asdict(model_config).items()
+    saved = GPTConfig.from_dict(meta["model_config"]).to_dict()  # keys added since: their defaults
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in model_config.to_dict().items()
              if saved.get(k) != v]
     if diffs:
         raise UserError(f"cannot resume from {path}: the model config differs ({'; '.join(diffs)})")
@@ -57,7 +55,7 @@ def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: s
 
 
 def main(argv=None):
-    cfg, _ = build_config(TrainConfig, argv, description=__doc__.split("\n")[1])
+    cfg, _ = build_config(TrainConfig, argv, description=doc_summary(__doc__))
     device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
     master = rank == 0
     dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
@@ -75,23 +73,9 @@ def main(argv=None):
     model_config = cfg.model_config(tokenizer.vocab_size)
     model_tag = cfg.model_tag or (cfg.run if cfg.run != "dummy" else f"d{cfg.depth}")
     ckpt_root = checkpoint_root(model_tag)
-    results_dir = os.path.join(cfg.results_dir, model_tag)
-    metrics_path = os.path.join(results_dir, "metrics.jsonl")
-
-    # one writer per model tag: its checkpoints and its results folder (released on exit, crash or kill -9)
-    lock = acquire_run_lock([ckpt_root, results_dir], f"model tag {model_tag!r}", master, device)
-    if master:
-        recover_interrupted_saves(ckpt_root)
-    if is_ddp:
-        dist.barrier()
-    resume_path = latest_checkpoint(ckpt_root)
-    if resume_path and not cfg.resume:
-        raise UserError(f"checkpoints already exist in {ckpt_root}: pass --resume to continue that run, or "
-                        f"choose another --model-tag (or delete the folder to start over)")
-    if cfg.resume:
-        resume_path = latest_intact_checkpoint(ckpt_root)  # falls back past a damaged newest one, says so
-        if not resume_path:
-            print0(f"--resume: no checkpoint in {ckpt_root} yet, starting from scratch")
+    run = Run(f"model tag {model_tag!r}", ckpt_root, os.path.join(cfg.results_dir, model_tag), tag_flag="--model-tag",
+              master=master, device=device)
+    resume_path = run.resume_path(cfg.resume)
 
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
@@ -105,20 +89,14 @@ def main(argv=None):
     num_params = model.num_params()
     flops_per_token = model.estimate_flops_per_token()
     budget_params = token_budget_params(model_config)
-    num_iterations = cfg.num_iterations
-    if num_iterations == -1:
-        num_iterations = max(1, round(cfg.target_param_data_ratio * budget_params / cfg.total_batch_size))
+    derived_iterations = cfg.num_iterations
+    if derived_iterations == -1:
+        derived_iterations = max(1, round(cfg.target_param_data_ratio * budget_params / cfg.total_batch_size))
 
     ns = dict(ns_coeffs=resolve_ns_coeffs(cfg.muon_ns_coeffs), ns_steps=cfg.muon_ns_steps or None,
               ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    ngpt = model_config.arch == "ngpt"
-    if ngpt:  # no weight decay, no warmup (TrainConfig.validate refuses them), its own LRs
-        optimizers = setup_ngpt_optimizers(model, lr=cfg.ngpt_lr, optimizer=cfg.ngpt_optimizer,
-                                           matrix_lr=cfg.matrix_lr, **ns)
-    else:
-        optimizers = setup_optimizers(
-            model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr,
-            scalar_lr=cfg.scalar_lr, mhc_lr=cfg.mhc_lr, weight_decay=cfg.weight_decay, **ns)
+    architecture = model.architecture
+    optimizers = architecture.optimizers(model, cfg, ns)
 
     # data: rank 0 pretokenizes once (a no-op when the cache is complete), the others wait for it
     rank0_first(lambda: pretokenize(cfg.data_source, tokenizer), "checking or building the pretokenized data; "
@@ -131,25 +109,15 @@ def main(argv=None):
                         f"tokenizer has {tokenizer.vocab_size}: delete that folder and rerun `python -m "
                         f"nanochat.dataset --source {cfg.data_source} --pretokenize`")
 
-    step = 0
-    resumed_changes = {}
-    if resume_path and cfg.resume:
+    step, meta, changes = 0, None, {}
+    if resume_path:
         weights, optim_payload, meta = load_checkpoint(resume_path, device=device)
         check_resume_compatible(meta, model_config, tokenizer.fingerprint, resume_path)
-        resumed_changes = check_resume_settings(meta.get("run_config", {}).get("train", {}),
-                                                dataclasses.asdict(cfg), resume_path)
-        model.load_state_dict(weights)
-        for opt, state in zip(optimizers, optim_payload["optimizers"]):
-            opt.load_state_dict(state)
-        train_loader.load_state_dict(meta["loader_state"])
-        restore_rng(optim_payload.get("rng", {}), rank, world_size, device_type, cfg.seed)
-        step = meta["step"]
-        if master:
-            truncate_metrics(metrics_path, step)
-            if resumed_changes:  # what changed at this step, so the curves can be read honestly
-                append_jsonl(metrics_path, {"step": step, "config_change": resumed_changes})
-        print0(f"resumed from {resume_path} at step {step}"
-               + (f" (changed: {', '.join(resumed_changes)})" if resumed_changes else ""))
+        changes = run.check_settings(meta.get("run_config", {}).get("train", {}), cfg, resume_path)
+        step = restore_training_state(meta, optim_payload, weights, model, optimizers, train_loader, rank, world_size,
+                                      device_type, cfg.seed)
+    num_iterations = resume_horizon(run, derived_iterations, meta, cfg.extend_to, changes, 1 - cfg.warmdown_ratio,
+                                    resume_path)
 
     train_model = compile_model(model, use_compile, dynamic=False)  # every batch is [device_batch_size, max_seq_len]
     if is_ddp:  # the buffers (rotary tables, mHC constants) never change: no broadcast before every forward; the
@@ -157,18 +125,13 @@ def main(argv=None):
         train_model = DDP(train_model, device_ids=[device.index] if device_type == "cuda" else None,
                           broadcast_buffers=False, gradient_as_bucket_view=True)
 
-    run_config = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_config), model_tag=model_tag,
+    run_config = dict(train=to_flat_dict(cfg), model=model_config.to_dict(), model_tag=model_tag,
                       num_iterations=num_iterations, grad_accum=grad_accum, world_size=world_size, dtype=dtype,
                       compile=use_compile, device_type=device_type, num_params=num_params,
                       budget_params=budget_params, tokens=num_iterations * cfg.total_batch_size,
                       flops_per_token=flops_per_token, tokenizer=tokenizer.fingerprint, git_commit=git_commit(),
-                      seed=cfg.seed, memory_estimate=memory)
-    if master:
-        os.makedirs(results_dir, exist_ok=True)
-        config_path = os.path.join(results_dir, "config.json")
-        with open(config_path + ".tmp", "w") as f:
-            json.dump(run_config, f, indent=2)
-        os.replace(config_path + ".tmp", config_path)
+                      seed=cfg.seed, memory_estimate=memory, machine=machine_info())
+    run.write_config(run_config)
     wandb_run = init_wandb(cfg.run, "nanochat-mhc", run_config, master)
 
     print0(f"model: {num_params:,} params | {model_config.n_layer} layers, width {model_config.n_embd}, "
@@ -186,23 +149,12 @@ def main(argv=None):
         model.train()
         return bpb
 
-    def save(at_step: int, rng: list[dict]) -> str:
-        meta = dict(model_config=dataclasses.asdict(model_config), run_config=run_config,
-                    loader_state=loader_state, tokenizer=tokenizer.fingerprint, seed=cfg.seed,
-                    git_commit=run_config["git_commit"])
-        path = save_checkpoint(ckpt_root, at_step, model, optimizers, meta, keep=cfg.keep_checkpoints,
-                               rng_state={"ranks": rng})
-        print0(f"saved checkpoint {path}")
-        return path
-
     # H_res over training (--mhc-log-every): one eval-mode forward of a fixed val batch on rank 0, off by default
     mhc_probe = None
-    if master and model_config.mhc_enabled and cfg.mhc_log_every > 0:
+    if master and model_config.mhc.enabled and cfg.mhc_log_every > 0:
         mhc_probe = PackedLoader(token_dir, "val", cfg.device_batch_size, cfg.max_seq_len, device=device,
                                  seed=cfg.seed).next_batch()[0]
-    # nGPT: the init projection, then one after every lazy_proj_freq-th step (a resumed run counts the ones before)
-    projections = 1 + step // cfg.lazy_proj_freq
-    stop = StopFlag()
+    stop = run.stop_flag()
     peak = (cfg.peak_flops or peak_bf16_flops(torch.cuda.get_device_name(device))) if device_type == "cuda" else None
     if device_type == "cuda" and peak is None:
         print0(f"note: no bf16 peak known for {torch.cuda.get_device_name(device)}: no MFU (pass --peak-flops)")
@@ -221,19 +173,18 @@ def main(argv=None):
             if not math.isfinite(val_bpb):
                 raise UserError(f"val bpb is {val_bpb} at step {step}: the model diverged; not saving. The last "
                                 f"good checkpoint is {latest_checkpoint(ckpt_root) or '(none)'}")
-            if master:
-                append_jsonl(metrics_path, {"step": step, "val_bpb": val_bpb})
+            run.log({"step": step, "val_bpb": val_bpb})
             wandb_run.log({"step": step, "val/bpb": val_bpb})
         if mhc_probe is not None and (last_step or step % cfg.mhc_log_every == 0):
             with ctx:
                 stats = model.mhc_connection_stats(mhc_probe)
-            append_jsonl(metrics_path, {"step": step, "mhc": stats})
+            run.log({"step": step, "mhc": stats})
         signum = stop.synced(device)
         periodic = cfg.save_every > 0 and step % cfg.save_every == 0 and step != start_step
         if last_step or periodic or signum:
-            rng = rng_states(device_type)  # every rank's generators (a collective)
-            if master:
-                save(step, rng)
+            meta = dict(model_config=model_config.to_dict(), run_config=run_config, loader_state=loader_state,
+                        tokenizer=tokenizer.fingerprint, seed=cfg.seed, git_commit=run_config["git_commit"])
+            run.save(step, model, optimizers, meta, cfg.keep_checkpoints, device_type)
         if is_ddp:
             dist.barrier()  # nobody exits or trains on while rank 0 is still writing
         if last_step or signum:
@@ -254,26 +205,18 @@ def main(argv=None):
             pending = train_loader.next_batch()  # while the device runs the backward
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        # never step on (or later save) a diverged model: check before the update (one sync per step)
-        if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
-            raise UserError(f"training diverged at step {step}: loss {loss_sum.item() / grad_accum} / grad norm "
-                            f"{grad_norm.item()} is not finite; no update was applied and nothing was saved. Lower "
-                            f"the learning rates, or resume from the last checkpoint in {ckpt_root}")
+        # never step on (or later save) a diverged model: checked before the update
+        run.check_finite(loss_sum / grad_accum, grad_norm, step, "Lower the learning rates")
         lrm = apply_schedules(optimizers, step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio,
                               cfg.final_lr_frac)
         for opt in optimizers:
             opt.step()
-        if ngpt and (step + 1) % cfg.lazy_proj_freq == 0:  # back onto the sphere every lazy_proj_freq steps
-            model.project_weights()
-            projections += 1
+        extra = architecture.after_step(model, step, cfg)  # nGPT: the weights back onto the sphere
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum
         if is_ddp:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         train_loss = train_loss.item()  # also synchronises the device, so dt below is real
-        if not math.isfinite(train_loss):
-            raise UserError(f"training diverged at step {step}: loss is {train_loss}. Lower the learning rates "
-                            f"or resume from the last checkpoint in {ckpt_root}")
         dt = time.perf_counter() - t0
         step += 1
 
@@ -282,15 +225,12 @@ def main(argv=None):
         timed = step_times[min(5, len(step_times) - 1):]  # the first steps include compilation and warm-up
         eta = (num_iterations - step) * sum(timed) / len(timed)
         record = {"step": step, "loss": train_loss, "lrm": lrm, "grad_norm": grad_norm.item(), "dt": dt,
-                  "tok_per_sec": tok_per_sec}
-        if ngpt:  # weight projections so far, the one at init included
-            record["projections"] = projections
+                  "tok_per_sec": tok_per_sec, **extra}
         mfu = ""
         if peak:
             record["mfu"] = flops_per_token * tok_per_sec / (peak * world_size)
             mfu = f" | mfu {100 * record['mfu']:.1f}%"
-        if master:
-            append_jsonl(metrics_path, record)
+        run.log(record)
         wandb_run.log({"step": step, **{f"train/{k}": v for k, v in record.items() if k != "step"}})
         if step % cfg.log_every == 0 or step == num_iterations:
             print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.2f} | "
@@ -302,12 +242,7 @@ def main(argv=None):
     if val_bpb is not None:
         print0(f"final val bpb: {val_bpb:.4f}")
     wandb_run.finish()
-    compute_cleanup()
-    if lock:
-        lock.release()
-    if signum:
-        print0(f"stopped by signal {signum} at step {step}; continue with --resume")
-        sys.exit(128 + signum)
+    run.finish(step, signum)
 
 
 if __name__ == "__main__":

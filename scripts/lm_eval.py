@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 
-from nanochat.common import UserError, get_data_dir, git_commit, run_main
+from nanochat.common import doc_summary, UserError, get_data_dir, git_commit, run_main
 
 LOCAL_TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "data",
                            "lm_eval_local_tasks.json")
@@ -119,7 +119,7 @@ def run_harness(lm, names: list[str], task_data: str = "auto", num_fewshot: int 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     p.add_argument("--model-tag", default="", help="model tag of the checkpoint")
     p.add_argument("--checkpoint", default="", help="checkpoint directory (overrides --model-tag/--step)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = the newest)")

@@ -1,5 +1,5 @@
-"""Newton–Schulz ablation inside Muon (seed 001): the same small GPT, data, steps and learning rates for every
-variant of the NS iteration; only Muon's orthogonaliser changes.
+"""Newton–Schulz ablation inside Muon (the NS formula study of docs/design.md, section 1): the same small GPT, data,
+steps and learning rates for every variant of the NS iteration; only Muon's orthogonaliser changes.
 
     python -m scripts.ns_ablation --preset tiny                      # CPU, a few minutes, all variants
     python -m scripts.ns_ablation --preset gpu                       # one GPU
@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import UserError, append_jsonl, autocast_ctx, repo_root, run_main
+from nanochat.common import UserError, autocast_ctx, repo_root, run_main
 from nanochat.config import TrainConfig
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import tokenized_dir
@@ -39,6 +39,7 @@ from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 from nanochat.newton_schulz import (CUBIC, HANDOVER8, POLAR_EXPRESS5, QUINTIC, ns_schedule, odd_polynomial_iteration,
                                     polynomial_orthogonalize, resolve_ns_coeffs)
 from nanochat.optim import apply_schedules, setup_optimizers
+from nanochat.run_records import append_record, read_records, rewrite_records
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -52,9 +53,9 @@ class Variant:
 
 
 def adaptive_coeffs(A: torch.Tensor) -> tuple[float, float, float]:
-    """Seed 001's "adaptive" rule: (a, b, c) nudged by the Frobenius norm of A = X X^T, from about (3.1, -4.3, 2.0)
+    """The NS study's "adaptive" rule: (a, b, c) nudged by the Frobenius norm of A = X X^T, from about (3.1, -4.3, 2.0)
     at ||A|| <= 1 to the quintic (3.4, -4.7, 2.03) for large ||A||. ||A||_F grows with the matrix's rank, so the rule
-    is not size-free; it is kept as the seed defined it."""
+    is not size-free; it is kept as the study defined it."""
     n = A.float().norm().item()
     sig = lambda t: 1.0 / (1.0 + math.exp(-t))  # noqa: E731
     return 3.0 + 0.4 * sig(n - 2.0), -4.0 - 0.7 * sig(n - 1.5), 2.0 + 0.03 * sig(n - 3.0)
@@ -66,7 +67,7 @@ VARIANTS = {v.name: v for v in [
     Variant("more-iter", "quintic, 8 steps", (Q,) * 8),
     Variant("reordered", "(c A^2 + b A) X + a X, quintic, 5 steps: the same polynomial summed in reverse", (Q,) * 5,
             descending=True),
-    Variant("adaptive", "(a, b, c) from ||X X^T||_F at every step (seed 001's rule, adaptive_coeffs), 5 steps",
+    Variant("adaptive", "(a, b, c) from ||X X^T||_F at every step (the study's rule, adaptive_coeffs), 5 steps",
             (adaptive_coeffs,) * 5, per_matrix=True),
     Variant("fewer-iter", "quintic, 3 steps", (Q,) * 3),
     Variant("alt-coeffs", "(2.5, -3.0, 1.8), 5 steps", ((2.5, -3.0, 1.8),) * 5),
@@ -78,7 +79,7 @@ VARIANTS = {v.name: v for v in [
             "5 steps", ((2.8 + 0.5, -3.5, 1.9),) * 5),
     Variant("cubic", "preset cubic (3.0, -3.2, 1.2), 5 steps", (CUBIC,) * 5),
     Variant("polar_express5", "preset polar_express5 (5-step Polar Express schedule)", tuple(POLAR_EXPRESS5)),
-    Variant("handover8", "preset handover8 (the handover's 8-step schedule)", tuple(HANDOVER8)),
+    Variant("handover8", "preset handover8 (the 8-step schedule of the user's notes)", tuple(HANDOVER8)),
 ]}
 
 PRESETS = {
@@ -206,25 +207,6 @@ def train_variant(variant: Variant, settings: dict, token_dir: str, vocab_size: 
 # ---------------------------------------------------------------------------------------------------------------
 # records, resume, summary
 
-def read_runs(path: str, repair: bool = False) -> list[dict]:
-    """The records of runs.jsonl. A torn line (a crash while writing) is ignored; with repair=True the file is
-    rewritten without it, so the next append does not land on the end of the torn line."""
-    if not os.path.isfile(path):
-        return []
-    records, torn = [], False
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                torn = True
-                print(f"ignoring a malformed line in {path} (an interrupted write): {line[:80]!r}")
-    if torn and repair:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    return records
-
-
 def fmt_band(band) -> str:
     if band is None:
         return "overflow"
@@ -253,7 +235,8 @@ def write_summary(out_dir: str, records: list[dict], settings: dict, chance_loss
         ok = not r["diverged"]
         delta = f"{r['val_loss'] - base['val_loss']:+.4f}" if ok and base else "—"
         status = f"diverged at step {r['diverged_at_step']}" if not ok else \
-            f"no learning (val loss >= ln V = {chance_loss:.2f})" if r["val_loss"] >= chance_loss - CHANCE_MARGIN else "ok"
+            f"no learning (val loss >= ln V = {chance_loss:.2f})" if r["val_loss"] >= chance_loss - CHANCE_MARGIN \
+            else "ok"
         lines.append(f"| {i} | {r['variant']} | {r['ns_steps']} | {r['val_loss']:.4f} | {delta} | "
                      f"{r['val_accuracy']:.4f} | {r['val_perplexity']:.2f} | " if ok else
                      f"| {i} | {r['variant']} | {r['ns_steps']} | — | — | — | — | ")
@@ -335,15 +318,14 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(repo_root(), "results", "ns_ablation", args.preset)
     os.makedirs(out_dir, exist_ok=True)
     runs_path = os.path.join(out_dir, "runs.jsonl")
-    records = read_runs(runs_path, repair=True)
+    records = read_records(runs_path, repair=True)
     stale = sorted({r.get("settings_hash") for r in records} - {settings["hash"]})
     if stale:
         raise UserError(f"{runs_path} holds runs with other settings (hash {', '.join(map(str, stale))}, now "
                         f"{settings['hash']}); pass another --out-dir, or delete the file to start over")
     if args.force:
         records = [r for r in records if r["variant"] not in selected]
-        with open(runs_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        rewrite_records(runs_path, records)
     done = {r["variant"] for r in records}
     chance_loss = math.log(tokenizer.vocab_size)
     print(f"NS ablation, preset {args.preset} (hash {settings['hash']}): {len(selected)} variants, "
@@ -354,7 +336,7 @@ def main(argv=None):
             continue
         record = train_variant(variants[name], settings, token_dir, tokenizer.vocab_size)
         record["settings_hash"] = settings["hash"]
-        append_jsonl(runs_path, record)  # written at once: a crash later loses nothing recorded here
+        append_record(runs_path, record)  # on disk at once: a crash later loses nothing recorded here
         records.append(record)
         write_summary(out_dir, records, settings, chance_loss)
         val = f"val loss {record['val_loss']:.4f}" if record["val_loss"] is not None else "no val loss"

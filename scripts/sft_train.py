@@ -19,10 +19,7 @@ the base checkpoint recorded; SIGINT/SIGTERM save and exit, --resume continues e
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import sys
 import time
 
 import torch
@@ -30,23 +27,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from envs.gsm8k_env import load_problems
-from nanochat.checkpoint import (check_tokenizer, checkpoint_root, latest_checkpoint, latest_intact_checkpoint,
-                                 load_checkpoint, read_meta, recover_interrupted_saves, resolve_checkpoint,
-                                 save_checkpoint)
-from nanochat.common import (UserError, append_jsonl, compile_model, compute_cleanup, compute_init, git_commit,
-                             init_wandb, print0, resolve_precision, run_main)
+from nanochat.checkpoint import check_tokenizer, checkpoint_root, load_checkpoint, read_meta, resolve_checkpoint
+from nanochat.common import (UserError, compile_model, compute_init, doc_summary, git_commit, init_wandb,
+                             machine_info, print0, resolve_precision, run_main, to_flat_dict)
 from nanochat.config import SFTConfig, TrainConfig, build_config, parse_int_list
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.memory import memory_check
 from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import apply_schedules, setup_optimizers
 from nanochat.sft_data import SFTLoader, collate, encode_rows
 from nanochat.tokenizer import get_tokenizer
-from nanochat.memory import memory_check
-from nanochat.training import StopFlag, acquire_run_lock, restore_rng, rng_states, seed_rank, truncate_metrics
-
-# settings that may change on --resume (they do not change what is trained)
-RESUMABLE_CHANGES = {"resume", "run", "log_every", "eval_every", "save_every", "keep_checkpoints", "results_dir",
-                     "device_type", "compile", "activation_checkpointing", "memory_check"}
+from nanochat.training import Run, restore_training_state, resume_horizon, seed_rank
 
 
 def fine_tuning_problems(cfg: SFTConfig):
@@ -69,16 +60,18 @@ def fine_tuning_problems(cfg: SFTConfig):
 
 
 def model_config_for(base: dict, cfg: SFTConfig) -> GPTConfig:
+    """The base model's config with fine-tuning's mHC training settings (SFTConfig's mhc_* fields; -1 keeps the
+    base model's)."""
     mc = GPTConfig.from_dict(base)
-    defaults = SFTConfig.__dataclass_fields__
-    overrides = {k: getattr(cfg, k) for k in ("mhc_gate_noise", "mhc_gate_sample_frac") if getattr(cfg, k) != -1.0}
-    if not mc.mhc_enabled:  # the default gate-range training has nothing to act on; an explicit request is an error
-        explicit = [k for k, v in overrides.items() if v != defaults[k].default]
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
+    overrides = {k: getattr(cfg, k) for k in defaults if k.startswith("mhc_") and getattr(cfg, k) != -1.0}
+    if not mc.mhc.enabled:  # the default gate-range training has nothing to act on; an explicit request is an error
+        explicit = [k for k, v in overrides.items() if v != defaults[k]]
         if explicit:
             flags = ", ".join("--" + k.replace("_", "-") for k in explicit)
             raise UserError(f"{flags} set but the base model has no mHC")
         return mc
-    mc = dataclasses.replace(mc, **overrides)
+    mc = dataclasses.replace(mc, mhc=dataclasses.replace(mc.mhc, **{k[len("mhc_"):]: v for k, v in overrides.items()}))
     mc.validate()
     return mc
 
@@ -95,17 +88,8 @@ def answer_loss(model, rows, batch_size: int, device, ctx) -> float:
     return total / max(count, 1)
 
 
-def check_resume(meta: dict, cfg: SFTConfig, path: str):
-    saved = meta.get("sft_config", {})
-    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r} vs now {v!r}"
-             for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-    if diffs:
-        raise UserError(f"cannot resume from {path}: the fine-tuning settings differ ({'; '.join(diffs)}); use "
-                        f"another --output-tag to fine-tune with new settings")
-
-
 def main(argv=None):
-    cfg, _ = build_config(SFTConfig, argv, description=__doc__.split("\n")[0])
+    cfg, _ = build_config(SFTConfig, argv, description=doc_summary(__doc__))
     device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
     master = rank == 0
     dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
@@ -121,20 +105,9 @@ def main(argv=None):
     check_tokenizer(base_meta, tokenizer, base_path)
     model_config = model_config_for(base_meta["model_config"], cfg)
     ckpt_root = checkpoint_root(output_tag)
-    results_dir = os.path.join(cfg.results_dir, output_tag)
-    metrics_path = os.path.join(results_dir, "metrics.jsonl")
-    # one writer per output tag: its checkpoints and results (released on exit, crash or kill -9)
-    lock = acquire_run_lock([ckpt_root, results_dir], f"output tag {output_tag!r}", master, device)
-    if master:
-        recover_interrupted_saves(ckpt_root)
-    if is_ddp:
-        dist.barrier()
-    resume_path = latest_checkpoint(ckpt_root)
-    if resume_path and not cfg.resume:
-        raise UserError(f"checkpoints already exist in {ckpt_root}: pass --resume to continue that run, or choose "
-                        f"another --output-tag (or delete the folder to start over)")
-    if cfg.resume:
-        resume_path = latest_intact_checkpoint(ckpt_root)  # falls back past a damaged newest one, says so
+    run = Run(f"output tag {output_tag!r}", ckpt_root, os.path.join(cfg.results_dir, output_tag),
+              tag_flag="--output-tag", master=master, device=device)
+    resume_path = run.resume_path(cfg.resume)
 
     train_problems, val_problems, sources = fine_tuning_problems(cfg)
     max_len = model_config.sequence_len
@@ -142,11 +115,8 @@ def main(argv=None):
     val_rows, val_dropped = encode_rows(tokenizer, val_problems, max_len)
     loader = SFTLoader(train_rows, cfg.device_batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                        device=device)
-    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, len(train_rows)
-                                                                           // loader.rows_per_step())
-    print0(f"fine-tuning {base_path} -> {output_tag}: {len(train_rows)} train rows ({dropped} longer than "
-           f"{max_len} tokens dropped), {len(val_rows)} val rows, {num_iterations} steps of "
-           f"{loader.rows_per_step()} rows ({num_iterations * loader.rows_per_step() / len(train_rows):.2f} epochs)")
+    derived_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, len(train_rows)
+                                                                               // loader.rows_per_step())
 
     torch.manual_seed(cfg.seed)  # gate sampling draws from torch's RNG: a fresh run with the same seed repeats
     with torch.device("meta"):
@@ -167,19 +137,17 @@ def main(argv=None):
         base_train.get("muon_ns_coeffs", "quintic")), ns_steps=base_train.get("muon_ns_steps") or None,
         ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, **lr)
 
-    step = 0
-    if resume_path and cfg.resume:
+    step, meta, changes = 0, None, {}
+    if resume_path:
         weights, optim_payload, meta = load_checkpoint(resume_path, device=device)
-        check_resume(meta, cfg, resume_path)
-        model.load_state_dict(weights)
-        for opt, state in zip(optimizers, optim_payload["optimizers"]):
-            opt.load_state_dict(state)
-        loader.load_state_dict(meta["loader_state"])
-        restore_rng(optim_payload.get("rng", {}), rank, world_size, device_type, cfg.seed)
-        step = meta["step"]
-        if master:
-            truncate_metrics(metrics_path, step)
-        print0(f"resumed from {resume_path} at step {step}")
+        changes = run.check_settings(meta.get("sft_config", {}), cfg, resume_path)
+        step = restore_training_state(meta, optim_payload, weights, model, optimizers, loader, rank, world_size,
+                                      device_type, cfg.seed)
+    # the LR decays linearly from step 0, so any extension raises it (the run says so)
+    num_iterations = resume_horizon(run, derived_iterations, meta, cfg.extend_to, changes, 0.0, resume_path)
+    print0(f"fine-tuning {base_path} -> {output_tag}: {len(train_rows)} train rows ({dropped} longer than "
+           f"{max_len} tokens dropped), {len(val_rows)} val rows, {num_iterations} steps of "
+           f"{loader.rows_per_step()} rows ({num_iterations * loader.rows_per_step() / len(train_rows):.2f} epochs)")
 
     train_model = compile_model(model, use_compile, dynamic=True)  # rows vary in length
     if is_ddp:  # constant buffers: no broadcast before every forward; gradients in DDP's buckets (no second copy)
@@ -187,33 +155,16 @@ def main(argv=None):
                           broadcast_buffers=False, gradient_as_bucket_view=True)
     # `train` = the base run's settings: tools that read a checkpoint's data source (base_eval's bpb, mhc_stats,
     # gate_sweep) find the pretraining data there
-    run_config = dict(sft=dataclasses.asdict(cfg), train=base_train, model=dataclasses.asdict(model_config),
-                      model_tag=output_tag,
+    run_config = dict(sft=to_flat_dict(cfg), train=base_train, model=model_config.to_dict(), model_tag=output_tag,
                       base_checkpoint=base_path, base_step=base_meta["step"], data=sources,
                       train_rows=len(train_rows), val_rows=len(val_rows), dropped_too_long=dropped + val_dropped,
                       num_iterations=num_iterations, world_size=world_size, dtype=dtype, compile=use_compile,
                       learning_rates=lr, tokenizer=tokenizer.fingerprint, git_commit=git_commit(), seed=cfg.seed,
-                      memory_estimate=memory)
-    if master:
-        os.makedirs(results_dir, exist_ok=True)
-        with open(os.path.join(results_dir, "config.json.tmp"), "w") as f:
-            json.dump(run_config, f, indent=2)
-        os.replace(os.path.join(results_dir, "config.json.tmp"), os.path.join(results_dir, "config.json"))
+                      memory_estimate=memory, machine=machine_info())
+    run.write_config(run_config)
     wandb_run = init_wandb(cfg.run, "nanochat-mhc-sft", run_config, master)
 
-    def save(at_step: int, rng: list[dict]):
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # never overwrite good checkpoints with a corrupted model
-            raise UserError(f"refusing to save step {at_step}: non-finite weights in {', '.join(bad[:3])}")
-        meta = dict(model_config=dataclasses.asdict(model_config), run_config=run_config,
-                    sft_config=dataclasses.asdict(cfg), loader_state=loader.state_dict(),
-                    tokenizer=tokenizer.fingerprint, seed=cfg.seed, git_commit=run_config["git_commit"],
-                    base_checkpoint=base_path)
-        path = save_checkpoint(ckpt_root, at_step, model, optimizers, meta, keep=cfg.keep_checkpoints,
-                               rng_state={"ranks": rng})
-        print0(f"saved checkpoint {path}")
-
-    stop = StopFlag()
+    stop = run.stop_flag()
     start_step, val_loss, t_start = step, None, time.perf_counter()
     while True:
         last = step == num_iterations
@@ -222,15 +173,15 @@ def main(argv=None):
             val_loss = answer_loss(model, val_rows, cfg.device_batch_size, device, ctx)
             model.train()
             print0(f"step {step:05d} | val answer loss {val_loss:.4f}")
-            if master:
-                append_jsonl(metrics_path, {"step": step, "val_answer_loss": val_loss})
+            run.log({"step": step, "val_answer_loss": val_loss})
             wandb_run.log({"step": step, "val/answer_loss": val_loss})
         signum = stop.synced(device)
         periodic = cfg.save_every > 0 and step % cfg.save_every == 0 and step != start_step
         if last or periodic or signum:
-            rng = rng_states(device_type)  # every rank's generators, CPU and CUDA (a collective)
-            if master:
-                save(step, rng)
+            meta = dict(model_config=model_config.to_dict(), run_config=run_config, sft_config=to_flat_dict(cfg),
+                        loader_state=loader.state_dict(), tokenizer=tokenizer.fingerprint, seed=cfg.seed,
+                        git_commit=run_config["git_commit"], base_checkpoint=base_path)
+            run.save(step, model, optimizers, meta, cfg.keep_checkpoints, device_type)
         if is_ddp:
             dist.barrier()
         if last or signum:
@@ -248,6 +199,7 @@ def main(argv=None):
         (loss_sum * world_size / n_tokens).backward()
         loss = loss_sum.detach() / n_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        run.check_finite(loss, grad_norm, step, "Lower --lr-scale")  # before the update, never after
         lrm = apply_schedules(optimizers, step, num_iterations, 0.0, 1.0, 0.0)  # linear decay to 0
         for opt in optimizers:
             opt.step()
@@ -255,14 +207,10 @@ def main(argv=None):
         if is_ddp:
             dist.all_reduce(loss)  # the ranks' shares of the global mean
         loss = loss.item()
-        if not math.isfinite(loss):
-            raise UserError(f"fine-tuning diverged at step {step}: loss is {loss}. Lower --lr-scale or resume "
-                            f"from the last checkpoint in {ckpt_root}")
         step += 1
         dt = time.perf_counter() - t0
         record = dict(step=step, loss=loss, lrm=lrm, grad_norm=grad_norm.item(), dt=dt, epoch=loader.epoch)
-        if master:
-            append_jsonl(metrics_path, record)
+        run.log(record)
         wandb_run.log({"step": step, **{f"train/{k}": v for k, v in record.items() if k != "step"}})
         if step % cfg.log_every == 0 or step == num_iterations:
             eta = (num_iterations - step) * (time.perf_counter() - t_start) / (step - start_step)
@@ -272,12 +220,7 @@ def main(argv=None):
     if val_loss is not None:
         print0(f"final val answer loss: {val_loss:.4f}")
     wandb_run.finish()
-    compute_cleanup()
-    if lock:
-        lock.release()
-    if signum:
-        print0(f"stopped by signal {signum} at step {step}; continue with --resume")
-        sys.exit(128 + signum)
+    run.finish(step, signum)
 
 
 if __name__ == "__main__":

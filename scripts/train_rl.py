@@ -1,5 +1,5 @@
-"""PPO over the mHC gates of a frozen model (seed 002, Phase 3), the black-box baselines it must beat, and the
-held-out evaluation of every arm.
+"""PPO over the mHC gates of a frozen model (phase 3 of the plan, docs/design.md), the black-box baselines it must
+beat, and the held-out evaluation of every arm.
 
     python scripts/train_rl.py --model-tag mhc_sft --action-space per_layer --reward exact       # GPU scale
     python scripts/train_rl.py --preset tiny --model-tag tiny_mhc_sft --problems synthetic       # 2-core CPU
@@ -36,19 +36,15 @@ from envs.gate_search import evaluate_arms, evolution_strategy, grid_search, ran
 from envs.mhc_env import GSM8KMHCVecEnv, build_problem_pool, build_scorer
 from envs.ppo_controller import (ControllerCallback, build_ppo, load_policy, policy_gates, restore, take_snapshot,
                                  write_snapshot)
-from nanochat.checkpoint import latest_checkpoint, latest_intact_checkpoint, recover_interrupted_saves
-from nanochat.common import (UserError, autodetect_device_type, get_base_dir, git_commit, init_wandb,
-                             resolve_precision, run_main)
+from nanochat.checkpoint import read_meta
+from nanochat.common import (UserError, autodetect_device_type, doc_summary, get_base_dir, git_commit, init_wandb,
+                             machine_info, resolve_precision, run_main)
 from nanochat.config import RLConfig, build_config, parse_int_list, resolve_config_path
-from nanochat.training import RunLock, StopFlag, truncate_metrics
+from nanochat.training import Run, atomic_json
 
-SMOKE_PARAMS = 50e6  # below this a result is a smoke test of the pipeline, never a finding (DESIGN.md §6b)
+SMOKE_PARAMS = 50e6  # below this a result is a smoke test of the pipeline, never a finding (docs/design.md, section 7)
 PRESETS = ("tiny", "gpu")  # configs/rl_tiny.toml, configs/rl_gpu.toml
 SYNTHETIC_DEFAULT_COUNTS = (2048, 512)  # training / evaluation pool when --train/eval-problems is -1
-# settings that may change on --resume / --eval-only (they do not change what was learned)
-RESUMABLE_CHANGES = {"resume", "run", "progress", "results_dir", "device_type", "total_timesteps", "eval_only",
-                     "save_every", "keep_checkpoints", "score_batch_size", "eval_problems", "eval_split",
-                     "baselines", "random_candidates", "es_population", "es_parents", "es_generations", "es_sigma"}
 
 
 def with_preset(argv):
@@ -88,20 +84,6 @@ def problem_pools(cfg: RLConfig, scorer):
         held, eval_info = build_problem_pool(scorer, "gsm8k", split=cfg.eval_split, count=cfg.eval_problems,
                                              seed=cfg.seed, task_data=cfg.task_data, exclude=train)
     return train, held, train_info, eval_info
-
-
-def check_same_run(saved: dict, cfg: RLConfig, path: str):
-    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r} vs now {v!r}"
-             for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-    if diffs:
-        raise UserError(f"the policy checkpoint {path} was trained with other settings ({'; '.join(diffs)}); use "
-                        f"another --tag for a new run")
-
-
-def atomic_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def run_baselines(cfg: RLConfig, scorer, train, budget: int, out_dir: str) -> dict:
@@ -168,8 +150,10 @@ def print_table(arms: dict, comparisons: list[dict], reference: str):
 
 
 def main(argv=None):
-    cfg, _ = build_config(RLConfig, with_preset(argv), description=__doc__.split("\n")[0],
-                          extra_args=lambda p: p.add_argument("--preset", choices=PRESETS, help=argparse_help()))
+    cfg, _ = build_config(RLConfig, with_preset(argv), description=doc_summary(__doc__),
+                          extra_args=lambda p: p.add_argument("--preset", choices=PRESETS, help=argparse_help()),
+                          config_help="named RL config in configs/ (rl_tiny, rl_gpu) or a path to a .toml file; "
+                          "--preset NAME is the same as --config rl_NAME")
     device_type = autodetect_device_type() if cfg.device_type == "auto" else cfg.device_type
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device-type cuda: no CUDA device is available here (use auto or cpu)")
@@ -184,15 +168,13 @@ def main(argv=None):
     out_dir = os.path.join(cfg.results_dir, "rl", tag)
     ckpt_root = os.path.join(get_base_dir(), "checkpoints", "rl", tag)
     initial_root = os.path.join(ckpt_root, "initial")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     os.makedirs(out_dir, exist_ok=True)
 
-    mc = scorer.model.config
-    gate_range_trained = mc.mhc_gate_sample_frac > 0
+    gate_range_trained = scorer.model.config.mhc.gate_range_trained()
     if not gate_range_trained:
-        print(f"warning: {ckpt_path} was never trained over the gate range (mhc_gate_sample_frac = 0, gate noise "
-              f"{mc.mhc_gate_noise}): gates far from the learned ones probe behaviour the model never saw. "
-              f"Fine-tune it with scripts.sft_train (--mhc-gate-sample-frac 0.25 by default) first.", flush=True)
+        print(f"warning: {ckpt_path} was never trained over the gate range (no gate sampling): gates far from the "
+              f"learned ones probe behaviour the model never saw. Fine-tune it with scripts.sft_train "
+              f"(--mhc-gate-sample-frac 0.25 by default) first.", flush=True)
     train, held, train_info, eval_info = problem_pools(cfg, scorer)
     default_gates = scorer.default_gates().tolist()
     print(f"controlling {ckpt_path}: {scorer.num_gates} gate(s) ({cfg.action_space}), learned defaults "
@@ -208,44 +190,34 @@ def main(argv=None):
                                   obs_dim=scorer.model.config.n_embd),
                 rl_config=dataclasses.asdict(cfg), controlled_checkpoint=ckpt_path, train_pool=train_info,
                 eval_pool=eval_info, git_commit=git_commit(), seed=cfg.seed)
-    lock = RunLock([ckpt_root, out_dir], f"RL run {tag!r}")  # one writer per run (freed on exit, crash, kill -9)
-    recover_interrupted_saves(ckpt_root)
-    atomic_json(os.path.join(out_dir, "config.json"), {**meta, "tag": tag, "default_gates": default_gates,
-                                                       "device_type": device_type, "dtype": dtype})
-
-    existing = latest_checkpoint(ckpt_root)
-    if existing and not (cfg.resume or cfg.eval_only):
-        raise UserError(f"policy checkpoints already exist in {ckpt_root}: pass --resume to continue that run, "
-                        f"--eval-only to evaluate it, or choose another --tag")
-    if existing:
-        existing = latest_intact_checkpoint(ckpt_root)  # falls back past a damaged newest one, says so
+    run = Run(f"RL run {tag!r}", ckpt_root, out_dir, tag_flag="--tag")  # one writer per run (freed on exit, kill -9)
+    run.write_config({**meta, "tag": tag, "default_gates": default_gates, "device_type": device_type, "dtype": dtype,
+                      "machine": machine_info()})
+    existing = run.resume_path(cfg.resume, allow_without_resume=cfg.eval_only)
     if cfg.eval_only and not existing:
         raise UserError(f"--eval-only: no policy checkpoint in {ckpt_root} (train first, or check --tag)")
-    if existing:
-        with open(os.path.join(existing, "meta.json")) as f:
-            check_same_run(json.load(f).get("rl_config", {}), cfg, existing)
-    else:  # the untrained policy, kept for the evaluation's rl_initial arm
+    changes = run.check_settings(read_meta(existing).get("rl_config", {}), cfg, existing) if existing else {}
+    if not existing:  # the untrained policy, kept for the evaluation's rl_initial arm
         write_snapshot(initial_root, take_snapshot(ppo, vec), meta, keep=1)
 
     if not cfg.eval_only:
         if existing:
             restore(ppo, vec, existing)
-            truncate_metrics(metrics_path, ppo.num_timesteps)
+            run.resumed_at(ppo.num_timesteps, changes)
             print(f"resumed from {existing} at {ppo.num_timesteps} timesteps", flush=True)
         remaining = cfg.total_timesteps - ppo.num_timesteps
         if remaining > 0:
-            stop = StopFlag()
+            stop = run.stop_flag()
             wandb_run = init_wandb(cfg.run, "nanochat-mhc-rl", meta, True)
-            callback = ControllerCallback(vec, ckpt_root, meta, metrics_path, cfg.save_every, cfg.keep_checkpoints,
-                                          stop_flag=stop, wandb_run=wandb_run)
+            callback = ControllerCallback(vec, ckpt_root, meta, run.metrics_path, cfg.save_every,
+                                          cfg.keep_checkpoints, stop_flag=stop, wandb_run=wandb_run)
             t0 = time.perf_counter()
             ppo.learn(remaining, callback=callback, reset_num_timesteps=False, progress_bar=cfg.progress)
             wandb_run.finish()
             if stop.signum:
                 path = write_snapshot(ckpt_root, callback.snapshot, meta, cfg.keep_checkpoints)
-                print(f"stopped by signal {stop.signum}: saved {path} at {callback.snapshot['num_timesteps']} "
-                      f"timesteps; continue with --resume", flush=True)
-                sys.exit(128 + stop.signum)
+                print(f"saved {path} at {callback.snapshot['num_timesteps']} timesteps", flush=True)
+                run.finish(callback.snapshot["num_timesteps"], stop.signum)
             path = write_snapshot(ckpt_root, take_snapshot(ppo, vec), meta, cfg.keep_checkpoints)
             print(f"PPO: {ppo.num_timesteps} timesteps in {time.perf_counter() - t0:.0f} s; saved {path}",
                   flush=True)
@@ -288,12 +260,12 @@ def main(argv=None):
         if text:
             print(f"{key}: {text}")
     print(f"wrote {os.path.join(out_dir, 'eval.json')}")
-    lock.release()
+    run.finish(ppo.num_timesteps)
     return summary
 
 
 def argparse_help() -> str:
-    return "named RL preset: tiny (2-core CPU, minutes) or gpu (the PRD's PPO settings); = --config rl_NAME"
+    return "named RL preset: tiny (2-core CPU, minutes) or gpu (the plan's PPO settings); = --config rl_NAME"
 
 
 if __name__ == "__main__":

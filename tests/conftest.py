@@ -92,22 +92,21 @@ def tiny_mhc_checkpoint(tiny_base_dir):
     """A small random-init mHC checkpoint (2 layers, width 64, context 128) saved as base_train saves one, with the
     test tokenizer: for the RL env, fine-tuning and the gate sweep. Its logits are O(1) (lm_head scaled up) so that
     the gates visibly change the model's answers."""
-    import dataclasses
-
     import torch
 
     from nanochat.checkpoint import checkpoint_root, save_checkpoint
     from nanochat.gpt import GPT, GPTConfig
+    from nanochat.mhc import MHCConfig
 
     tok = tiny_base_dir.tokenizer
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                    out_proj_init_scale=1.0, mhc_enabled=True)
+                    out_proj_init_scale=1.0, mhc=MHCConfig(enabled=True))
     model = GPT(cfg)
     model.init_weights()
     with torch.no_grad():
         model.lm_head.weight.mul_(100)
-    meta = dict(model_config=dataclasses.asdict(cfg), tokenizer=tok.fingerprint, seed=0,
+    meta = dict(model_config=cfg.to_dict(), tokenizer=tok.fingerprint, seed=0,
                 run_config=dict(model_tag="test_mhc", train=dict(data_source="local", seed=0)))
     return Path(save_checkpoint(checkpoint_root("test_mhc"), 1, model, [], meta))
 
@@ -115,8 +114,6 @@ def tiny_mhc_checkpoint(tiny_base_dir):
 @pytest.fixture(scope="session")
 def tiny_baseline_checkpoint(tiny_base_dir):
     """The same small model without mHC."""
-    import dataclasses
-
     import torch
 
     from nanochat.checkpoint import checkpoint_root, save_checkpoint
@@ -127,6 +124,6 @@ def tiny_baseline_checkpoint(tiny_base_dir):
                     n_kv_head=2, n_embd=64)
     model = GPT(cfg)
     model.init_weights()
-    meta = dict(model_config=dataclasses.asdict(cfg), tokenizer=tiny_base_dir.tokenizer.fingerprint, seed=0,
+    meta = dict(model_config=cfg.to_dict(), tokenizer=tiny_base_dir.tokenizer.fingerprint, seed=0,
                 run_config=dict(model_tag="test_baseline", train=dict(data_source="local", seed=0)))
     return Path(save_checkpoint(checkpoint_root("test_baseline"), 1, model, [], meta))

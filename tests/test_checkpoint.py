@@ -30,7 +30,7 @@ def trained_model():
 
 
 def save(root, step, model, opts, keep=2):
-    meta = {"model_config": CFG.__dict__, "loader_state": {"rows_consumed": step}}
+    meta = {"model_config": CFG.to_dict(), "loader_state": {"rows_consumed": step}}
     return save_checkpoint(str(root), step, model, opts, meta, keep=keep, rng_state={"torch": torch.get_rng_state()})
 
 

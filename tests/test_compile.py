@@ -16,7 +16,7 @@ import torch
 
 import nanochat
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.mhc import sinkhorn
+from nanochat.mhc import MHCConfig, sinkhorn
 
 # the custom Functions of the package today; the scan below must find at least these (so it cannot pass by
 # finding nothing)
@@ -90,7 +90,7 @@ def test_sinkhorn_and_the_mhc_model_trace_with_dynamic_shapes():
     assert torch.allclose(double(logits), sinkhorn(logits) + sinkhorn(2 * logits), atol=1e-6)
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
-                          mhc_enabled=True))
+                          mhc=MHCConfig(enabled=True)))
     model.init_weights()
     idx = torch.randint(0, 64, (2, 16))
     explained = torch._dynamo.explain(model)(idx, idx)
@@ -181,7 +181,8 @@ def test_every_entry_point_runs_compiled_and_matches_eager(arch, tiny_base_dir, 
 
     sft = ["--model-tag", f"{base}_false", "--results-dir", str(tmp_path), "--data", "synthetic",
            "--synthetic-count", "200", "--synthetic-steps", "1", "--synthetic-max-value", "10", "--val-problems", "8",
-           "--device-batch-size", "4", "--num-iterations", "2", "--eval-every", "-1", "--device-type", "cpu", "--dtype", "float32"]
+           "--device-batch-size", "4", "--num-iterations", "2", "--eval-every", "-1", "--device-type", "cpu",
+           "--dtype", "float32"]
     for flag in ("false", "true"):
         sft_main(sft + ["--output-tag", f"{base}_sft_{flag}", "--compile", flag])
     eager, compiled = (metrics(tmp_path, f"{base}_sft_{f}", "loss") for f in ("false", "true"))
@@ -193,7 +194,8 @@ def test_every_entry_point_runs_compiled_and_matches_eager(arch, tiny_base_dir, 
         for flag in ("false", "true"):
             rl_main(["--model-tag", f"{base}_sft_false", "--tag", f"rl_{flag}", "--results-dir", str(tmp_path),
                      "--problems", "synthetic", "--synthetic-steps", "1", "--synthetic-max-value", "10",
-                     "--train-problems", "16", "--eval-problems", "8", "--reward", "dense", "--max-new-tokens", "4", "--num-envs", "4",
+                     "--train-problems", "16", "--eval-problems", "8", "--reward", "dense", "--max-new-tokens", "4",
+                     "--num-envs", "4",
                      "--n-steps", "8", "--batch-size", "4", "--n-epochs", "1", "--total-timesteps", "8",
                      "--save-every", "8", "--no-progress", "--score-batch-size", "5", "--baselines", "none",
                      "--device-type", "cpu", "--dtype", "float32", "--compile", flag])
@@ -209,7 +211,7 @@ def test_activation_checkpointing_traces_under_compile(mode):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
-                          mhc_enabled=True))
+                          mhc=MHCConfig(enabled=True)))
     model.init_weights()
     idx = torch.randint(0, 64, (2, 16))
     ref = model(idx, idx)

@@ -42,7 +42,9 @@ def test_no_eval_split_leaks(tiny_base_dir):
     train, val = _all_docs()
     corpus = "\n".join(train + val)
     # positive control: train questions are there
-    for q in _questions(data / "gsm8k" / "train.jsonl")[:N_PROBES] + _questions(data / "arc" / "ARC-Easy-train.jsonl")[:N_PROBES]:
+    probes = (_questions(data / "gsm8k" / "train.jsonl")[:N_PROBES]
+              + _questions(data / "arc" / "ARC-Easy-train.jsonl")[:N_PROBES])
+    for q in probes:
         assert q in corpus
     # upstream ARC repeats a few questions across splits; probe only eval questions absent from every train file
     train_text = (data / "tinyshakespeare" / "input.txt").read_text() + "\n".join(
@@ -131,7 +133,26 @@ def test_hub_small_without_network_is_one_clear_error(tmp_path, monkeypatch):
     from nanochat.dataset import main
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(UserError, match="cannot download openai/gsm8k.*set NANOCHAT_DATA_DIR"):
+    with pytest.raises(UserError, match="cannot download the small datasets: HF_HUB_OFFLINE.*set NANOCHAT_DATA_DIR"):
         main(["--source", "hub-small", "--out", str(tmp_path / "data")])
     with pytest.raises(UserError, match="needs --out"):
         main(["--source", "hub-small"])
+
+
+def test_hub_small_fails_at_the_first_name_resolution_error(tmp_path, monkeypatch):
+    """No DNS (and no offline flag): one clear error at once, before datasets' five retries with backoff."""
+    import socket
+    import time
+
+    from nanochat import hub_data
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(hub_data, "fetch_hub_rows", lambda *a: pytest.fail("the hub was tried"))
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="huggingface.co does not resolve.*set NANOCHAT_DATA_DIR"):
+        hub_data.write_hub_small(str(tmp_path))
+    assert time.perf_counter() - t0 < 1.0

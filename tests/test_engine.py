@@ -9,6 +9,7 @@ import torch
 
 from nanochat.engine import Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.mhc import MHCConfig
 
 VOCAB = 256
 
@@ -21,7 +22,7 @@ def make_model(mhc: bool, n_kv_head: int = 4, seed: int = 0) -> GPT:
     and near-zero output projections, which would make cache bugs nearly invisible."""
     torch.manual_seed(seed)
     cfg = GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64,
-                    out_proj_init_scale=1.0, mhc_enabled=mhc, mhc_num_streams=4)
+                    out_proj_init_scale=1.0, mhc=MHCConfig(enabled=mhc, num_streams=4))
     model = GPT(cfg)
     model.init_weights()
     with torch.no_grad():

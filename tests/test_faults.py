@@ -297,7 +297,7 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tiny_base_dir,
     main(common + ["--resume", "--log-every", "2"])  # a logging setting may change; it is recorded
     records = read_metrics(str(tmp_path / "results" / "faults_resume" / "metrics.jsonl"))
     assert {"step": 2, "config_change": {"resume": [False, True], "log_every": [1, 2]}} in records
-    assert check_resume_settings({"a": 1}, {"a": 1, "b": 2}, "p") == {}  # a key the checkpoint predates: kept
+    assert check_resume_settings({"a": 1}, {"a": 1, "b": 2}, "p", set()) == {}  # a key the checkpoint predates
 
 
 def test_torchrun_sigterm_ends_like_a_single_process(tiny_base_dir, tmp_path):

@@ -8,8 +8,8 @@ from nanochat.gpt import GPT, GPTConfig, model_dims_from_depth
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = GPTConfig(**{**dict(sequence_len=32, vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, n_embd=64),
-                       **overrides})
+    cfg = GPTConfig.from_dict({**dict(sequence_len=32, vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, n_embd=64),
+                               **overrides})
     model = GPT(cfg)
     model.init_weights()
     # the output projections start at 1% of the hidden-matrix init (out_proj_init_scale), so every block is near
@@ -56,7 +56,7 @@ def test_logit_softcap_bounds_logits():
 
 
 def test_depth_dial():
-    assert model_dims_from_depth(12) == (768, 6)          # the PRD baseline: 768 wide, 6 heads of 128
+    assert model_dims_from_depth(12) == (768, 6)          # the plan's baseline: 768 wide, 6 heads of 128
     assert model_dims_from_depth(20) == (1280, 10)
     assert model_dims_from_depth(4, 64, 64) == (256, 4)   # the tiny CPU preset
     with pytest.raises(UserError, match="--depth"):

@@ -7,6 +7,7 @@ import torch
 
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.mhc import MHCConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")]
@@ -14,7 +15,8 @@ pytestmark = [pytest.mark.gpu,
 
 def model_pair(mhc: bool, **kw):
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=256, vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, mhc_enabled=mhc,
+    cfg = GPTConfig(sequence_len=256, vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=256,
+                    mhc=MHCConfig(enabled=mhc),
                     out_proj_init_scale=1.0, **kw)
     cpu = GPT(cfg)
     cpu.init_weights()
@@ -72,7 +74,8 @@ def test_memory_estimate_within_15_percent_of_cuda_peak(mhc):
     torch.cuda.max_memory_allocated of a real eager bf16 step."""
     from nanochat.memory import estimate_training_memory
     from nanochat.optim import setup_optimizers
-    cfg = GPTConfig(sequence_len=512, vocab_size=32768, n_layer=6, n_head=3, n_kv_head=3, n_embd=384, mhc_enabled=mhc)
+    cfg = GPTConfig(sequence_len=512, vocab_size=32768, n_layer=6, n_head=3, n_kv_head=3, n_embd=384,
+                    mhc=MHCConfig(enabled=mhc))
     est = estimate_training_memory(cfg, 16, 512, "bfloat16")
     torch.manual_seed(0)
     model = GPT(cfg).cuda()

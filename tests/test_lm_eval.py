@@ -2,7 +2,6 @@
 script's bad input. Needs the [harness] extra (CI installs it; under CI a missing harness fails, never skips)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from contextlib import nullcontext
 
@@ -22,14 +21,15 @@ def long_context_checkpoint(tiny_base_dir):
     harness's and our context rules never differ) and O(1) logits (no near-ties between choices or tokens)."""
     from nanochat.checkpoint import checkpoint_root, save_checkpoint
     from nanochat.gpt import GPT, GPTConfig
+    from nanochat.mhc import MHCConfig
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=512, vocab_size=tiny_base_dir.tokenizer.vocab_size, n_layer=2, n_head=2,
-                    n_kv_head=2, n_embd=64, out_proj_init_scale=1.0, mhc_enabled=True)
+                    n_kv_head=2, n_embd=64, out_proj_init_scale=1.0, mhc=MHCConfig(enabled=True))
     model = GPT(cfg)
     model.init_weights()
     with torch.no_grad():
         model.lm_head.weight.mul_(100)
-    meta = dict(model_config=dataclasses.asdict(cfg), tokenizer=tiny_base_dir.tokenizer.fingerprint, seed=0,
+    meta = dict(model_config=cfg.to_dict(), tokenizer=tiny_base_dir.tokenizer.fingerprint, seed=0,
                 run_config=dict(model_tag="lm_eval_mhc", train=dict(data_source="local", seed=0)))
     return save_checkpoint(checkpoint_root("lm_eval_mhc"), 1, model, [], meta)
 

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def config(depth, width, seq, mhc, **kw):
-    return GPTConfig(sequence_len=seq, vocab_size=512, n_layer=depth, n_head=width // 32, n_kv_head=width // 32,
-                     n_embd=width, mhc_enabled=mhc, **kw)
+    return GPTConfig.from_dict(dict(sequence_len=seq, vocab_size=512, n_layer=depth, n_head=width // 32,
+                                    n_kv_head=width // 32, n_embd=width, mhc_enabled=mhc, **kw))
 
 
 def build(cfg, checkpointing="off"):

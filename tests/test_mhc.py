@@ -7,8 +7,8 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.gpt import GPT, Block, GPTConfig
-from nanochat.mhc import (DynamicMHC, StreamReadout, _sinkhorn_diag_logit, orthostochastic_project, sinkhorn,
-                          sinkhorn_log)
+from nanochat.mhc import (DynamicMHC, MHCConfig, StreamReadout, _sinkhorn_diag_logit, orthostochastic_project,
+                          sinkhorn, sinkhorn_log)
 
 SMALL = dict(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 MHC_PARAM_KINDS = {"phi", "alpha", "b_pre", "b_post", "b_res", "gate_logit", "stream_embed", "readout_phi",
@@ -17,7 +17,7 @@ MHC_PARAM_KINDS = {"phi", "alpha", "b_pre", "b_post", "b_res", "gate_logit", "st
 
 def mhc_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**SMALL, "mhc_enabled": True, **overrides}))
+    model = GPT(GPTConfig.from_dict({**SMALL, "mhc_enabled": True, **overrides}))
     model.init_weights()
     return model
 
@@ -40,7 +40,8 @@ def mhc_grads(model):
         if not ("mhc" in name or "stream" in name):
             continue
         kind = name.split(".")[-1]
-        kind = f"readout_{kind}" if name.startswith("stream_readout") else kind
+        kind = f"readout_{kind}" if name.startswith("stream_ends.readout") else kind
+        kind = "stream_embed" if name == "stream_ends.embed" else kind
         grads[kind] = min(grads.get(kind, math.inf), p.grad.abs().max().item())
     return grads
 
@@ -51,7 +52,7 @@ def mhc_grads(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sinkhorn_doubly_stochastic(project, dtype):
     torch.manual_seed(0)
-    logits = torch.randn(256, 4, 4).to(dtype)  # well-scaled logits (DESIGN.md §6)
+    logits = torch.randn(256, 4, 4).to(dtype)  # well-scaled logits (docs/design.md, section 6)
     H = project(logits, num_iters=20)
     assert H.dtype == torch.float32  # coefficient math in fp32 whatever the input
     assert (H >= 0).all() and row_col_error(H) < 1e-3
@@ -114,7 +115,8 @@ def test_init_near_identity_and_every_parameter_learns(constraint):
 
 
 def test_public_repo_init_has_zero_gradient_ours_does_not():
-    """tau = 0.05 with -8 off-diagonal logits underflows to exactly I with exactly zero gradient (DESIGN.md §5)."""
+    """tau = 0.05 with -8 off-diagonal logits underflows to exactly I with exactly zero gradient (docs/design.md,
+    section 5)."""
     bad = torch.full((4, 4), -8.0).fill_diagonal_(0.0).requires_grad_()
     H = sinkhorn_log(bad, num_iters=20, tau=0.05)
     (H * torch.randn(4, 4)).sum().backward()
@@ -260,7 +262,7 @@ def test_learned_readout_starts_as_a_weighted_sum():
 # -- equivalences ------------------------------------------------------------------------------------------------
 
 def test_one_stream_block_equals_plain_residual_block():
-    cfg = GPTConfig(**SMALL, mhc_enabled=True, mhc_num_streams=1)
+    cfg = GPTConfig(**SMALL, mhc=MHCConfig(enabled=True, num_streams=1))
     torch.manual_seed(0)
     plain = Block(GPTConfig(**SMALL), 0)
     wrapped = Block(cfg, 0)
@@ -280,7 +282,7 @@ def test_gpt_with_one_stream_equals_baseline():
     torch.manual_seed(0)
     base = GPT(GPTConfig(**SMALL))
     base.init_weights()
-    mhc = GPT(GPTConfig(**SMALL, mhc_enabled=True, mhc_num_streams=1))
+    mhc = GPT(GPTConfig(**SMALL, mhc=MHCConfig(enabled=True, num_streams=1)))
     mhc.init_weights()
     mhc.load_state_dict(base.state_dict(), strict=False)
     for m in mhc.mhc_modules():
@@ -402,7 +404,7 @@ def test_bad_mhc_arguments(kwargs, match):
 ])
 def test_bad_mhc_model_config(overrides, match):
     with pytest.raises(UserError, match=match):
-        GPT(GPTConfig(**SMALL, mhc_enabled=True, **overrides))
+        GPT(GPTConfig.from_dict({**SMALL, "mhc_enabled": True, **overrides}))
 
 
 @pytest.mark.slow
@@ -508,7 +510,7 @@ def test_gate_override_is_run_state_never_saved(tmp_path):
     model.set_mhc_gates_per_sublayer([0.9, 0.9, 0.9, 0.9])
     sd = model.state_dict()
     assert not any("gate_override" in k for k in sd)
-    meta = dict(model_config=dict(model.config.__dict__))
+    meta = dict(model_config=model.config.to_dict())
     path = save_checkpoint(str(tmp_path), 1, model, [], meta)
     loaded, _ = load_model(path)
     assert loaded.get_mhc_gates() == pytest.approx([0.2] * 4)  # the learned gates, not the override

@@ -1,4 +1,4 @@
-"""Newton–Schulz: the singular-value bands of DESIGN.md §6, invariances, batching, and bad input."""
+"""Newton–Schulz: the singular-value bands of docs/design.md (section 6), invariances, batching, and bad input."""
 import contextlib
 import math
 
@@ -39,7 +39,8 @@ def singular_values(X: torch.Tensor) -> torch.Tensor:
 
 
 # Input singular values after Frobenius normalisation lie in (0, 1]; the bands below are the composed maps over
-# s in [1e-3, 1] (DESIGN.md §6, where they are quoted to 2-3 digits; computed here in float64 on a fine grid:
+# s in [1e-3, 1] (docs/design.md section 6, where they are quoted to 2-3 digits; computed here in float64 on a fine
+# grid:
 # quintic x5 [0.47054, 1.20237], cubic x5 [0.24110, 1.21045], cubic x8 [0.97205, 1.07059], handover8
 # [0.99927, 1.00038], handover8 cut to 5 [0.45494, 1.83396], polar_express5 [0.85887, 1.14113]).
 BANDS = {
@@ -55,7 +56,8 @@ BAND_SPECTRUM = torch.logspace(-3, 0, 256, dtype=torch.float64)  # dense enough 
 
 @pytest.mark.parametrize("name", BANDS)
 def test_singular_value_band_fp32(name):
-    """The iteration maps input s in [1e-3, 1] into the band of DESIGN.md §6 (fp32, tolerance 1e-3), and reaches
+    """The iteration maps input s in [1e-3, 1] into the band of docs/design.md section 6 (fp32, tolerance 1e-3), and
+    reaches
     both ends of it (the band is tight, not just an upper bound)."""
     schedule, (lo, hi) = BANDS[name]
     X = controlled_matrix(BAND_SPECTRUM, 256, 1024).float()
@@ -65,7 +67,7 @@ def test_singular_value_band_fp32(name):
 
 
 def test_handover8_band_bf16():
-    """In bf16 (the GPU iteration dtype) the handover schedule stays within 5e-3 of 1 (fused ops: about 3.3e-3;
+    """In bf16 (the GPU iteration dtype) the handover8 schedule stays within 5e-3 of 1 (fused ops: about 3.3e-3;
     unfused bf16 ops would give 6e-3, see odd_polynomial_iteration)."""
     X = controlled_matrix(BAND_SPECTRUM, 256, 1024).float()
     out = singular_values(odd_polynomial_iteration(X, HANDOVER8, dtype=torch.bfloat16))
@@ -105,7 +107,7 @@ def test_orthogonal_input_is_a_fixed_point():
     Q, _ = torch.linalg.qr(torch.randn(64, 16, generator=torch.Generator().manual_seed(3)))
     out = zeropower_via_newtonschulz(Q.T, HANDOVER8, dtype=torch.float32)  # 16 x 64, rows orthonormal
     assert torch.allclose(out, Q.T, atol=2e-3)
-    # the quintic only lands in its band: same singular vectors, s within [0.68, 1.14] of DESIGN.md §6
+    # the quintic only lands in its band: same singular vectors, s within [0.68, 1.14] of docs/design.md section 6
     cos = torch.nn.functional.cosine_similarity(zeropower_via_newtonschulz(Q.T, QUINTIC, dtype=torch.float32),
                                                 Q.T, dim=1)
     assert cos.min() > 0.999

@@ -11,6 +11,7 @@ import torch
 from nanochat.common import UserError
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.mhc import MHCConfig
 from nanochat.optim import NGPT_OTHER_LR_FRAC, setup_ngpt_optimizers
 
 # the tiny model of tests/test_train.py (depth 2, width 64, seq 64), as nGPT
@@ -35,7 +36,7 @@ def make_model(seed: int = 0, **overrides) -> GPT:
 
 def max_row_drift(model: GPT) -> float:
     """max | ||row|| - 1 | over every vector nGPT keeps on the sphere."""
-    return max((w.norm(dim=dim) - 1).abs().max().item() for w, dim in model.ngpt_matrices())
+    return max((w.norm(dim=dim) - 1).abs().max().item() for w, dim in model.architecture.sphere_matrices(model))
 
 
 def read_metrics(results, tag) -> list[dict]:
@@ -53,7 +54,8 @@ def run_train(argv):
 
 def test_init_and_projection_put_every_row_on_the_sphere():
     model = make_model()
-    assert len(model.ngpt_matrices()) == 2 + 6 * 2  # wte, lm_head; q, k, v, c_fc, two output projections per layer
+    # wte, lm_head; q, k, v, c_fc and the two output projections per layer
+    assert len(model.architecture.sphere_matrices(model)) == 2 + 6 * 2
     assert max_row_drift(model) < 1e-5  # projected at init
     opts = setup_ngpt_optimizers(model, lr=1e-3)
     x = torch.randint(0, VOCAB, (4, 32))
@@ -95,7 +97,7 @@ def test_lazy_projection_drift_is_bounded(optimizer, per_step):
 def test_hidden_states_are_unit_after_every_block():
     model = make_model()
     with torch.no_grad():  # move the weights off the sphere, as between lazy projections
-        for w, _ in model.ngpt_matrices():
+        for w, _ in model.architecture.sphere_matrices(model):
             w.mul_(1.3)
     outs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.transformer.h]
@@ -176,7 +178,10 @@ def test_kv_cache_equals_full_forward(n_kv_head):
 def test_old_configs_load_as_gpt():
     cfg = GPTConfig.from_dict(dict(sequence_len=8, vocab_size=16, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
     assert cfg.arch == "gpt" and cfg.logit_scale > 0
-    assert GPT(cfg).ngpt_matrices() == []
+    model = GPT(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.project_weights()  # the baseline keeps no weights on a sphere: a no-op
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,7 +261,7 @@ def test_ngpt_flags_without_arch_and_bad_model_configs(tmp_path):
         run_train(gpt_argv + ["--num-iterations", "1", "--results-dir", str(tmp_path), "--arch", "mamba"])
     base = dict(sequence_len=8, vocab_size=16, n_layer=1, n_head=1, n_kv_head=1, n_embd=64, arch="ngpt")
     with pytest.raises(UserError, match="arch ngpt cannot be combined with mHC"):
-        GPT(GPTConfig(**base, mhc_enabled=True))
+        GPT(GPTConfig(**base, mhc=MHCConfig(enabled=True)))
     with pytest.raises(UserError, match="logit_scale"):
         GPT(GPTConfig(**base, logit_scale=0.0))
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from nanochat.common import UserError
+from nanochat.run_records import read_records
 
 # the smallest model that still trains: 1 layer x 64 wide, 32-token rows, 3 steps
 FAST = ["--preset", "tiny", "--depth", "1", "--seq-len", "32", "--batch-size", "2", "--steps", "3",
@@ -47,7 +48,7 @@ def test_interrupted_run_resumes_and_skips_finished_variants(tiny_base_dir, tmp_
     monkeypatch.setattr(ns_ablation, "train_variant", counting)
     ns_ablation.main(argv)
     assert calls == ["fewer-iter", "handover8"]  # baseline was not trained again
-    done = [r for r in ns_ablation.read_runs(str(tmp_path / "runs.jsonl"))]
+    done = read_records(str(tmp_path / "runs.jsonl"))
     assert [r["variant"] for r in done] == ["baseline", "fewer-iter", "handover8"]
     assert done[0] == first[0]  # the recorded baseline is untouched
     for r in done:

@@ -122,5 +122,5 @@ def test_newton_schulz_orthogonalises():
     G = torch.randn(3, 32, 64)
     X = zeropower_via_newtonschulz(G, dtype=torch.float32)
     s = torch.linalg.svdvals(X)
-    assert s.min() > 0.6 and s.max() < 1.25  # the quintic's band (DESIGN.md §6)
+    assert s.min() > 0.6 and s.max() < 1.25  # the quintic's band (docs/design.md, section 6)
     assert torch.all(zeropower_via_newtonschulz(torch.zeros(8, 8), dtype=torch.float32) == 0)

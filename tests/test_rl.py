@@ -16,6 +16,7 @@ import envs
 from envs.gate_search import evaluate_arms, evolution_strategy, grid_search, random_search
 from envs.gsm8k_env import load_problems
 from envs.mhc_env import (ACTION_SPACES, ENV_ID, GateScorer, GSM8KMHCEnv, GSM8KMHCVecEnv, build_scorer, check_action,
+                          gates_applied,
                           load_frozen_model, num_gates)
 from envs.ppo_controller import build_ppo, policy_gates
 from nanochat.checkpoint import latest_checkpoint
@@ -94,6 +95,27 @@ def test_every_gate_of_every_action_space_changes_the_reward(frozen, problems, s
         gates[:, j] = 1.0
         moved = np.array([r["dense"] for r in scorer.score(probs, gates)])
         assert np.abs(moved - base).max() > 1e-4, (space, j)
+
+
+def test_a_new_action_space_is_one_registration(frozen, problems):
+    """Registered here, in the test: one gate for every attention sub-layer and one for every MLP. The config
+    accepts it, the env builds its Box from it, and each value reaches the sub-layers it names."""
+    from nanochat.config import RLConfig
+    from nanochat.gate_rewards import ACTION_SPACES, register_action_space
+    register_action_space("attn_mlp", lambda L: 2, lambda g, L: np.tile(g, L), "attention gate, MLP gate")
+    try:
+        RLConfig(model_tag="m", action_space="attn_mlp").validate()
+        env = GSM8KMHCEnv(scorer=scorer_for(frozen, "attn_mlp"), action_space="attn_mlp", reward="dense",
+                          problems=problems[:4])
+        assert env.action_space.shape == (2,)
+        env.reset(seed=0)
+        _, reward, terminated, _, info = env.step(np.array([0.1, 0.9], np.float32))
+        assert terminated and np.isfinite(reward)
+        model = frozen[0]
+        with gates_applied(model, "attn_mlp", np.array([0.1, 0.9], np.float32)):
+            assert model.get_mhc_gates() == pytest.approx([0.1, 0.9, 0.1, 0.9])  # 2 layers: attn, mlp, attn, mlp
+    finally:
+        del ACTION_SPACES["attn_mlp"]
 
 
 def test_batched_scoring_equals_one_problem_at_a_time(frozen, problems):
@@ -283,7 +305,9 @@ def test_train_rl_resume_equals_straight_run(tiny_base_dir, tiny_mhc_checkpoint,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert straight["policy_timesteps"] == resumed["policy_timesteps"] == 64
     metrics = [json.loads(line) for line in open(tmp_path / "rl" / "split" / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [16, 32, 48, 64]  # no duplicated iteration after the resume
+    # no duplicated iteration after the resume; the resume's allowed changes are recorded at its step
+    assert [m["step"] for m in metrics if "config_change" not in m] == [16, 32, 48, 64]
+    assert {"step": 32, "config_change": {"resume": [False, True], "total_timesteps": [32, 64]}} in metrics
     # eval.json: arms (a)-(e) with n, CIs and paired tests against the learned gates
     record = json.loads((tmp_path / "rl" / "straight" / "eval.json").read_text())
     assert {"default", "rl_policy", "rl_initial", "grid", "random", "es", "gate0", "gate1"} == set(record["arms"])
@@ -307,7 +331,7 @@ def test_train_rl_refuses_what_it_cannot_do_honestly(tiny_base_dir, tiny_mhc_che
     main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 16, "--baselines", "none"))
     with pytest.raises(UserError, match="--resume"):
         main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 16, "--baselines", "none"))
-    with pytest.raises(UserError, match="--action-space: checkpoint 'global' vs now 'per_layer'"):
+    with pytest.raises(UserError, match="--action-space: checkpoint .global., now .per_layer."):
         main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 32, "--baselines", "none", "--resume",
                      "--action-space", "per_layer"))
     evaluated = main(rl_args(tiny_mhc_checkpoint, tmp_path, "once", 16, "--baselines", "none", "--eval-only"))
@@ -321,7 +345,7 @@ def test_presets_load_and_flags_override_them():
     assert (cfg.problems, cfg.reward, cfg.total_timesteps, cfg.num_envs) == ("synthetic", "dense", 2048, 8)
     cfg, _ = build_config(RLConfig, with_preset(["--preset=gpu", "--model-tag", "m"]), "")
     assert (cfg.problems, cfg.reward, cfg.total_timesteps, cfg.ent_coef) == ("gsm8k", "exact", 50000, 0.1)
-    defaults = RLConfig(model_tag="m")  # the PRD's PPO settings are the dataclass defaults
+    defaults = RLConfig(model_tag="m")  # the plan's PPO settings are the dataclass defaults
     assert (defaults.learning_rate, defaults.n_steps, defaults.batch_size, defaults.n_epochs, defaults.gamma,
             defaults.ent_coef, defaults.total_timesteps) == (3e-4, 1024, 64, 10, 0.99, 0.1, 50000)
     for bad, match in [(["--preset", "huge"], "--preset must be one of"),
@@ -377,5 +401,5 @@ def test_sigterm_saves_a_boundary_checkpoint_and_resume_is_exact(tiny_base_dir, 
     main(args("killed") + ["--resume"])
     a, b = policy_weights(tiny_base_dir.base_dir, "uninterrupted"), policy_weights(tiny_base_dir.base_dir, "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in open(metrics)]
+    steps = [r["step"] for r in map(json.loads, open(metrics)) if "config_change" not in r]
     assert steps == list(range(16, 1025, 16))

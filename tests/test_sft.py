@@ -78,7 +78,7 @@ def test_sft_lowers_the_answer_loss_and_resumes_exactly(tiny_base_dir, tiny_mhc_
                   "--resume"))
     resumed = load_file(latest_checkpoint(checkpoint_root("sft_b")) + "/model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    with pytest.raises(UserError, match="--lr-scale: checkpoint 0.2 vs now 0.5"):
+    with pytest.raises(UserError, match="--lr-scale: checkpoint 0.2, now 0.5"):
         main(sft_args(tiny_mhc_checkpoint, tmp_path, "sft_b", "--num-iterations", "6", "--resume",
                       "--lr-scale", "0.5"))
     with pytest.raises(UserError, match="--resume"):

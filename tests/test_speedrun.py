@@ -125,5 +125,5 @@ def test_fresh_clone_without_shared_data_fetches_it_or_says_what_to_set(tmp_path
                          timeout=300)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "[speedrun] data_fetch: python -m nanochat.dataset --source hub-small" in out.stdout
-    assert "cannot download openai/gsm8k" in out.stderr and "set NANOCHAT_DATA_DIR" in out.stderr
+    assert "cannot download the small datasets" in out.stderr and "set NANOCHAT_DATA_DIR" in out.stderr
     assert not (tmp_path / "base" / "speedrun" / "data_fetch.done").exists()

@@ -1,4 +1,4 @@
-"""scripts.sweep / nanochat.sweep: the campaign runner with a fake training function (resume, crashes, combine,
+"""scripts.sweep: the campaign runner with a fake training function (resume, crashes, combine,
 ranking and ties, bad input), and one real end-to-end sweep of tiny scripts.base_train subprocesses."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.common import UserError
-from nanochat.sweep import _cell, load_sweep, parse_metrics, parse_slots, rank, run_campaign, train_args
+from scripts.sweep import _cell, load_sweep, parse_metrics, parse_slots, rank, run_campaign, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,10 @@
 # The whole pipeline: setup -> (a fresh clone's small data) -> data -> tokenizer -> pretokenize -> baseline and mHC
 # training (identical data and token budgets) -> evaluation of both (bpb, GSM8K 0/8-shot, HellaSwag,
 # ARC-Easy/Challenge) -> the mHC model through lm-evaluation-harness -> mHC statistics -> fine-tuning of the mHC
-# model on GSM8K-format problems -> gate sweep -> PPO over the mHC gates of the frozen fine-tuned model, with its
-# black-box baselines and held-out evaluation -> the RL-tuned model's evaluation, the inference benchmark and
+# model on GSM8K-format problems and, with the same recipe and tokens, of the baseline -> gate sweep -> the headroom
+# of a context-dependent gate (analysis/gate_oracle.py: per-problem oracle, cross-fitted contextual baselines) ->
+# the RL gate controller (PPO or RLOO) over the mHC gates of the frozen fine-tuned model, with its black-box
+# baselines, model selection on RL-validation problems and held-out evaluation -> the inference benchmark and
 # results/report.md (every table and figure; analysis/report.py).
 #
 #   bash speedrun.sh                 # 8xH100 preset when GPUs are present, the tiny CPU preset otherwise
@@ -11,13 +13,15 @@
 #   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
 #   SKIP=data,tokenizer bash speedrun.sh
 #   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
-#   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages, and EXTRA_SWEEP_ARGS for
-#   the gate sweep, analysis.gate_sweep; the memory_* stages take EXTRA_TRAIN_ARGS)
+#   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages, EXTRA_SWEEP_ARGS for
+#   the gate sweep, analysis.gate_sweep, and EXTRA_ORACLE_ARGS for analysis.gate_oracle; the memory_* stages take
+#   EXTRA_TRAIN_ARGS)
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #   NANOCHAT_BASE_DIR=/cache bash speedrun.sh # tokenizer, shards, checkpoints, stage markers (default:
 #                                             # ~/.cache/nanochat, tiny preset ~/.cache/nanochat-tiny)
 #   NANOCHAT_DATA_DIR=/data bash speedrun.sh  # local copies of the datasets (default: ../shared/data beside the
 #                                             # clone, else the tiny preset fetches the small sets from the hub)
+#   RUN_RL_SEEDS=1 bash speedrun.sh           # tiny: also the RLOO run on 5 seeds (~10 min; the GPU preset always)
 #   RUN_NS_ABLATION=1 bash speedrun.sh        # also run the Newton–Schulz ablation (tiny: est. 5-10 min on 2 idle cores)
 #   RUN_NGPT_CAMPAIGN=1 bash speedrun.sh      # also run the nGPT campaign (configs/sweeps/; tiny: ~3 min, 2 seeds)
 #
@@ -54,12 +58,19 @@ case "$preset" in
     data_out="$NANOCHAT_BASE_DIR/base_data/fineweb"   # the shards (nanochat/dataset.py's layout)
     eval_args=(--eval-tokens 10485760 --device-batch-size 32 --tasks "$eval_tasks")  # every example of every task
     # fine-tune on GSM8K train + synthetic problems; sweep and RL on GSM8K (train for RL, test held out)
-    sft_args=(--data gsm8k,synthetic)
+    sft_args=(--data gsm8k,synthetic)             # GSM8K: the SFT part of train only (nanochat/splits.py)
     sweep_args=(--problems gsm8k --split test --num-problems 256 --tokens 1048576 --batch-size 32)
-    rl_runs=("gsm8k global" "gsm8k per_layer")   # the plan's global gate, then its per-layer ablation
+    # the headroom on RL's training pool: dense replicates (even/odd answer tokens), then exact match (two
+    # sampled decodes), global and per-layer gate sets
+    oracle_runs=("gsm8k dense global --num-problems 1024" "gsm8k exact global --num-problems 512"
+                 "gsm8k dense per_layer --num-problems 512")
+    # learner, problems, action space, then flags of this run only: the plan's PPO on the global gate and per
+    # layer, and RLOO (no critic) per layer
+    rl_runs=("ppo gsm8k global" "ppo gsm8k per_layer" "rloo gsm8k per_layer")
     rl_args=(--preset gpu)
-    rl_reward=exact                               # configs/rl_gpu.toml's reward: the last part of each RL run's tag
-    rl_gates_run=gsm8k-per_layer-exact            # the RL-tuned column evaluates the per-layer policy's gates
+    rl_reward=exact                               # configs/rl_gpu.toml's reward: part of each RL run's tag
+    rl_out=seeds.json                             # configs/rl_gpu.toml runs 5 seeds: <tag>/seeds.json, <tag>-s<seed>/
+    rl_column=mhc_sft-gsm8k-per_layer-exact-s0    # the Phase-4 RL-tuned column: this run's per-problem policy
     hres_args=(--tokens 262144 --batch-size 32)
     lm_eval_args=(--tasks gsm8k,hellaswag,arc_easy,arc_challenge --batch-size 32)   # the harness's own settings
     bench_args=(--depth 12 --head-dim 128 --vocab-size 32768 --seq-len 1024 --dtype bfloat16 --batch-sizes 1,8)
@@ -83,18 +94,23 @@ case "$preset" in
     data_out="$NANOCHAT_BASE_DIR/base_data/local/manifest.json"   # written last, once the shards are built
     # a smoke-sized subset (~30 s per model on 2 cores): the tiny models score near chance anyway; the task data is
     # the local copy (the hub is not tried, so an offline box does not wait on it)
-    eval_args=(--eval-tokens 65536 --device-batch-size 8 --tasks "$eval_tasks" --max-per-task 20
+    eval_args=(--eval-tokens 32768 --device-batch-size 8 --tasks "$eval_tasks" --max-per-task 16
                --max-new-tokens 48 --task-data local)
-    # fine-tune on one-step synthetic problems (~1.5 min), a coarse gate sweep (~40 s), then RL (~2 and ~4 min) on
-    # held-out synthetic problems and on GSM8K (train pool, test held out) with the dense reward
-    sft_args=(--data synthetic --synthetic-count 4000 --synthetic-steps 1 --synthetic-max-value 10
-              --num-iterations 150 --device-batch-size 16 --eval-every 50 --log-every 25)
-    sweep_args=(--problems synthetic --synthetic-steps 1 --synthetic-max-value 10 --num-problems 64 --tokens 8192
-                --per-layer-grid 0,0.5,1)
-    rl_runs=("synthetic global" "gsm8k global --total-timesteps 512 --eval-problems 128 --max-new-tokens 128")
+    # fine-tune both models on the mixed-difficulty synthetic problems (~1 min each), a coarse global gate sweep
+    # (~15 s), the headroom on synthetic and GSM8K problems (~40 s each), then RL: RLOO on held-out synthetic
+    # problems (~2 min) and PPO on GSM8K (RL-train part, test held out; ~2 min), with the dense reward. Cut to
+    # keep the whole run within 15 min on 2 cores: 80 fine-tuning steps of 12 rows, 96 and 64 problems for the
+    # headroom, RL budgets of 768 and 256 problems with the grid as the only black box, 48 and 32 held out
+    sft_args=(--data synthetic --synthetic-count 4000 --synthetic-mix mixed
+              --num-iterations 80 --device-batch-size 12 --eval-every 40 --log-every 20)
+    sweep_args=(--problems synthetic --synthetic-mix mixed --num-problems 24 --tokens 4096 --per-layer-grid none)
+    oracle_runs=("synthetic dense global --synthetic-mix mixed --num-problems 96"
+                 "gsm8k dense global --num-problems 64 --task-data local")
+    rl_runs=("rloo synthetic global" "ppo gsm8k global --total-timesteps 256 --eval-problems 32 --max-new-tokens 64")
     rl_args=(--preset tiny --task-data local --no-progress)
-    rl_reward=dense                               # configs/rl_tiny.toml's reward: the last part of each RL run's tag
-    rl_gates_run=gsm8k-global-dense
+    rl_reward=dense                               # configs/rl_tiny.toml's reward: part of each RL run's tag
+    rl_out=eval.json                              # one seed (RUN_RL_SEEDS=1 adds the 5-seed study)
+    rl_column=tiny_mhc_sft-gsm8k-global-dense     # the Phase-4 RL-tuned column: this run's per-problem policy
     hres_args=(--tokens 8192)
     # lm-evaluation-harness through the adapter, 0-shot on the first 20 examples of the local copies (~15 s)
     lm_eval_args=(--tasks gsm8k,hellaswag,arc_easy,arc_challenge --num-fewshot 0 --limit 20 --max-gen-toks 48
@@ -109,6 +125,7 @@ read -ra extra_train <<< "${EXTRA_TRAIN_ARGS:-}"
 read -ra extra_eval <<< "${EXTRA_EVAL_ARGS:-}"
 read -ra extra_sft <<< "${EXTRA_SFT_ARGS:-}"
 read -ra extra_sweep <<< "${EXTRA_SWEEP_ARGS:-}"
+read -ra extra_oracle <<< "${EXTRA_ORACLE_ARGS:-}"
 read -ra extra_rl <<< "${EXTRA_RL_ARGS:-}"
 read -ra extra_bench <<< "${EXTRA_BENCH_ARGS:-}"
 read -ra extra_lm_eval <<< "${EXTRA_LM_EVAL_ARGS:-}"
@@ -156,35 +173,50 @@ stage stats_mhc --out "$results_dir/${prefix}mhc/mhc_stats.json" -- \
 stage hres_mhc --out "$results_dir/${prefix}mhc/hres/hres.json" -- \
     python -m analysis.visualize_hres --model-tag "${prefix}mhc" --results-dir "$results_dir" "${hres_args[@]}"
 # the RL half (scripts/train_rl.py): fine-tune the mHC model on GSM8K-format problems (tiny models score 0 on GSM8K
-# otherwise), check that the gate matters (gate sweep), then PPO over its gates with the baselines it must beat
-stage sft --out "$results_dir/${prefix}mhc_sft/config.json" --out "$ckpt/${prefix}mhc_sft" -- \
-    "${launch[@]}" scripts.sft_train "${sep[@]}" --model-tag "${prefix}mhc" --output-tag "${prefix}mhc_sft" \
-    --run "$run_name" --resume --results-dir "$results_dir" "${sft_args[@]}" "${extra_sft[@]}"
-stage eval_sft --out "$results_dir/${prefix}mhc_sft/eval.json" -- \
-    "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
-    --results-dir "$results_dir" "${eval_args[@]}" "${extra_eval[@]}"
+# otherwise) and the baseline with the same recipe and tokens (the Phase-4 columns compare the two fine-tuned
+# models), check that the gate matters (gate sweep) and whether a context-dependent gate can win at all (gate
+# oracle), then the RL controller over its gates with the baselines it must beat
+for model in baseline mhc; do
+    stage "sft_$model" --out "$results_dir/${prefix}${model}_sft/config.json" --out "$ckpt/${prefix}${model}_sft" -- \
+        "${launch[@]}" scripts.sft_train "${sep[@]}" --model-tag "${prefix}${model}" \
+        --output-tag "${prefix}${model}_sft" --run "$run_name" --resume --results-dir "$results_dir" \
+        "${sft_args[@]}" "${extra_sft[@]}"
+    stage "eval_${model}_sft" --out "$results_dir/${prefix}${model}_sft/eval.json" -- \
+        "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}${model}_sft" \
+        --results-dir "$results_dir" "${eval_args[@]}" "${extra_eval[@]}"
+done
 stage gate_sweep --out "$results_dir/${prefix}mhc_sft/gate_sweep.json" -- \
     python -m analysis.gate_sweep --model-tag "${prefix}mhc_sft" --results-dir "$results_dir" \
     "${sweep_args[@]}" "${extra_sweep[@]}"
-for rl_run in "${rl_runs[@]}"; do
-    read -ra run <<< "$rl_run"   # problems, action space, then flags of this run only
-    rl_tag="${prefix}mhc_sft-${run[0]}-${run[1]}-$rl_reward"   # scripts/train_rl.py's default --tag
-    # --preset NAME reads configs/rl_NAME.toml (not a --config the stage runner can see)
-    stage "rl_${run[0]}_${run[1]}" --out "$results_dir/rl/$rl_tag/eval.json" --out "$ckpt/rl/$rl_tag" \
-        --dep "configs/rl_$preset.toml" -- \
-        python scripts/train_rl.py --model-tag "${prefix}mhc_sft" --problems "${run[0]}" \
-        --action-space "${run[1]}" --run "$run_name" --resume --results-dir "$results_dir" "${rl_args[@]}" \
-        "${run[@]:2}" "${extra_rl[@]}"
+for oracle_run in "${oracle_runs[@]}"; do
+    read -ra run <<< "$oracle_run"   # problems, replicates, gate set, then flags of this run only
+    name="gate_oracle_${run[0]}_${run[1]}_${run[2]}"
+    stage "oracle_${run[0]}_${run[1]}_${run[2]}" --out "$results_dir/${prefix}mhc_sft/$name.json" -- \
+        python -m analysis.gate_oracle --model-tag "${prefix}mhc_sft" --problems "${run[0]}" \
+        --replicates "${run[1]}" --gate-set "${run[2]}" --out "$results_dir/${prefix}mhc_sft/$name.json" \
+        "${run[@]:3}" "${extra_oracle[@]}"
 done
-# Phase 4: the RL-tuned model (the fine-tuned model at the gates the GSM8K policy chose), inference cost, the report
-stage eval_rl --out "$results_dir/${prefix}mhc_rl/eval.json" -- \
-    "${launch[@]}" scripts.base_eval "${sep[@]}" --model-tag "${prefix}mhc_sft" \
-    --output-tag "${prefix}mhc_rl" --mhc-gates-from "$results_dir/rl/${prefix}mhc_sft-${rl_gates_run}/eval.json" \
-    --results-dir "$results_dir" "${eval_args[@]}" "${extra_eval[@]}"
+for rl_run in "${rl_runs[@]}"; do
+    read -ra run <<< "$rl_run"   # learner, problems, action space, then flags of this run only
+    suffix=""; [ "${run[0]}" = ppo ] || suffix="-${run[0]}"
+    rl_tag="${prefix}mhc_sft-${run[1]}-${run[2]}-$rl_reward$suffix"   # scripts/train_rl.py's default --tag
+    # --preset NAME reads configs/rl_NAME.toml (not a --config the stage runner can see)
+    stage "rl_${run[1]}_${run[2]}$suffix" --out "$results_dir/rl/$rl_tag/$rl_out" --dep "configs/rl_$preset.toml" -- \
+        python scripts/train_rl.py --model-tag "${prefix}mhc_sft" --algo "${run[0]}" --problems "${run[1]}" \
+        --action-space "${run[2]}" --run "$run_name" --resume --results-dir "$results_dir" "${rl_args[@]}" \
+        "${run[@]:3}" "${extra_rl[@]}"
+done
+# Phase 4: inference cost and the report (its RL-tuned column: the per-problem policy of the $rl_column run)
 stage bench_inference --out "$results_dir/bench/inference.json" -- \
     python -m benchmarks.inference "${bench_args[@]}" --skip-no-cache \
     --out "$results_dir/bench/inference.json" "${extra_bench[@]}"
-stage report --out "$results_dir/report.md" -- python -m analysis.report --results-dir "$results_dir" --prefix "$prefix"
+stage report --out "$results_dir/report.md" -- python -m analysis.report --results-dir "$results_dir" \
+    --prefix "$prefix" --rl-tag "$rl_column"
+if [ "${RUN_RL_SEEDS:-0}" = 1 ] && [ "$preset" = tiny ]; then  # optional: the tiny RL study over 5 seeds
+    stage rl_seeds --out "$results_dir/rl/${prefix}mhc_sft-seeds-rloo/seeds.json" --dep "configs/rl_$preset.toml" -- \
+        python scripts/train_rl.py --model-tag "${prefix}mhc_sft" --algo rloo --tag "${prefix}mhc_sft-seeds-rloo" \
+        --seeds 0,1,2,3,4 --run "$run_name" --resume --results-dir "$results_dir" "${rl_args[@]}" "${extra_rl[@]}"
+fi
 if [ "${RUN_NS_ABLATION:-0}" = 1 ]; then  # optional: the Newton–Schulz ablation inside Muon (scripts/ns_ablation.py)
     stage ns_ablation --out "$results_dir/ns_ablation/$preset/summary.json" -- \
         python -m scripts.ns_ablation --preset "$preset" --out-dir "$results_dir/ns_ablation/$preset"
@@ -198,7 +230,7 @@ if [ "${RUN_NGPT_CAMPAIGN:-0}" = 1 ]; then  # optional: the nGPT hyperparameter 
         --out "$results_dir/sweeps/${campaign[0]}"
 fi
 made=()  # point only at what exists (SKIP, or a failed optional output, can leave any of these out)
-for path in "$results_dir/report.md" "$results_dir/${prefix}"{baseline,mhc,mhc_sft,mhc_rl} "$results_dir/rl" \
+for path in "$results_dir/report.md" "$results_dir/${prefix}"{baseline,mhc,baseline_sft,mhc_sft} "$results_dir/rl" \
             "$results_dir/bench" "$results_dir/ns_ablation" "$results_dir/sweeps"; do
     [ -e "$path" ] && made+=("${path#"$repo"/}")
 done

@@ -1,20 +1,26 @@
 """The Phase-4 comparison table (phase 4 of the plan, docs/design.md) from what the pipeline wrote into results/.
 
-    python -m analysis.compare_results                        # GPU tags: baseline, mhc, mhc_sft, mhc_rl
+    python -m analysis.compare_results                        # GPU tags: baseline, mhc, baseline_sft, mhc_sft, rl/..
     python -m analysis.compare_results --prefix tiny_         # the tiny preset's tags
     python -m analysis.compare_results --results-dir R --baseline-tag A --mhc-tag B --out-dir R/compare
 
-Columns: Baseline, Dynamic mHC, mHC + SFT (the fine-tuned model RL controls, at its learned gates) and RL-tuned
-(the same model at the gates the RL policy chose: base_eval --mhc-gates-from). Rows: val bpb, GSM8K 0-shot and
-8-shot, HellaSwag, ARC-Easy, ARC-Challenge (from each column's eval.json and eval_examples.jsonl), inference
-latency and peak memory (from benchmarks/inference.py's JSON; RL-tuned and SFT share mHC's network).
+Columns: Baseline, Dynamic mHC, Baseline + SFT and mHC + SFT (both fine-tuned with the same recipe on the same
+tokens, so the GSM8K / HellaSwag / ARC columns compare like with like), and RL-tuned: the fine-tuned mHC model under
+the RL *policy*, one gate vector per problem, on the held-out GSM8K test problems of the RL run
+(<results>/rl/<run>/eval.json, arm rl_policy; a per-problem policy acts on GSM8K-format questions, so the other rows
+have no RL-tuned cell). Rows: val bpb, GSM8K 0-shot and 8-shot, HellaSwag, ARC-Easy, ARC-Challenge (from each
+column's eval.json and eval_examples.jsonl), inference latency and peak memory (from benchmarks/inference.py's JSON;
+the fine-tuned models share their pretrained networks).
 
 Every accuracy carries n and a 95% Wilson interval. Every column is compared with its reference on the same
-examples: Dynamic mHC with the Baseline, RL-tuned with mHC + SFT (RL only moves the gates of that model; comparing
-it with the pretrained baseline would fold in the fine-tuning). Accuracies: McNemar's exact test and the paired
-difference with its CI (nanochat/stats.py, statsmodels); bpb: a paired bootstrap over the validation rows
+examples: Dynamic mHC with the Baseline, mHC + SFT with Baseline + SFT, RL-tuned with the learned gates of mHC + SFT
+on the same RL held-out problems (RL only moves the gates of that model). Accuracies: McNemar's exact test and the
+paired difference with its CI (nanochat/stats.py, statsmodels); bpb: a paired bootstrap over the validation rows
 (scipy.stats.bootstrap): the difference with its 95% CI and a two-sided bootstrap p-value. A missing file leaves
 its cells empty with the reason (and the speedrun stage that writes it); the rest of the table is still built.
+Under the table, the rows that bound the RL-tuned column (gate_policy_rows): the best fixed gate, the best
+cross-fitted contextual baseline and the per-problem oracle from analysis/gate_oracle.py, and the RL policy against
+the grid's fixed gate.
 Writes comparison.md, comparison.csv and comparison.json.
 """
 from __future__ import annotations
@@ -40,13 +46,81 @@ BOOTSTRAP_RESAMPLES = 2000
 LN2 = math.log(2)
 
 
-def columns_for(prefix: str = "", baseline: str = "", mhc: str = "", sft: str = "", rl: str = "") -> list[dict]:
-    """The four columns: name, results tag, reference column, speedrun stage that writes its eval, network."""
+def columns_for(prefix: str = "", baseline: str = "", mhc: str = "", sft: str = "", rl: str = "",
+                baseline_sft: str = "") -> list[dict]:
+    """The five columns: name, results tag, reference column, speedrun stage that writes its eval, network. The
+    RL-tuned column's tag is an RL run under <results>/rl/ (default: <prefix>mhc_sft-gsm8k-global-dense for the
+    tiny preset, mhc_sft-gsm8k-per_layer-exact otherwise: speedrun.sh's GSM8K runs)."""
+    rl_run = rl or (f"{prefix}mhc_sft-gsm8k-global-dense" if prefix else "mhc_sft-gsm8k-per_layer-exact")
     return [dict(name="Baseline", tag=baseline or f"{prefix}baseline", ref=None, stage="eval_baseline",
                  network="baseline"),
             dict(name="Dynamic mHC", tag=mhc or f"{prefix}mhc", ref="Baseline", stage="eval_mhc", network="mhc"),
-            dict(name="mHC + SFT", tag=sft or f"{prefix}mhc_sft", ref=None, stage="eval_sft", network="mhc"),
-            dict(name="RL-tuned", tag=rl or f"{prefix}mhc_rl", ref="mHC + SFT", stage="eval_rl", network="mhc")]
+            dict(name="Baseline + SFT", tag=baseline_sft or f"{prefix}baseline_sft", ref=None,
+                 stage="eval_baseline_sft", network="baseline"),
+            dict(name="mHC + SFT", tag=sft or f"{prefix}mhc_sft", ref="Baseline + SFT", stage="eval_sft",
+                 network="mhc"),
+            dict(name="RL-tuned", tag=f"rl/{rl_run}", ref=None, stage="rl_gsm8k", network="mhc", kind="rl")]
+
+
+def rl_cells(results_dir: str, col: dict) -> dict:
+    """The RL-tuned column from an RL run's eval.json: GSM8K 0-shot of the per-problem policy (arm rl_policy)
+    against the learned gates (arm default) on the same held-out problems; no cell for the other rows."""
+    path = os.path.join(results_dir, col["tag"], "eval.json")
+    if not os.path.isfile(path):
+        return {row: dict(missing=f"{path} not found (speedrun stage {col['stage']}, an RL run on GSM8K)")
+                for row in ROWS[:-2]}
+    with open(path) as f:
+        ev = json.load(f)
+    no_cell = "a per-problem gate policy acts on GSM8K-format questions: no cell for this row"
+    cells = {row: dict(na=no_cell) for row in ROWS[:-2]}   # not applicable, by design (not missing)
+    if "gsm8k" not in str(ev.get("eval_pool", {}).get("source", "")).lower():
+        cells["GSM8K 0-shot"] = dict(missing=f"{path} evaluated on {ev.get('eval_pool', {}).get('source')}, not GSM8K")
+        return cells
+    arm = ev["arms"]["rl_policy"]["exact"]
+    cell = dict(value=arm["acc"], n=arm["n"], ci95=arm["ci95"], metric="exact_match (0-shot, strict)",
+                unit="accuracy", note=f"RL held-out problems ({ev['eval_pool']['source']}); reference: the learned "
+                                      f"gates on the same problems")
+    vs = next((c["exact"] for c in ev["comparisons"] if c["a"] == "default" and c["b"] == "rl_policy"), None)
+    if vs is not None:
+        cell["vs"] = vs
+    cells["GSM8K 0-shot"] = cell
+    return cells
+
+
+def gate_policy_rows(results_dir: str, columns: list[dict]) -> list[dict]:
+    """The rows that bound the RL-tuned column: on GSM8K with the dense reward, the gain over the best fixed gate of
+    the best cross-fitted contextual baseline and of the per-problem (split) oracle, from the gate oracle of the
+    fine-tuned mHC model (RL's training pool), and of the RL policy over the grid's fixed gate on RL's held-out
+    problems. Each row names its source; an absent source is skipped."""
+    sft = next(c["tag"] for c in columns if c["name"] == "mHC + SFT")
+    rl = next(c["tag"] for c in columns if c["name"] == "RL-tuned")
+    rows = []
+    path = os.path.join(results_dir, sft, "gate_oracle_gsm8k_dense_global.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            oracle = json.load(f)
+        base = oracle["baselines"]
+        where = f"{oracle['problems']['count']} problems of {oracle['problems']['source']}"
+        rows.append(dict(policy=f"best fixed gate (g = {oracle['headroom']['best_fixed_gate']})", gain=0.0, ci=None,
+                         source=where))
+        ctx = {n: r for n, r in base["policies"].items() if "gain" in r and n not in oracle.get("learners", {})
+               .get("names", [])}
+        if ctx:
+            name = max(ctx, key=lambda n: ctx[n]["gain"])
+            rows.append(dict(policy=f"best contextual baseline ({name}, cross-fitted)", gain=ctx[name]["gain"],
+                             ci=ctx[name]["gain_ci"], source=where))
+        rows.append(dict(policy="per-problem oracle (split)", gain=base["oracle_gain"], ci=base["oracle_gain_ci"],
+                         source=where))
+    path = os.path.join(results_dir, rl, "eval.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            ev = json.load(f)
+        c = next((c for c in ev["comparisons"] if c["a"] == "grid" and c["b"] == "rl_policy"), None)
+        if c is not None and c["dense"]["diff"] is not None:
+            rows.append(dict(policy="RL policy (per problem) vs the grid's fixed gate", gain=c["dense"]["diff"],
+                             ci=c["dense"]["diff_ci95"], source=f"{ev['eval_pool']['count']} held-out problems of "
+                                                                 f"{ev['eval_pool']['source']}"))
+    return rows
 
 
 def load_column(results_dir: str, col: dict) -> dict:
@@ -172,6 +246,10 @@ def build_table(results_dir: str, columns: list[dict], bench_path: str) -> dict:
         if ref is not None and "missing" in ref:
             ref = None  # the column is reported; its comparison says why it is absent
         cells = bench_cells(bench, bench_path, c["network"])
+        if c.get("kind") == "rl":
+            cells.update(rl_cells(results_dir, c))
+            table[c["name"]] = dict(tag=c["tag"], reference="learned gates, same problems", cells=cells)
+            continue
         if "missing" in col:
             cells.update({row: dict(missing=col["missing"]) for row in ROWS if row not in cells})
         else:
@@ -189,15 +267,17 @@ def build_table(results_dir: str, columns: list[dict], bench_path: str) -> dict:
     missing = [dict(column=name, row=row, reason=cell["missing"]) for name, col in table.items()
                for row, cell in col["cells"].items() if "missing" in cell]
     return dict(results_dir=results_dir, columns=table, rows=ROWS, scale=scale, num_params=params,
-                missing=missing, bench=bench_path if bench else None)
+                missing=missing, bench=bench_path if bench else None,
+                gate_policies=gate_policy_rows(results_dir, columns))
 
 
 def format_cell(cell: dict, row: str, notes: list[str]) -> str:
     """One cell as text; a missing cell points to its reason in `notes` (listed under the table)."""
-    if "missing" in cell:
-        if cell["missing"] not in notes:
-            notes.append(cell["missing"])
-        return f"missing [{notes.index(cell['missing']) + 1}]"
+    for key, word in (("missing", "missing"), ("na", "n/a")):
+        if key in cell:
+            if cell[key] not in notes:
+                notes.append(cell[key])
+            return f"{word} [{notes.index(cell[key]) + 1}]"
     v = cell["value"]
     if row == "val bpb":
         text = f"{v:.4f}" + (f" [{cell['ci95'][0]:.4f}, {cell['ci95'][1]:.4f}]" if "ci95" in cell else "")
@@ -234,8 +314,15 @@ def to_markdown(table: dict) -> str:
         lines.append(f"| {row} | " + " | ".join(format_cell(table["columns"][n]["cells"][row], row, notes)
                                                  for n in names) + " |")
     if notes:
-        lines.append(f"\n{len(table['missing'])} cell(s) missing:\n")
+        lines.append(f"\n{len(table['missing'])} cell(s) missing; notes:\n")
         lines += [f"{i}. {reason}" for i, reason in enumerate(notes, 1)]
+    if table.get("gate_policies"):
+        lines += ["", "What bounds the RL-tuned column (GSM8K, dense reward: mean log-probability of the gold answer, "
+                      "gain over the best fixed gate with its 95% CI):", "",
+                  "| gate policy | gain over the best fixed gate | measured on |", "|---|---|---|"]
+        for r in table["gate_policies"]:
+            ci = f" [{r['ci'][0]:+.5f}, {r['ci'][1]:+.5f}]" if r["ci"] else " (the reference)"
+            lines.append(f"| {r['policy']} | {r['gain']:+.5f}{ci} | {r['source']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +339,7 @@ def to_csv(table: dict) -> str:
             dci = vs.get("diff_ci95") or [None, None]
             w.writerow([row, name, col["tag"], c.get("value"), ci[0], ci[1], c.get("n"), col["reference"],
                         vs.get("diff"), dci[0], dci[1], vs.get("p_value"), vs.get("test"),
-                        c.get("missing") or vs.get("error")])
+                        c.get("missing") or c.get("na") or vs.get("error")])
     return out.getvalue()
 
 
@@ -274,8 +361,11 @@ def add_column_args(p: argparse.ArgumentParser):
     p.add_argument("--prefix", default="", help="tag prefix of the default tags (tiny_ for the tiny preset)")
     p.add_argument("--baseline-tag", default="", help="results folder of the baseline (default <prefix>baseline)")
     p.add_argument("--mhc-tag", default="", help="results folder of the mHC model (default <prefix>mhc)")
+    p.add_argument("--baseline-sft-tag", default="", help="results folder of the fine-tuned baseline "
+                   "(<prefix>baseline_sft)")
     p.add_argument("--sft-tag", default="", help="results folder of the fine-tuned mHC model (<prefix>mhc_sft)")
-    p.add_argument("--rl-tag", default="", help="results folder of the RL-tuned evaluation (<prefix>mhc_rl)")
+    p.add_argument("--rl-tag", default="", help="the RL run (a folder under <results-dir>/rl/) whose per-problem "
+                   "policy fills the RL-tuned column (default: speedrun.sh's GSM8K run)")
     p.add_argument("--bench", default="", help="benchmarks.inference JSON (default <results-dir>/bench/inference.json)")
 
 
@@ -286,7 +376,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.isdir(args.results_dir):
         raise UserError(f"--results-dir {args.results_dir} does not exist")
-    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag)
+    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag,
+                          args.baseline_sft_tag)
     table = build_table(args.results_dir, columns, args.bench or os.path.join(args.results_dir, "bench",
                                                                               "inference.json"))
     paths = write_outputs(table, args.out_dir or args.results_dir)

@@ -1,6 +1,6 @@
 """Does the mHC gate matter? Val bpb and the dense GSM8K-format reward as the gate moves, before any RL runs.
 
-    python -m analysis.gate_sweep --model-tag tiny_mhc_sft --problems synthetic --synthetic-steps 1
+    python -m analysis.gate_sweep --model-tag tiny_mhc_sft --problems synthetic --synthetic-mix mixed
     python -m analysis.gate_sweep --model-tag mhc_sft --problems gsm8k --per-layer-grid 0,0.5,1
 
 - global: every sub-layer's gate set to g for g in --grid (default 0, 0.1, ..., 1): the exact 1-D oracle of the
@@ -131,6 +131,8 @@ def main(argv=None):
     p.add_argument("--synthetic-steps", default="1,2", help="synthetic: operations per problem, choices")
     p.add_argument("--synthetic-max-value", type=int, default=20, help="synthetic: largest operand")
     p.add_argument("--synthetic-ops", default="+-", help="synthetic: operations, any of + - * /")
+    p.add_argument("--synthetic-mix", default="", help="synthetic: a named mixture of difficulty tiers (mixed), "
+                   "instead of the three knobs above")
     p.add_argument("--task-data", default="auto", choices=["auto", "hub", "local"], help="GSM8K data source")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (bpb) / 4x for problems")
     p.add_argument("--device-type", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
@@ -164,7 +166,8 @@ def main(argv=None):
         dict(split=args.split, count=args.num_problems, seed=0, task_data=args.task_data)
     if args.problems == "synthetic":
         kw.update(synthetic_steps=parse_int_list(args.synthetic_steps, "synthetic-steps"),
-                  synthetic_max_value=args.synthetic_max_value, synthetic_ops=args.synthetic_ops)
+                  synthetic_max_value=args.synthetic_max_value, synthetic_ops=args.synthetic_ops,
+                  synthetic_mix=args.synthetic_mix)
     problems, pool = build_problem_pool(scorer, args.problems, **kw)
 
     result = sweep(scorer, batches, tokenizer.token_bytes().to(device), problems, grid, per_layer_grid, ctx)

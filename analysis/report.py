@@ -1,7 +1,7 @@
 """results/report.md: every table and figure of the paper from what the pipeline wrote, in one file (speedrun's
 last stage).
 
-    python -m analysis.report                          # GPU tags (baseline, mhc, mhc_sft, mhc_rl)
+    python -m analysis.report                          # GPU tags (baseline, mhc, baseline_sft, mhc_sft, rl/...)
     python -m analysis.report --prefix tiny_           # the tiny preset
     python -m analysis.report --results-dir R --prefix tiny_ --out R/report.md
 
@@ -76,10 +76,17 @@ def rl_table(ev: dict) -> list[str]:
     """An RL run's eval.json as markdown: its setting, one row per arm (accuracy and dense reward with CIs and the
     paired tests against the learned gates), then the verdicts."""
     vs = {c["b"]: c for c in ev["comparisons"] if c["a"] == "default"}
-    lines = [f"Action space `{ev['action_space']}`, reward `{ev['reward']}`, {ev['policy_timesteps']} PPO timesteps "
+    sel = ev.get("model_selection") or {}
+    chosen = (f" The evaluated policy was chosen on {sel['validation_problems']} validation problems (at "
+              f"{sel['selected_timesteps']} of {sel['last_timesteps']} timesteps)." if sel.get("validation_problems")
+              else "")
+    lines = [f"Learner `{ev.get('algo', 'ppo')}`; action space `{ev['action_space']}`, reward `{ev['reward']}`, "
+             f"{ev['policy_timesteps']} timesteps "
              f"(the baselines: the same budget), {ev['eval_pool']['count']} held-out problems from "
              f"`{ev['eval_pool']['source']}`, learned gates {[round(g, 3) for g in ev['default_gates']]}"
-             + (" -- smoke scale." if ev.get("scale") == "smoke" else "."), "",
+             + (" -- smoke scale." if ev.get("scale") == "smoke" else ".") + chosen
+             + (f" Best black box (chosen on validation): `{ev['best_black_box']}`." if ev.get("best_black_box")
+                else ""), "",
              "| arm | accuracy [95% CI] | Δ vs learned (McNemar p) | dense reward [95% CI] | Δ vs learned (t p) | "
              "gates |",
              "|---|---|---|---|---|---|"]
@@ -95,9 +102,96 @@ def rl_table(ev: dict) -> list[str]:
     return lines + [""] + [f"- {k}: {v}" for k, v in ev["verdicts"].items() if v] + [""]
 
 
+def oracle_table(result: dict) -> list[str]:
+    """A gate_oracle JSON as markdown: the headroom estimates, the interaction test, and every cross-fitted policy
+    against the best fixed gate and the per-problem oracle (the table every RL result is read against)."""
+    h, base, inter = result["headroom"], result["baselines"], result["interaction"]
+    pool = result["problems"]
+    p = "n/a" if inter["p_value"] is None else f"{inter['p_value']:.3g}"
+    lines = [f"{pool['count']} problems ({pool['source']}), {len(result['gates'])} gates ({result['action_space']}), "
+             f"{result['replicates']} replicates. Best fixed gate **{h['best_fixed_gate']}**; naive headroom "
+             f"{h['naive']:+.5f}; split headroom **{h['split']:+.5f} [{h['split_ci'][0]:+.5f}, "
+             f"{h['split_ci'][1]:+.5f}]**; problem x gate interaction F = "
+             f"{inter['F'] if inter['F'] is None else round(inter['F'], 3)}, p = {p}.", "",
+             "| policy (cross-fitted, {} folds) | value | V_pi - V_fix [95% CI] | closed gap |".format(base["folds"]),
+             "|---|---|---|---|"]
+    learners = set((result.get("learners") or {}).get("names", []))
+    budget = (result.get("learners") or {}).get("budget")
+
+    def label(name):
+        return f"{name} (RL on the table, {budget} rows)" if name in learners else name
+
+    for name, r in base["policies"].items():
+        if "gain" not in r:
+            lines.append(f"| {name} (the reference) | {r['value']:+.5f} | — | — |")
+            continue
+        gap = "n/a (split oracle <= fixed)" if r["closed_gap"] is None else f"{r['closed_gap']:+.2f}"
+        lines.append(f"| {label(name)} | {r['value']:+.5f} | {r['gain']:+.5f} [{r['gain_ci'][0]:+.5f}, "
+                     f"{r['gain_ci'][1]:+.5f}] | {gap} |")
+    if "oracle_gain" in base:
+        lines.append(f"| per-problem oracle (split) | {base['oracle_value']:+.5f} | {base['oracle_gain']:+.5f} "
+                     f"[{base['oracle_gain_ci'][0]:+.5f}, {base['oracle_gain_ci'][1]:+.5f}] | "
+                     f"{'1 (the ceiling)' if base['oracle_gain'] > 0 else '— (no ceiling above the fixed gate)'} |")
+    if result.get("per_type"):
+        lines += ["", "| type | n | best gate | its gain over the overall best gate [95% CI] (in-sample) |",
+                  "|---|---|---|---|"]
+        for t, r in result["per_type"]["types"].items():
+            lines.append(f"| {t} | {r['n']} | {result['gates'][r['best_gate']]} | {r['gain_over_overall']:+.5f} "
+                         f"[{r['gain_over_overall_ci'][0]:+.5f}, {r['gain_over_overall_ci'][1]:+.5f}] |")
+    seeds = result.get("over_seeds")
+    if seeds:
+        lines += ["", f"Over seeds {seeds['seeds']} (fold assignments and learner seeds; a tie with the fixed gate "
+                      f"needs TOST equivalence within +-{seeds['margin']:g}):", "",
+                  "| policy | gain over fixed: mean [95% CI] | IQM | closed gap: mean [95% CI] | vs fixed | |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in seeds["policies"].items():
+            g, gap, tost, vs = r["gain"], r["closed_gap"], r["tost_vs_fixed"], r["vs_fixed"]
+            gap_text = "n/a" if gap is None else (f"{gap['mean']:+.2f} [{gap['mean_ci'][0]:+.2f}, "
+                                                  f"{gap['mean_ci'][1]:+.2f}]")
+            word = ("beats" if vs["diff"] > 0 else "below") if vs["p_value"] is not None and vs["p_value"] < 0.05 \
+                else "ties (TOST)" if tost["equivalent"] else "inconclusive"
+            lines.append(f"| {label(name)} | {g['mean']:+.5f} [{g['mean_ci'][0]:+.5f}, {g['mean_ci'][1]:+.5f}] | "
+                         f"{g['iqm']:+.5f} | {gap_text} | p = {vs['p_value']:.3g}, TOST p = {tost['p_value']:.3g} | "
+                         f"{word} |")
+    return lines + ["", f"Verdict: {result['verdict']}", ""]
+
+
+def oracle_section(rep: Report, sft_dir: str):
+    paths = sorted(glob.glob(os.path.join(sft_dir, "gate_oracle_*.json")))
+    if not paths:
+        rep.note_missing(f"no gate_oracle_*.json in {sft_dir} (speedrun stages oracle_*)")
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        name = os.path.splitext(os.path.basename(path))[0]
+        rep.add(f"### Headroom: `{name}`", "")
+        rep.add(*oracle_table(result))
+        rep.figure(os.path.splitext(path)[0] + ".png", f"{name}: reward against the gate (overall and per type) and "
+                   f"each problem's best gate", "oracle")
+
+
+def seeds_table(out: dict) -> list[str]:
+    """train_rl --seeds' seeds.json as markdown: every arm's gain over the learned gates over seeds, then the RL
+    policy against each seed's best black box."""
+    lines = [f"Learner `{out['algo']}`, seeds {out['seeds']} (runs {', '.join(f'`{t}`' for t in out['tags'])}).", "",
+             "| arm | dense gain over learned: mean [95% CI] | IQM | accuracy gain: mean [95% CI] |",
+             "|---|---|---|---|"]
+    for arm, r in out["arms"].items():
+        d, e = r["dense"], r["exact"]
+        lines.append(f"| {arm} | {d['mean']:+.5f} [{d['mean_ci'][0]:+.5f}, {d['mean_ci'][1]:+.5f}] | "
+                     f"{d['iqm']:+.5f} | {e['mean']:+.3f} [{e['mean_ci'][0]:+.3f}, {e['mean_ci'][1]:+.3f}] |")
+    return lines + [""] + [f"- {line}" for line in out["lines"] if line.startswith("rl_policy ")] + [""]
+
+
 def rl_section(rep: Report, run_dir: str, fig_dir: str):
     name = os.path.basename(run_dir)
     path = os.path.join(run_dir, "eval.json")
+    seeds_path = os.path.join(run_dir, "seeds.json")
+    if not os.path.isfile(path) and os.path.isfile(seeds_path):
+        rep.add(f"### RL runs `{name}` over seeds", "")
+        with open(seeds_path) as f:
+            rep.add(*seeds_table(json.load(f)))
+        return
     rep.add(f"### RL run `{name}`", "")
     if not os.path.isfile(path):
         rep.note_missing(f"{path} not found (the RL stage did not finish)")
@@ -202,7 +296,8 @@ def main(argv=None):
         raise UserError(f"--results-dir {R} does not exist")
     out = args.out or os.path.join(R, "report.md")
     fig_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "report_figures")
-    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag)
+    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag,
+                          args.baseline_sft_tag)
     tags = {c["name"]: c["tag"] for c in columns}
     rep = Report(out)
     rep.add("# nanochat-mHC report", "",
@@ -246,6 +341,8 @@ def main(argv=None):
     rep.add("### Gate sweep", "")
     rep.figure(os.path.join(R, tags["mHC + SFT"], "gate_sweep.png"),
                f"{tags['mHC + SFT']}: val bpb and dense reward against the gates", "gate_sweep")
+    rep.add("## Is there anything for a context-dependent gate to win? (analysis.gate_oracle)", "")
+    oracle_section(rep, os.path.join(R, tags["mHC + SFT"]))
     rep.add("## RL gate controller", "")
     rl_runs = sorted(d for d in glob.glob(os.path.join(R, "rl", "*")) if os.path.isdir(d))
     if not rl_runs:

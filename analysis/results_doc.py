@@ -5,7 +5,8 @@ produced them, so that every number in the docs names its run and can be regener
 
 Sections: provenance (each run's commit and machine, from its config.json), the speedrun stage times, val bpb over
 training (baseline vs mHC), the Phase-4 comparison (analysis.compare_results), what the mHC connections learned
-(mhc_stats.json), every RL run's arms (the report's table), the memory estimates, and the benchmark records in
+(mhc_stats.json), the headroom of a context-dependent gate (every gate_oracle JSON), every RL run's arms (the
+report's table; a --seeds study's summary), the memory estimates, and the benchmark records in
 <results>/bench. No figures (they live in the results folder: results/report.md shows them).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 
 from analysis.compare_results import add_column_args, build_table, columns_for, to_markdown
 from analysis.plots import read_jsonl
-from analysis.report import rl_table, stage_times
+from analysis.report import oracle_table, rl_table, seeds_table, stage_times
 from nanochat.common import UserError, doc_summary, git_commit, run_main
 
 
@@ -101,7 +102,8 @@ def main(argv=None):
     R = args.results_dir
     if not os.path.isdir(R):
         raise UserError(f"--results-dir {R} does not exist")
-    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag)
+    columns = columns_for(args.prefix, args.baseline_tag, args.mhc_tag, args.sft_tag, args.rl_tag,
+                          args.baseline_sft_tag)
     tags = {c["name"]: c["tag"] for c in columns}
     lines = ["# Measured results", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} by `python -m analysis.results_doc "
@@ -117,11 +119,17 @@ def main(argv=None):
     table = build_table(R, columns, os.path.join(R, "bench", "inference.json"))
     lines += ["## Phase-4 comparison", "", to_markdown(table), ""]
     lines += ["## What the mHC connections learned", "", *mhc_stats_table(R, tags["Dynamic mHC"])]
+    lines += ["## Headroom of a context-dependent gate (analysis.gate_oracle)", ""]
+    for path in sorted(glob.glob(os.path.join(R, tags["mHC + SFT"], "gate_oracle_*.json"))):
+        lines += [f"### `{os.path.splitext(os.path.basename(path))[0]}`", "", *oracle_table(_load(path))]
     lines += ["## RL gate controller", ""]
     for run_dir in sorted(d for d in glob.glob(os.path.join(R, "rl", "*")) if os.path.isdir(d)):
         ev = _load(os.path.join(run_dir, "eval.json"))
+        seeds = _load(os.path.join(run_dir, "seeds.json"))
         if ev is not None:
             lines += [f"### `{os.path.basename(run_dir)}`", "", *rl_table(ev)]
+        elif seeds is not None:
+            lines += [f"### `{os.path.basename(run_dir)}` over seeds", "", *seeds_table(seeds)]
     lines += ["## Memory (estimated before training)", "", *memory_lines(R)]
     lines += ["## Inference benchmark", "", *inference_lines(R)]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

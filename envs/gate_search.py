@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from nanochat.common import UserError
-from nanochat.stats import accuracy, mcnemar_paired, mean_ci, paired_mean
+from nanochat.stats import accuracy, mcnemar_paired, mean_ci, paired_mean, tost_paired
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -101,12 +101,14 @@ def evolution_strategy(scorer, problems, budget: int, population: int = 8, paren
 
 # -- evaluation --------------------------------------------------------------------------------------------------
 
-def evaluate_arms(scorer, problems, arms: dict, reference: str = "default",
-                  comparisons=()) -> tuple[dict, list[dict], list[dict]]:
+def evaluate_arms(scorer, problems, arms: dict, reference: str = "default", comparisons=(),
+                  margins: dict | None = None) -> tuple[dict, list[dict], list[dict]]:
     """arms: name -> (action_space, gates) where gates is None (learned gates), a fixed vector [k], or a callable
     observations [B, C] -> gate vectors [B, k] (a policy). Every arm is scored on every problem with exact match
     and dense reward. Every arm is compared with `reference`, and each (a, b) of `comparisons` b against a, on the
-    same problems. Returns (summary per arm, comparisons, per-example records)."""
+    same problems; with `margins` ({"exact": accuracy margin, "dense": nats}) each comparison also gets a TOST
+    equivalence test (nanochat/stats.py), the only way a tie is declared. Returns (summary per arm, comparisons,
+    per-example records)."""
     pairs = [(reference, name) for name in arms if name != reference] + [tuple(c) for c in comparisons]
     missing = sorted({n for pair in pairs for n in pair} - set(arms))
     if missing:
@@ -134,6 +136,9 @@ def evaluate_arms(scorer, problems, arms: dict, reference: str = "default",
                                                  min=g.min(0).tolist(), max=g.max(0).tolist())
     compared = [dict(a=a, b=b, exact=mcnemar_paired(results[a]["_correct"], results[b]["_correct"]),
                      dense=paired_mean(results[a]["_dense"], results[b]["_dense"])) for a, b in pairs]
+    for c in compared if margins else ():
+        for metric, key in (("exact", "_correct"), ("dense", "_dense")):
+            c[metric]["tost"] = tost_paired(results[c["a"]][key], results[c["b"]][key], margins[metric])
     for res in results.values():
         del res["_correct"], res["_dense"]
     return results, compared, records

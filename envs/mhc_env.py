@@ -29,6 +29,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
+from envs.bandit import LOGIT_BOUND, ObsWhitener, logit_gates
 from envs.gsm8k_env import dense_rewards, exact_rewards, fit_problems, load_problems, question_features
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
 from nanochat.common import UserError, autocast_ctx, compile_model
@@ -83,10 +84,21 @@ def observation_space(n_embd: int) -> gym.spaces.Box:
     return gym.spaces.Box(-bound, bound, shape=(n_embd,), dtype=np.float32)
 
 
-def actions_to_gates(actions: np.ndarray, symmetric: bool) -> np.ndarray:
-    """Policy actions -> gates in [0, 1]: [-1, 1] maps linearly onto [0, 1] when `symmetric`; then clipped."""
+# how a policy's actions become gates: (the policy's action box, the map). "sigmoid" (the default) is the
+# logit-normal policy of envs/bandit.py: no action is ever clipped, so PPO's log-probability is that of the action
+# taken; "linear" maps [-1, 1] onto [0, 1] and clips (an unsquashed Gaussian: ~32% of initial actions sit on a bound,
+# kept for old runs); "clip" takes the action as the gate and clips it.
+ACTION_MAPS = {"sigmoid": (-LOGIT_BOUND, LOGIT_BOUND), "linear": (-1.0, 1.0), "clip": (0.0, 1.0)}
+
+
+def actions_to_gates(actions: np.ndarray, action_map: str) -> np.ndarray:
+    """Policy actions -> gates in [0, 1] under an action map (ACTION_MAPS)."""
     a = np.asarray(actions, dtype=np.float32)
-    return np.clip((a + 1.0) / 2.0 if symmetric else a, 0.0, 1.0)
+    if action_map == "sigmoid":
+        return logit_gates(np.clip(a, -LOGIT_BOUND, LOGIT_BOUND))
+    if action_map not in ACTION_MAPS:
+        raise UserError(f"action map must be one of {', '.join(ACTION_MAPS)} (got {action_map!r})")
+    return np.clip((a + 1.0) / 2.0 if action_map == "linear" else a, 0.0, 1.0)
 
 
 def freeze(model):
@@ -139,6 +151,10 @@ class GateScorer:
         self._default_reward: dict[str, float] = {}
         self.problems_scored = 0  # the budget spent: problems scored by score(), any gates (the one-off
         # reward-baseline pass of prepare() is not counted: PPO and the black-box baselines share it)
+
+    @property
+    def obs_dim(self) -> int:
+        return self.model.config.n_embd
 
     def default_gates(self, action_space: str | None = None) -> np.ndarray:
         """The learned gates in an action space (per layer: the mean of its two sub-layers; global: the mean)."""
@@ -260,7 +276,7 @@ class GSM8KMHCEnv(gym.Env):
         self.problems = list(problems)
         k = scorer.num_gates
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(k,), dtype=np.float32)
-        self.observation_space = observation_space(scorer.model.config.n_embd)
+        self.observation_space = observation_space(scorer.obs_dim)
         self._problem = None
         self._obs = None
 
@@ -286,20 +302,26 @@ class GSM8KMHCVecEnv(VecEnv):
     under sub-environment b's gates. Every episode is one step, so every step ends every episode and the next
     problems are drawn at once (SB3's auto-reset; the old observation is in info["terminal_observation"]).
 
-    symmetric_actions=True exposes Box(-1, 1) to the policy and maps it linearly onto the gates' [0, 1]: SB3's
-    Gaussian policy starts at mean 0 with std 1, which is then the middle of the gate range rather than its edge."""
+    `action_map` (ACTION_MAPS) says how the policy's actions become gates; "sigmoid" and "linear" both put SB3's
+    initial Gaussian (mean 0) in the middle of the gate range. `whitener` (envs/bandit.py: fixed statistics of the
+    training pool) whitens every observation the policy sees."""
 
-    def __init__(self, scorer: GateScorer, problems, num_envs: int, seed: int = 0, symmetric_actions: bool = False):
+    def __init__(self, scorer: GateScorer, problems, num_envs: int, seed: int = 0, action_map: str = "clip",
+                 whitener: ObsWhitener | None = None):
         if num_envs <= 0:
             raise UserError(f"--num-envs must be > 0 (got {num_envs})")
         if not problems:
             raise UserError("the env needs at least one problem")
         self.scorer, self.problems = scorer, list(problems)
-        self.symmetric_actions = symmetric_actions
-        k, C = scorer.num_gates, scorer.model.config.n_embd
-        low = -1.0 if symmetric_actions else 0.0
+        if action_map not in ACTION_MAPS:
+            raise UserError(f"action map must be one of {', '.join(ACTION_MAPS)} (got {action_map!r})")
+        self.action_map, self.whitener = action_map, whitener
+        k, C = scorer.num_gates, scorer.obs_dim
+        low, high = ACTION_MAPS[action_map]
+        obs_space = observation_space(C) if whitener is None else gym.spaces.Box(-np.inf, np.inf, shape=(C,),
+                                                                                  dtype=np.float32)
         self.render_mode = None
-        super().__init__(num_envs, observation_space(C), gym.spaces.Box(low, 1.0, shape=(k,), dtype=np.float32))
+        super().__init__(num_envs, obs_space, gym.spaces.Box(low, high, shape=(k,), dtype=np.float32))
         self.rng = np.random.default_rng(seed)
         scorer.prepare(self.problems)  # observations (and baseline rewards) up front: exact resume
         self._current: np.ndarray | None = None       # problem index of each slot
@@ -323,13 +345,14 @@ class GSM8KMHCVecEnv(VecEnv):
             raise UserError(f"actions of {a.shape[1]} gate values for an action space of {self.scorer.num_gates}")
         if not np.isfinite(a).all():
             raise UserError(f"actions hold non-finite gate values: {a[~np.isfinite(a).all(1)][:2]}")
-        return actions_to_gates(a, self.symmetric_actions)
+        return actions_to_gates(a, self.action_map)
 
     def _draw(self):
         self._current = self.rng.integers(len(self.problems), size=self.num_envs)
 
     def _obs(self) -> np.ndarray:
-        return self.scorer.observations([self.problems[i] for i in self._current])
+        obs = self.scorer.observations([self.problems[i] for i in self._current])
+        return obs if self.whitener is None else self.whitener(obs)
 
     # -- VecEnv API --------------------------------------------------------------------------------------------
     def reset(self):

@@ -411,9 +411,13 @@ class SFTConfig:
     task_data: str = _f("auto", "GSM8K data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
     synthetic_count: int = _f(20000, "synthetic problems to generate")
     synthetic_seed: int = _f(0, "generator seed of the synthetic problems (RL and its evaluation use others)")
+    split_seed: int = _f(0, "seed of the GSM8K train split into SFT / RL-train / RL-validation parts "
+                         "(nanochat/splits.py); fine-tuning uses the SFT part only")
     synthetic_steps: str = _f("1,2", "synthetic: operations per problem, comma-separated choices")
     synthetic_max_value: int = _f(20, "synthetic: largest starting amount and operand")
     synthetic_ops: str = _f("+-", "synthetic: operations to draw from, any of + - * /")
+    synthetic_mix: str = _f("", "synthetic: a named mixture of difficulty tiers (mixed: steps 1-4, + - * /, operands "
+                            "up to 50; each problem labelled with its tier) instead of the three knobs above")
     val_problems: int = _f(256, "problems held out of the mixture for the validation answer loss")
     # optimisation
     device_batch_size: int = _f(16, "rows per device per step")
@@ -470,6 +474,7 @@ class SFTConfig:
             if v != -1.0 and not 0 <= v <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] or -1 (got {v})")
         parse_int_list(self.synthetic_steps, "synthetic-steps")
+        check_synthetic_mix(self.synthetic_mix)
         choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
                        compile=("auto", "true", "false"), task_data=("auto", "hub", "local"),
                        activation_checkpointing=ACTIVATION_CHECKPOINTING, memory_check=("auto", "true", "false"))
@@ -479,20 +484,35 @@ class SFTConfig:
 RL_BASELINES = ("grid", "random", "es")
 
 
+def check_synthetic_mix(name: str):
+    if name:
+        from nanochat.synthetic_gsm8k import mixture_tiers  # the mixtures' one registry
+        mixture_tiers(name)
+
+
 @dataclass
 class RLConfig:
     model_tag: str = _f("", "model tag of the frozen mHC checkpoint whose gates the controller sets")
     checkpoint: str = _f("", "path to an mHC checkpoint directory (overrides --model-tag/--step)")
     step: int = _f(-1, "checkpoint step (-1 = the newest)")
     tag: str = _f("", "name of this RL run: results/rl/<tag>/ and checkpoints/rl/<tag>/ (default "
-                  "<model-tag>-<problems>-<action-space>-<reward>)")
+                  "<model-tag>-<problems>-<action-space>-<reward>, then -<algo> unless it is ppo)")
     run: str = _f("dummy", "wandb run name ('dummy' disables wandb)", resumable=True)
     device_type: str = _f("auto", "device of the frozen model: auto | cuda | cpu (the policy MLP runs on the CPU)",
                           resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
     compile: str = _f("auto", "torch.compile the frozen model's scoring forward (dense reward, observations): auto "
                       "(on CUDA only) | true | false; generation stays eager", resumable=True)
-    seed: int = _f(0, "seed of PPO, the problem sampler and the black-box baselines")
+    seed: int = _f(0, "seed of the learner, the problem sampler and the black-box baselines")
+    seeds: str = _f("", "run once per seed (comma-separated; tags <tag>-s<seed>) and aggregate the arms over seeds "
+                    "into <results>/rl/<tag>/seeds.json: mean, IQM and bootstrap CIs, TOST against the best black "
+                    "box", resumable=True)
+    algo: str = _f("ppo", "the learner: ppo (stable-baselines3, the plan's) | rloo (REINFORCE with a leave-one-out "
+                   "baseline over --rloo-samples gates per problem, no critic: envs/bandit.py)")
+    action_map: str = _f("sigmoid", "how policy actions become gates: sigmoid (a logit-normal policy, never clipped, "
+                         "so the log-probability is the action's) | linear ([-1, 1] -> [0, 1], clipped: old runs) | "
+                         "clip")
+    whiten_obs: bool = _f(True, "whiten observations with the training pool's fixed mean and std")
     # the environment
     action_space: str = _f("global", "gates the controller sets: " + " | ".join(
         f"{a.name} ({a.help})" for a in ACTION_SPACES.values()))
@@ -502,7 +522,10 @@ class RLConfig:
                               "(a per-problem control variate: same optimum, far less variance) | none: the plain "
                               "reward")
     problems: str = _f("gsm8k", "problem source: gsm8k | synthetic (generated, nanochat/synthetic_gsm8k.py)")
-    train_split: str = _f("train", "GSM8K split RL trains on")
+    train_split: str = _f("train", "GSM8K split RL trains on (train: its RL-training part, nanochat/splits.py; "
+                          "model selection uses its RL-validation part)")
+    split_seed: int = _f(0, "seed of the GSM8K train split into SFT / RL-train / RL-validation parts (must match "
+                         "the fine-tuning run's)")
     eval_split: str = _f("test", "GSM8K split of the held-out evaluation (RL never sees it)", resumable=True)
     train_problems: int = _f(-1, "problems in the training pool (-1: the whole split; synthetic: 2048)")
     eval_problems: int = _f(-1, "held-out evaluation problems (-1: the whole split; synthetic: 512)", resumable=True)
@@ -511,11 +534,23 @@ class RLConfig:
     synthetic_steps: str = _f("1,2", "synthetic: operations per problem, comma-separated choices")
     synthetic_max_value: int = _f(20, "synthetic: largest starting amount and operand")
     synthetic_ops: str = _f("+-", "synthetic: operations to draw from, any of + - * /")
+    synthetic_mix: str = _f("", "synthetic: a named mixture of difficulty tiers (mixed: steps 1-4, + - * /, operands "
+                            "up to 50; each problem labelled with its tier) instead of the three knobs above")
     task_data: str = _f("auto", "GSM8K data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
     max_new_tokens: int = _f(256, "exact reward: generation limit per problem (greedy)")
     score_batch_size: int = _f(32, "problems per batched forward / generation when scoring baselines and arms",
                                resumable=True)
     num_envs: int = _f(16, "sub-environments of the batched vec env: problems scored per PPO env step")
+    val_problems: int = _f(128, "RL-validation problems (GSM8K: the train split's rl_val part; synthetic: seed + 2): "
+                           "model selection and the choice of the best black box, never the held-out evaluation")
+    eval_every: int = _f(1024, "score the deterministic policy on the validation problems every N timesteps and keep "
+                         "the best policy (0: keep the last)", resumable=True)
+    tensorboard_log: str = _f("", "directory for TensorBoard logs of PPO (SB3's tensorboard_log; empty: none)",
+                              resumable=True)
+    # RLOO
+    rloo_samples: int = _f(4, "rloo: gate samples per problem (K; the baseline is the mean of the other K - 1)")
+    rloo_problems_per_step: int = _f(16, "rloo: problems per update (each scored K times in one batched call)")
+    rloo_learning_rate: float = _f(3e-3, "rloo: Adam learning rate (advantages are normalised per update)")
     # PPO (the plan's defaults, docs/design.md section 1)
     total_timesteps: int = _f(50000, "PPO's budget in problems scored (the baselines get the same)", resumable=True)
     learning_rate: float = _f(3e-4, "PPO Adam learning rate")
@@ -539,6 +574,9 @@ class RLConfig:
     es_parents: int = _f(4, "evolution strategy: best candidates averaged into the next mean", resumable=True)
     es_generations: int = _f(8, "evolution strategy: generations", resumable=True)
     es_sigma: float = _f(0.2, "evolution strategy: initial mutation std (decays to a quarter)", resumable=True)
+    tie_margin_dense: float = _f(1e-3, "equivalence margin of the dense reward (nats): a tie is declared only by a "
+                                 "TOST within +-margin", resumable=True)
+    tie_margin_accuracy: float = _f(0.01, "equivalence margin of accuracy (1 percentage point)", resumable=True)
     eval_only: bool = _f(False, "skip learning: evaluate the newest policy checkpoint of --tag (and baselines)",
                          resumable=True)
     results_dir: str = _f("results", "metrics.jsonl, baselines.json, eval.json go to <results_dir>/rl/<tag>/",
@@ -548,6 +586,7 @@ class RLConfig:
         if not self.model_tag and not self.checkpoint:
             raise UserError("pass --model-tag (or --checkpoint PATH) of the mHC model whose gates to control")
         choices = dict(action_space=tuple(ACTION_SPACES), reward=tuple(REWARDS), problems=("gsm8k", "synthetic"),
+                       algo=("ppo", "rloo"), action_map=("sigmoid", "linear", "clip"),
                        reward_baseline=REWARD_BASELINES,
                        train_split=("train", "test"), eval_split=("train", "test"),
                        device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
@@ -555,10 +594,17 @@ class RLConfig:
         check_choices(self, choices)
         positive = ["max_new_tokens", "score_batch_size", "num_envs", "total_timesteps", "n_steps", "batch_size",
                     "n_epochs", "save_every", "keep_checkpoints", "random_candidates", "es_population",
-                    "es_parents", "es_generations"]
+                    "es_parents", "es_generations", "rloo_problems_per_step"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        if not (self.tie_margin_dense > 0 and 0 < self.tie_margin_accuracy < 1):
+            raise UserError(f"--tie-margin-dense must be > 0 and --tie-margin-accuracy in (0, 1) (got "
+                            f"{self.tie_margin_dense}, {self.tie_margin_accuracy})")
+        if self.rloo_samples < 2 or not self.rloo_learning_rate > 0 or self.val_problems < 0 or self.eval_every < 0:
+            raise UserError(f"--rloo-samples must be >= 2 (got {self.rloo_samples}), --rloo-learning-rate > 0 (got "
+                            f"{self.rloo_learning_rate}), --val-problems and --eval-every >= 0 (got "
+                            f"{self.val_problems}, {self.eval_every})")
         for name in ("train_problems", "eval_problems"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 or -1 (got {getattr(self, name)})")
@@ -573,7 +619,10 @@ class RLConfig:
                             f"(> 0)")
         self.baseline_list()
         parse_int_list(self.net_arch, "net-arch")
+        if self.seeds.strip():
+            parse_int_list(self.seeds, "seeds")
         parse_int_list(self.synthetic_steps, "synthetic-steps")
+        check_synthetic_mix(self.synthetic_mix)
 
     def baseline_list(self) -> list[str]:
         names = [b.strip() for b in self.baselines.split(",") if b.strip()]

@@ -81,8 +81,8 @@ def fit_prompt(ex: GenExample, tokenizer, room: int) -> tuple[list[int] | None, 
 
 
 def run_gen_batch(batch: list[GenExample], engine: Engine, tokenizer, max_new_tokens: int,
-                  num_fewshot: int) -> list[dict]:
-    """Greedy generation for a batch of GSM8K examples, scored by the task. The context is the model's trained
+                  num_fewshot: int, temperature: float = 0.0, seed: int = 0) -> list[dict]:
+    """Greedy (or, with temperature > 0, sampled) generation for a batch of GSM8K examples, scored by the task. The context is the model's trained
     sequence_len (not the rotary tables' headroom): prompt + max_new_tokens must fit it (fit_prompt). Records say
     how many exemplars each prompt kept (`exemplars`) and whether some were dropped (`cut`); a refused example is
     recorded as skipped."""
@@ -92,7 +92,8 @@ def run_gen_batch(batch: list[GenExample], engine: Engine, tokenizer, max_new_to
                         f"context of {engine.model.config.sequence_len} tokens")
     fitted = [fit_prompt(ex, tokenizer, room) for ex in batch]
     live = [i for i, (ids, _) in enumerate(fitted) if ids is not None]
-    outs = engine.generate([fitted[i][0] for i in live], max_new_tokens, stop_tokens=[tokenizer.bos_token_id],
+    outs = engine.generate([fitted[i][0] for i in live], max_new_tokens, temperature=temperature, seed=seed,
+                           stop_tokens=[tokenizer.bos_token_id],
                            stop_strings=task_gsm8k.STOP_STRINGS[num_fewshot]) if live else []
     by_index = dict(zip(live, outs))
     records = []

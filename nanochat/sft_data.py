@@ -13,6 +13,8 @@ counter.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -36,6 +38,15 @@ def encode_rows(tokenizer, problems, max_len: int) -> tuple[list[tuple[list[int]
             continue
         rows.append((ids, n_answer))
     return rows, dropped
+
+
+def rows_digest(rows, seed: int) -> str:
+    """A digest of the fine-tuning token rows and the order seed: two runs with the same digest see the same tokens
+    in the same order (baseline_sft and mhc_sft must; tests/test_sft.py)."""
+    h = hashlib.sha256(f"seed={seed}".encode())
+    for ids, n_answer in rows:
+        h.update(f"{n_answer}:".encode() + ",".join(map(str, ids)).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def collate(rows: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor]:

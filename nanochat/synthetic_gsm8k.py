@@ -10,13 +10,19 @@ supervised fine-tuning (scripts/sft_train.py), so the whole RL pipeline gets a r
 
 Difficulty knobs: `steps` (operations per problem; a list picks uniformly), `max_value` (largest starting amount
 and operand), `ops` (any of + - * /; subtraction never goes below zero, division is always exact). Every problem
-also carries its `program` (start value and the operations), so its answer can be checked by recomputation.
+also carries its `program` (start value and the operations), so its answer can be checked by recomputation, and a
+`type` label: its number of steps ("2-step"), or with a named `mixture` (MIXTURES) the tier it was drawn from.
+A mixture draws each problem's tier uniformly, so one set holds problems of different difficulty whose best mHC
+gate may differ (the RL controller's context, issue 19):
+
+    generate_problems(1000, seed=0, mixture="mixed")   # types one_step, two_step, mul_div, long
 The same seed gives the same problems; different seeds give (almost) disjoint problem sets, and `exclude` removes
 any question of another set (held-out evaluation never sees a training question).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from nanochat import task_gsm8k
 from nanochat.common import UserError
@@ -36,7 +42,29 @@ PHRASES = {
     "*": [("ends up with {k} times as many {item}", "With {k} times as many")],
     "/": [("shares the {item} equally among {k} friends and keeps one share", "Keeping one of {k} equal shares")],
 }
-MAX_CONSECUTIVE_REPEATS = 10000  # draws in a row without a new question: the space is exhausted, stop
+MAX_CONSECUTIVE_REPEATS = 10000
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One difficulty of a mixture: steps (choices), operations and the largest starting amount / operand."""
+    name: str
+    steps: tuple[int, ...]
+    ops: str
+    max_value: int
+
+
+# named mixtures of tiers; "mixed" spans steps 1-4, the four operations and operands up to 10, 20 and 50
+MIXTURES = {
+    "mixed": (Tier("one_step", (1,), "+-", 10), Tier("two_step", (2,), "+-", 20), Tier("mul_div", (2,), "*/", 20),
+              Tier("long", (3, 4), "+-*/", 50)),
+}
+
+
+def mixture_tiers(name: str) -> tuple[Tier, ...]:
+    if name not in MIXTURES:
+        raise UserError(f"synthetic mixture must be one of {', '.join(MIXTURES)} (got {name!r})")
+    return MIXTURES[name]  # draws in a row without a new question: the space is exhausted, stop
 
 
 def _check_knobs(steps, max_value: int, ops: str):
@@ -69,7 +97,7 @@ def apply_op(value: int, op: str, k: int) -> int:
     return {"+": value + k, "-": value - k, "*": value * k, "/": value // k}[op]
 
 
-def make_problem(rng: random.Random, steps: int, max_value: int, ops: str) -> dict:
+def make_problem(rng: random.Random, steps: int, max_value: int, ops: str, type_label: str = "") -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     start = rng.randint(1, max_value)
     clauses, lines, program = [], [f"{name} starts with {start} {item}."], []
@@ -88,7 +116,8 @@ def make_problem(rng: random.Random, steps: int, max_value: int, ops: str) -> di
         story = ", then ".join(clauses[:-1]) + ", and then " + clauses[-1]
     question = f"{name} has {start} {item}. {name} {story}. How many {item} does {name} have now?"
     answer = "\n".join(lines) + f"\n#### {value}"
-    return dict(question=question, answer=answer, program=dict(start=start, ops=program), final=value)
+    return dict(question=question, answer=answer, program=dict(start=start, ops=program), final=value,
+                type=type_label or f"{steps}-step")
 
 
 def evaluate_program(program: dict) -> int:
@@ -100,22 +129,28 @@ def evaluate_program(program: dict) -> int:
 
 
 def generate_problems(count: int, seed: int = 0, steps=(1, 2), max_value: int = 20, ops: str = "+-",
-                      exclude=()) -> list[dict]:
+                      exclude=(), mixture: str = "") -> list[dict]:
     """`count` distinct problems (questions unique within the set and absent from `exclude`, an iterable of
-    questions or problems)."""
-    steps = _check_knobs(steps, max_value, ops)
+    questions or problems). With `mixture` (a name in MIXTURES) its tiers replace steps / max_value / ops."""
+    if mixture:
+        tiers = [(t.name, _check_knobs(list(t.steps), t.max_value, t.ops), t.max_value, t.ops)
+                 for t in mixture_tiers(mixture)]
+    else:
+        tiers = [("", _check_knobs(steps, max_value, ops), max_value, ops)]
     if count < 0:
         raise UserError(f"synthetic problems: count must be >= 0 (got {count})")
     excluded = {e["question"] if isinstance(e, dict) else e for e in exclude}
     rng = random.Random(f"synthetic-gsm8k-{seed}")  # a string seed: independent streams per seed
     out, seen, misses = [], set(), 0
     while len(out) < count:
-        p = make_problem(rng, rng.choice(steps), max_value, ops)
+        name, tier_steps, tier_max, tier_ops = rng.choice(tiers) if len(tiers) > 1 else tiers[0]
+        p = make_problem(rng, rng.choice(tier_steps), tier_max, tier_ops, name)
         if p["question"] in seen or p["question"] in excluded:
             misses += 1
             if misses > MAX_CONSECUTIVE_REPEATS:  # the problem space is (nearly) exhausted
-                raise UserError(f"synthetic problems: cannot find {count} distinct problems with steps={steps}, "
-                                f"max_value={max_value}, ops={ops!r} (found {len(out)}; raise max_value or steps)")
+                what = f"mixture {mixture!r}" if mixture else f"steps={steps}, max_value={max_value}, ops={ops!r}"
+                raise UserError(f"synthetic problems: cannot find {count} distinct problems with {what} (found "
+                                f"{len(out)}; raise max_value or steps)")
             continue
         misses = 0
         seen.add(p["question"])
@@ -126,4 +161,5 @@ def generate_problems(count: int, seed: int = 0, steps=(1, 2), max_value: int = 
 def as_examples(problems: list[dict], tag: str) -> list[GenExample]:
     """Generated problems as the GSM8K task's examples (0-shot prompt, reference = the final number)."""
     return [GenExample(id=f"{tag}-{i}", prompt=task_gsm8k.prompt_0shot(p["question"]), reference=str(p["final"]),
-                       extra=dict(question=p["question"], answer=p["answer"])) for i, p in enumerate(problems)]
+                       extra=dict(question=p["question"], answer=p["answer"], type=p["type"]))
+            for i, p in enumerate(problems)]

@@ -159,11 +159,13 @@ class ModelScorer:
         self.max_len = max_len or model.config.sequence_len  # the trained context; longer inputs lose their left
 
     @torch.no_grad()
-    def loglikelihoods(self, requests: list[tuple[str, str]], greedy: bool = False) -> list[dict]:
+    def loglikelihoods(self, requests: list[tuple[str, str]], greedy: bool = False,
+                       per_token: bool = False) -> list[dict]:
         """requests: (context, continuation) pairs, scored in one right-padded batch (padding sits after every
         scored position, so causal attention never sees it). Returns per request {ll, n_tokens, truncated} (and,
-        with greedy, whether greedy decoding would produce the continuation, lm-eval's is_greedy); ll is None when
-        the continuation is empty or does not fit the context window."""
+        with greedy, whether greedy decoding would produce the continuation, lm-eval's is_greedy; with per_token,
+        `token_lls`, the log-probability of each continuation token); ll is None when the continuation is empty or
+        does not fit the context window."""
         out, rows = [], []
         for context, cont in requests:
             ids, n_cont = continuation_ids(self.tokenizer, context, cont)
@@ -188,7 +190,10 @@ class ModelScorer:
             L = len(ids)
             targets = torch.tensor(ids[L - n_cont:], device=device)
             # the token at position t is predicted by the logits at t - 1
-            out[i]["ll"] = logp[r, L - n_cont - 1:L - 1].gather(1, targets[:, None]).sum().item()
+            token_lls = logp[r, L - n_cont - 1:L - 1].gather(1, targets[:, None])[:, 0]   # [n_cont]
+            out[i]["ll"] = token_lls.sum().item()
+            if per_token:
+                out[i]["token_lls"] = token_lls.tolist()
             if greedy:
                 out[i]["greedy"] = bool((logp[r, L - n_cont - 1:L - 1].argmax(-1) == targets).all())
         return out

@@ -35,22 +35,25 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory import memory_check
 from nanochat.newton_schulz import resolve_ns_coeffs
 from nanochat.optim import apply_schedules, setup_optimizers
-from nanochat.sft_data import SFTLoader, collate, encode_rows
+from nanochat.sft_data import SFTLoader, collate, encode_rows, rows_digest
 from nanochat.tokenizer import get_tokenizer
+from nanochat.splits import describe
 from nanochat.training import Run, restore_training_state, resume_horizon, seed_rank
 
 
 def fine_tuning_problems(cfg: SFTConfig):
     """The mixture (GSM8K train and/or synthetic), shuffled with the seed; returns (train, val, sources)."""
     problems, sources = [], {}
-    if "gsm8k" in cfg.data_sources():
-        gsm, where = load_problems("gsm8k", split="train", task_data=cfg.task_data)
+    if "gsm8k" in cfg.data_sources():  # the SFT part of GSM8K train only: RL trains and selects on the others
+        gsm, where = load_problems("gsm8k", split="train", task_data=cfg.task_data, part="sft",
+                                   split_seed=cfg.split_seed)
         problems += gsm
-        sources["gsm8k"] = dict(source=where, count=len(gsm))
+        sources["gsm8k"] = dict(source=where, **describe(gsm, "sft", cfg.split_seed))
     if "synthetic" in cfg.data_sources():
         syn, where = load_problems("synthetic", count=cfg.synthetic_count, seed=cfg.synthetic_seed,
                                    synthetic_steps=parse_int_list(cfg.synthetic_steps, "synthetic-steps"),
-                                   synthetic_max_value=cfg.synthetic_max_value, synthetic_ops=cfg.synthetic_ops)
+                                   synthetic_max_value=cfg.synthetic_max_value, synthetic_ops=cfg.synthetic_ops,
+                                   synthetic_mix=cfg.synthetic_mix)
         problems += syn
         sources["synthetic"] = dict(source=where, count=len(syn))
     order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -157,7 +160,8 @@ def main(argv=None):
     # gate_sweep) find the pretraining data there
     run_config = dict(sft=to_flat_dict(cfg), train=base_train, model=model_config.to_dict(), model_tag=output_tag,
                       base_checkpoint=base_path, base_step=base_meta["step"], data=sources,
-                      train_rows=len(train_rows), val_rows=len(val_rows), dropped_too_long=dropped + val_dropped,
+                      train_rows=len(train_rows), train_rows_sha256=rows_digest(train_rows, cfg.seed),
+                      val_rows=len(val_rows), dropped_too_long=dropped + val_dropped,
                       num_iterations=num_iterations, world_size=world_size, dtype=dtype, compile=use_compile,
                       learning_rates=lr, tokenizer=tokenizer.fingerprint, git_commit=git_commit(), seed=cfg.seed,
                       memory_estimate=memory, machine=machine_info())

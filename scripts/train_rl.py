@@ -1,24 +1,34 @@
-"""PPO over the mHC gates of a frozen model (phase 3 of the plan, docs/design.md), the black-box baselines it must
-beat, and the held-out evaluation of every arm.
+"""The RL gate controller over the mHC gates of a frozen model (phase 3 of the plan, docs/design.md): a learner (PPO
+or RLOO), the black-box baselines it must beat, and the held-out evaluation of every arm.
 
     python scripts/train_rl.py --model-tag mhc_sft --action-space per_layer --reward exact       # GPU scale
-    python scripts/train_rl.py --preset tiny --model-tag tiny_mhc_sft --problems synthetic       # 2-core CPU
-    python scripts/train_rl.py --preset tiny --model-tag tiny_mhc_sft --problems synthetic --resume
+    python scripts/train_rl.py --preset tiny --model-tag tiny_mhc_sft --algo rloo                # 2-core CPU
+    python scripts/train_rl.py --preset tiny --model-tag tiny_mhc_sft --resume
     python scripts/train_rl.py --tag NAME --model-tag tiny_mhc_sft --eval-only                   # evaluation only
 
-1. Problems: a training pool (GSM8K `--train-split`, or synthetic problems of `--synthetic-seed`) and a held-out
-   evaluation pool (GSM8K `--eval-split`, or synthetic seed + 1 without any training question).
-2. PPO (stable-baselines3, MlpPolicy) on the batched vec env (envs/mhc_env.py): `--num-envs` problems per step,
-   each scored under its own gates in one forward or generation. Metrics per PPO iteration go to
-   <results>/rl/<tag>/metrics.jsonl (and wandb with --run); policy checkpoints to
-   $NANOCHAT_BASE_DIR/checkpoints/rl/<tag>/ (exact resume with --resume; SIGINT/SIGTERM save and exit).
+1. Problems, disjoint by question and without any question the model was fine-tuned on: a training pool, a
+   validation pool and a held-out evaluation pool. GSM8K: the train split's rl_train and rl_val parts
+   (nanochat/splits.py; the fine-tuning used its sft part) and `--eval-split test`; synthetic: generator seeds s,
+   s + 2 and s + 1 of the fine-tuning mixture (`--synthetic-mix`).
+2. The learner on the batched vec env (envs/mhc_env.py), each episode one problem (a contextual bandit):
+   `--algo ppo` (stable-baselines3, the plan's) or `--algo rloo` (K gate samples per problem, a leave-one-out
+   baseline, no critic; envs/bandit.py). Observations are whitened with the training pool's fixed statistics; the
+   policy is a Gaussian in logit space squashed by a sigmoid (`--action-map sigmoid`), so no action is clipped.
+   Every `--eval-every` timesteps the deterministic policy is scored on the validation pool and the best is kept
+   (model selection, as SB3's EvalCallback). Metrics per iteration (reward, gates, PPO's explained variance, clip
+   fraction, std; validation rewards) go to <results>/rl/<tag>/metrics.jsonl (and wandb with --run, TensorBoard with
+   --tensorboard-log); PPO's episodes to SB3 monitor files; checkpoints to $NANOCHAT_BASE_DIR/checkpoints/rl/<tag>/
+   (exact resume with --resume; SIGINT/SIGTERM save and exit); PPO's final policy also as SB3's own zip.
 3. Baselines on the same budget of problems scored (envs/gate_search.py): a grid over the global gate, random
-   search and an evolution strategy over per-layer gates -> baselines.json (reused by a rerun).
+   search and an evolution strategy over per-layer gates -> baselines.json. The vector each returns (ES: its mean)
+   is re-scored on the validation pool, and the best black box is chosen there.
 4. Evaluation on the held-out problems, exact match and dense reward for each arm: the learned default gates, the
-   RL policy (deterministic) and the initial policy, the best gates of each baseline, g = 0 and g = 1 everywhere;
-   n, 95% CIs and paired tests against the default (McNemar for accuracy, paired t for the dense reward) and of
-   the RL policy against each baseline's gates (the best black box = the highest training reward) -> eval.json,
-   eval_examples.jsonl.
+   selected RL policy (deterministic and stochastic), the last policy when selection chose another, the initial
+   policy, each baseline's gates, g = 0 and g = 1; n, 95% CIs and paired tests against the default (McNemar for
+   accuracy, paired t for the dense reward) and of the RL policy against each baseline; a tie only by TOST within
+   `--tie-margin-*` -> eval.json, eval_examples.jsonl.
+Read every RL result against analysis/gate_oracle.py's headroom on the same model: the per-problem oracle and the
+cross-fitted contextual baselines bound what any policy can gain.
 """
 from __future__ import annotations
 
@@ -31,15 +41,20 @@ import time
 import numpy as np
 import torch
 
+from stable_baselines3.common.vec_env import VecMonitor
+
 import envs  # noqa: F401 -- registers the gymnasium env
 from envs.gate_search import evaluate_arms, evolution_strategy, grid_search, random_search
+from envs.bandit import ObsWhitener, RLOOLearner
+from envs.gsm8k_env import load_problems
 from envs.mhc_env import GSM8KMHCVecEnv, build_problem_pool, build_scorer
-from envs.ppo_controller import (ControllerCallback, build_ppo, load_policy, policy_gates, restore, take_snapshot,
-                                 write_snapshot)
-from nanochat.checkpoint import read_meta
-from nanochat.common import (UserError, autodetect_device_type, doc_summary, get_base_dir, git_commit, init_wandb,
-                             machine_info, resolve_precision, run_main)
+from envs.ppo_controller import (ControllerCallback, ModelSelector, build_ppo, policy_gates, restore, restore_rloo,
+                                 take_snapshot, write_rloo, write_snapshot)
+from nanochat.checkpoint import latest_checkpoint, read_meta
+from nanochat.common import (UserError, append_jsonl, autodetect_device_type, doc_summary, get_base_dir, git_commit,
+                             init_wandb, machine_info, resolve_precision, run_main)
 from nanochat.config import RLConfig, build_config, parse_int_list, resolve_config_path
+from nanochat.splits import describe
 from nanochat.training import Run, atomic_json
 
 SMOKE_PARAMS = 50e6  # below this a result is a smoke test of the pipeline, never a finding (docs/design.md, section 7)
@@ -68,22 +83,64 @@ def with_preset(argv):
     return out
 
 
-def problem_pools(cfg: RLConfig, scorer):
-    """(train problems, eval problems, their descriptions). The evaluation never holds a training question."""
+def fine_tuning_questions(sft_config: dict, cfg: RLConfig) -> list[str]:
+    """The questions the controlled model was fine-tuned on that RL's pools must not hold: the synthetic problems
+    of its fine-tuning run, regenerated from its recorded settings. GSM8K needs none: its parts are disjoint by
+    construction (nanochat/splits.py); a fine-tuning run from before the split, or with another split seed, is
+    refused when RL runs on GSM8K."""
+    sources = [s.strip() for s in str(sft_config.get("data", "")).split(",") if s.strip()]
+    if cfg.problems == "gsm8k" and "gsm8k" in sources and sft_config.get("split_seed") != cfg.split_seed:
+        raise UserError(f"the controlled model was fine-tuned on GSM8K train with split seed "
+                        f"{sft_config.get('split_seed', '(none: all of GSM8K train, before the split)')}, RL uses "
+                        f"--split-seed {cfg.split_seed}: RL's problems would include fine-tuning problems. Fine-tune "
+                        f"again (scripts.sft_train) or pass its split seed")
+    if "synthetic" not in sources:
+        return []
+    problems, _ = load_problems("synthetic", count=int(sft_config["synthetic_count"]),
+                                seed=int(sft_config["synthetic_seed"]),
+                                synthetic_steps=parse_int_list(str(sft_config.get("synthetic_steps", "1,2")),
+                                                               "synthetic-steps"),
+                                synthetic_max_value=int(sft_config.get("synthetic_max_value", 20)),
+                                synthetic_ops=str(sft_config.get("synthetic_ops", "+-")),
+                                synthetic_mix=str(sft_config.get("synthetic_mix", "")))
+    return [p.extra["question"] for p in problems]
+
+
+def problem_pools(cfg: RLConfig, scorer, sft_config: dict | None = None):
+    """(train, validation, held-out evaluation problems, their descriptions): disjoint by question, and without any
+    question the model was fine-tuned on. GSM8K: the train split's rl_train and rl_val parts, the test split held
+    out; synthetic: generator seeds s, s + 2 and s + 1."""
+    seen = fine_tuning_questions(sft_config or {}, cfg)
     if cfg.problems == "synthetic":
         knobs = dict(synthetic_steps=parse_int_list(cfg.synthetic_steps, "synthetic-steps"),
-                     synthetic_max_value=cfg.synthetic_max_value, synthetic_ops=cfg.synthetic_ops)
+                     synthetic_max_value=cfg.synthetic_max_value, synthetic_ops=cfg.synthetic_ops,
+                     synthetic_mix=cfg.synthetic_mix)
         n_train = cfg.train_problems if cfg.train_problems > 0 else SYNTHETIC_DEFAULT_COUNTS[0]
         n_eval = cfg.eval_problems if cfg.eval_problems > 0 else SYNTHETIC_DEFAULT_COUNTS[1]
-        train, train_info = build_problem_pool(scorer, "synthetic", count=n_train, seed=cfg.synthetic_seed, **knobs)
+        train, train_info = build_problem_pool(scorer, "synthetic", count=n_train, seed=cfg.synthetic_seed,
+                                               exclude=seen, **knobs)
         held, eval_info = build_problem_pool(scorer, "synthetic", count=n_eval, seed=cfg.synthetic_seed + 1,
-                                             exclude=train, **knobs)
+                                             exclude=[*seen, *train], **knobs)
+        val, val_info = (build_problem_pool(scorer, "synthetic", count=cfg.val_problems, seed=cfg.synthetic_seed + 2,
+                                            exclude=[*seen, *train, *held], **knobs)
+                         if cfg.val_problems else ([], dict(source="none", count=0)))
     else:
+        part = dict(part="rl_train", split_seed=cfg.split_seed) if cfg.train_split == "train" else {}
         train, train_info = build_problem_pool(scorer, "gsm8k", split=cfg.train_split, count=cfg.train_problems,
-                                               seed=cfg.seed, task_data=cfg.task_data)
+                                               seed=cfg.seed, task_data=cfg.task_data, exclude=seen, **part)
         held, eval_info = build_problem_pool(scorer, "gsm8k", split=cfg.eval_split, count=cfg.eval_problems,
-                                             seed=cfg.seed, task_data=cfg.task_data, exclude=train)
-    return train, held, train_info, eval_info
+                                             seed=cfg.seed, task_data=cfg.task_data, exclude=[*seen, *train],
+                                             **(dict(part="rl_val", split_seed=cfg.split_seed)
+                                                if cfg.eval_split == "train" else {}))
+        val, val_info = ([], dict(source="none", count=0))
+        if cfg.val_problems and cfg.train_split == "train":
+            val, val_info = build_problem_pool(scorer, "gsm8k", split="train", count=cfg.val_problems, seed=cfg.seed,
+                                               task_data=cfg.task_data, part="rl_val", split_seed=cfg.split_seed,
+                                               exclude=[*seen, *train, *held])
+    train_info["ids"] = describe(train, "train")["ids_sha256"]
+    eval_info["ids"] = describe(held, "eval")["ids_sha256"]
+    val_info["ids"] = describe(val, "val")["ids_sha256"] if val else None
+    return train, val, held, dict(train=train_info, val=val_info, eval=eval_info)
 
 
 def run_baselines(cfg: RLConfig, scorer, train, budget: int, out_dir: str) -> dict:
@@ -120,8 +177,26 @@ def run_baselines(cfg: RLConfig, scorer, train, budget: int, out_dir: str) -> di
     return results
 
 
+def validate_baselines(scorer, val, baselines: dict) -> str | None:
+    """Re-score the gate vector each baseline returns (ES: its final mean, which it never scored) on the same
+    validation problems, and name the best black box by that: training rewards are a mean over one batch for the
+    grid, a max over candidates for random search and ES (a winner's curse), so they cannot choose. Without
+    validation problems the choice falls back to the training reward (and says so)."""
+    if not baselines:
+        return None
+    if not val:
+        print("warning: no validation problems: the best black box is chosen by its training reward", flush=True)
+        return max(baselines, key=lambda n: baselines[n]["best_train_reward"])
+    for name, res in baselines.items():
+        g = np.tile(np.asarray(res["best_gates"], np.float32)[None], (len(val), 1))
+        res["validation_reward"] = float(scorer.rewards(val, g, action_space=res["action_space"]).mean())
+    return max(baselines, key=lambda n: baselines[n]["validation_reward"])
+
+
 def verdict(comparisons: list[dict], a: str, b: str) -> str | None:
-    """One honest sentence on whether arm b beats arm a (paired tests, 5% level)."""
+    """One honest sentence on whether arm b beats arm a (paired tests, 5% level). Without a significant
+    difference, a tie is declared only when the TOST equivalence test within the config's margin says so;
+    otherwise the comparison is inconclusive."""
     c = next((c for c in comparisons if c["a"] == a and c["b"] == b), None)
     if c is None:
         return None
@@ -130,8 +205,16 @@ def verdict(comparisons: list[dict], a: str, b: str) -> str | None:
         d, p = c[metric]["diff"], c[metric]["p_value"]
         if d is None or p is None:
             continue
-        word = "beats" if d > 0 and p < 0.05 else "is worse than" if d < 0 and p < 0.05 else "does not differ from"
-        parts.append(f"on {label} {b} {word} {a} ({d:+.4f}, p = {p:.3g})")
+        tost = c[metric].get("tost")
+        if p < 0.05:
+            parts.append(f"on {label} {b} {'beats' if d > 0 else 'is worse than'} {a} ({d:+.4f}, p = {p:.3g})")
+        elif tost and tost["equivalent"]:
+            parts.append(f"on {label} {b} ties {a} ({d:+.4f}, p = {p:.3g}; equivalent within "
+                         f"+-{tost['margin']:g}, TOST p = {tost['p_value']:.3g})")
+        else:
+            margin = f" within +-{tost['margin']:g}" if tost else ""
+            parts.append(f"on {label} {b} vs {a} is inconclusive ({d:+.4f}, p = {p:.3g}; no difference at 5% and "
+                         f"no equivalence{margin})")
     return "; ".join(parts)
 
 
@@ -149,11 +232,133 @@ def print_table(arms: dict, comparisons: list[dict], reference: str):
               f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] {dden:<18}")
 
 
+def build_learner(cfg: RLConfig, scorer, train, whitener, vec=None):
+    """The configured learner, untrained: PPO on the vec env, or RLOO on the training pool."""
+    if cfg.algo == "rloo":
+        return RLOOLearner(scorer, train, whitener or ObsWhitener(np.zeros(scorer.obs_dim), np.ones(scorer.obs_dim)),
+                           samples_per_problem=cfg.rloo_samples, problems_per_step=cfg.rloo_problems_per_step,
+                           learning_rate=cfg.rloo_learning_rate, ent_coef=cfg.ent_coef,
+                           hidden=parse_int_list(cfg.net_arch, "net-arch"), log_std_init=cfg.log_std_init,
+                           seed=cfg.seed)
+    return build_ppo(vec, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+                     n_epochs=cfg.n_epochs, gamma=cfg.gamma, ent_coef=cfg.ent_coef, seed=cfg.seed,
+                     net_arch=parse_int_list(cfg.net_arch, "net-arch"), log_std_init=cfg.log_std_init,
+                     tensorboard_log=cfg.tensorboard_log)
+
+
+def gates_fn(learner, vec, deterministic: bool = True, seed: int = 0):
+    """raw observations [B, C] -> the learner's gates [B, k]."""
+    if isinstance(learner, RLOOLearner):
+        return lambda obs: learner.policy_gates(obs, deterministic, seed)
+    return lambda obs: policy_gates(learner, obs, vec.action_map, vec.whitener, deterministic, seed)
+
+
+def save_learner(learner, vec, root: str, meta: dict, keep: int) -> str:
+    if isinstance(learner, RLOOLearner):
+        return write_rloo(root, learner, meta, keep)
+    return write_snapshot(root, take_snapshot(learner, vec), meta, keep)
+
+
+def load_learner(learner, vec, path: str, restore_rng: bool = True) -> dict:
+    if isinstance(learner, RLOOLearner):
+        return restore_rloo(learner, path, restore_rng)
+    return restore(learner, vec, path, restore_rng)
+
+
+def learn_rloo(learner: RLOOLearner, cfg: RLConfig, root: str, meta: dict, metrics_path: str, stop, selector,
+               wandb_run):
+    """RLOO's loop: a metrics record per update, the validation check and the periodic checkpoint at update
+    boundaries, a stop on signal (after the update in flight)."""
+    last_saved = learner.num_timesteps
+
+    def after_step(rec):
+        nonlocal last_saved
+        append_jsonl(metrics_path, rec)
+        if wandb_run is not None:
+            wandb_run.log({f"rl/{k}": v for k, v in rec.items() if not isinstance(v, list)})
+        if selector.due(learner.num_timesteps):
+            selector.evaluate(learner.num_timesteps, gates_fn(learner, None),
+                              lambda r, extra: write_rloo(r, learner, {**meta, **extra}, 1))
+        if learner.num_timesteps - last_saved >= cfg.save_every:
+            write_rloo(root, learner, meta, cfg.keep_checkpoints)
+            last_saved = learner.num_timesteps
+        return not stop.signum
+
+    learner.learn(cfg.total_timesteps, after_step)
+
+
 def main(argv=None):
     cfg, _ = build_config(RLConfig, with_preset(argv), description=doc_summary(__doc__),
                           extra_args=lambda p: p.add_argument("--preset", choices=PRESETS, help=argparse_help()),
                           config_help="named RL config in configs/ (rl_tiny, rl_gpu) or a path to a .toml file; "
                           "--preset NAME is the same as --config rl_NAME")
+    seeds = parse_int_list(cfg.seeds, "seeds") if cfg.seeds.strip() else []
+    if not seeds:
+        return run_one(cfg)
+    base_tag = cfg.tag or default_tag(cfg)
+    summaries = [run_one(dataclasses.replace(cfg, seed=s, seeds="", tag=f"{base_tag}-s{s}")) for s in seeds]
+    out = aggregate_seeds(summaries, cfg)
+    path = os.path.join(cfg.results_dir, "rl", base_tag, "seeds.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_json(path, out)
+    for line in out["lines"]:
+        print(line)
+    print(f"wrote {path}")
+    return out
+
+
+def default_tag(cfg: RLConfig) -> str:
+    """<model-tag>-<problems>-<action-space>-<reward>[-<algo> unless ppo] (the model tag, or the checkpoint's
+    folder)."""
+    model_tag = cfg.model_tag or os.path.basename(os.path.dirname(os.path.normpath(cfg.checkpoint)))
+    return f"{model_tag}-{cfg.problems}-{cfg.action_space}-{cfg.reward}" + ("" if cfg.algo == "ppo" else
+                                                                            f"-{cfg.algo}")
+
+
+def aggregate_seeds(summaries: list[dict], cfg: RLConfig) -> dict:
+    """The arms over seeds: per arm, its gain over the learned gates (dense reward and accuracy) as mean and IQM with
+    bootstrap CIs over the seeds; the RL policy against the best black box of each seed, with a TOST over the seeds'
+    differences (a tie only within the config's margins)."""
+    from nanochat.stats import paired_mean, seeds_summary, tost_paired
+    arms = [a for a in summaries[0]["arms"] if all(a in s["arms"] for s in summaries)]
+    out = dict(seeds=[s["rl_config"]["seed"] for s in summaries], tags=[s["tag"] for s in summaries],
+               algo=cfg.algo, margins=dict(dense=cfg.tie_margin_dense, exact=cfg.tie_margin_accuracy), arms={},
+               lines=[])
+
+    def gain(s, arm, metric):
+        key = "mean" if metric == "dense" else "acc"
+        return s["arms"][arm][metric][key] - s["arms"]["default"][metric][key]
+
+    for arm in arms:
+        if arm == "default":
+            continue
+        out["arms"][arm] = {m: seeds_summary([gain(s, arm, m) for s in summaries]) for m in ("dense", "exact")}
+    vs = {}
+    for metric in ("dense", "exact"):
+        rl = [gain(s, "rl_policy", metric) for s in summaries]
+        bb = [gain(s, s["best_black_box"], metric) if s.get("best_black_box") else None for s in summaries]
+        if None in bb:
+            continue
+        d = np.asarray(rl) - np.asarray(bb)
+        vs[metric] = dict(rl_minus_best_black_box=seeds_summary(d), test=paired_mean(bb, rl),
+                          tost=tost_paired(bb, rl, out["margins"][metric]))
+    out["rl_vs_best_black_box"] = vs
+    for arm, r in out["arms"].items():
+        g = r["dense"]
+        out["lines"].append(f"{arm:<22} dense gain over the learned gates: mean {g['mean']:+.5f} [{g['mean_ci'][0]:+.5f}"
+                            f", {g['mean_ci'][1]:+.5f}], IQM {g['iqm']:+.5f} over {g['n_seeds']} seeds")
+    for metric, r in vs.items():
+        t, p = r["tost"], r["test"]["p_value"]
+        word = ("beats" if r["test"]["diff"] > 0 else "is below") if p is not None and p < 0.05 else \
+            "ties (TOST)" if t["equivalent"] else "is inconclusive against"
+        out["lines"].append(f"rl_policy {word} the best black box on {metric}: "
+                            f"{r['rl_minus_best_black_box']['mean']:+.5f} over seeds (t p = {p}, TOST p = "
+                            f"{t['p_value']}, margin +-{t['margin']:g})")
+    return out
+
+
+def run_one(cfg: RLConfig) -> dict:
+    """One seed: learn, baselines, evaluation (see the module docstring). Returns the eval.json record."""
     device_type = autodetect_device_type() if cfg.device_type == "auto" else cfg.device_type
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device-type cuda: no CUDA device is available here (use auto or cpu)")
@@ -163,11 +368,10 @@ def main(argv=None):
                                      max_new_tokens=cfg.max_new_tokens, mix_weight=cfg.mix_weight,
                                      batch_size=cfg.score_batch_size, dtype=dtype,
                                      reward_baseline=cfg.reward_baseline, compile=use_compile)
-    model_tag = cfg.model_tag or os.path.basename(os.path.dirname(ckpt_path))
-    tag = cfg.tag or f"{model_tag}-{cfg.problems}-{cfg.action_space}-{cfg.reward}"
+    tag = cfg.tag or default_tag(dataclasses.replace(cfg, checkpoint=ckpt_path))
     out_dir = os.path.join(cfg.results_dir, "rl", tag)
     ckpt_root = os.path.join(get_base_dir(), "checkpoints", "rl", tag)
-    initial_root = os.path.join(ckpt_root, "initial")
+    initial_root, best_root = os.path.join(ckpt_root, "initial"), os.path.join(ckpt_root, "best")
     os.makedirs(out_dir, exist_ok=True)
 
     gate_range_trained = scorer.model.config.mhc.gate_range_trained()
@@ -175,21 +379,24 @@ def main(argv=None):
         print(f"warning: {ckpt_path} was never trained over the gate range (no gate sampling): gates far from the "
               f"learned ones probe behaviour the model never saw. Fine-tune it with scripts.sft_train "
               f"(--mhc-gate-sample-frac 0.25 by default) first.", flush=True)
-    train, held, train_info, eval_info = problem_pools(cfg, scorer)
+    train, val, held, pools = problem_pools(cfg, scorer, read_meta(ckpt_path).get("sft_config"))
     default_gates = scorer.default_gates().tolist()
     print(f"controlling {ckpt_path}: {scorer.num_gates} gate(s) ({cfg.action_space}), learned defaults "
-          f"{np.round(default_gates, 3).tolist()}; reward {cfg.reward}; {len(train)} training problems "
-          f"({train_info['source']}), {len(held)} held-out ({eval_info['source']})", flush=True)
+          f"{np.round(default_gates, 3).tolist()}; reward {cfg.reward}; learner {cfg.algo}; {len(train)} training "
+          f"problems ({pools['train']['source']}), {len(val)} validation ({pools['val']['source']}), {len(held)} "
+          f"held-out ({pools['eval']['source']})", flush=True)
     torch.manual_seed(cfg.seed)
-    vec = GSM8KMHCVecEnv(scorer, train, cfg.num_envs, seed=cfg.seed, symmetric_actions=True)
-    ppo_kwargs = dict(learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-                      n_epochs=cfg.n_epochs, gamma=cfg.gamma, ent_coef=cfg.ent_coef, seed=cfg.seed,
-                      net_arch=parse_int_list(cfg.net_arch, "net-arch"), log_std_init=cfg.log_std_init)
-    ppo = build_ppo(vec, **ppo_kwargs)
-    meta = dict(model_config=dict(policy="MlpPolicy", net_arch=ppo_kwargs["net_arch"], num_gates=scorer.num_gates,
-                                  obs_dim=scorer.model.config.n_embd),
-                rl_config=dataclasses.asdict(cfg), controlled_checkpoint=ckpt_path, train_pool=train_info,
-                eval_pool=eval_info, git_commit=git_commit(), seed=cfg.seed)
+    scorer.prepare(train)
+    whitener = ObsWhitener.fit(scorer.observations(train)) if cfg.whiten_obs else None
+    vec = GSM8KMHCVecEnv(scorer, train, cfg.num_envs, seed=cfg.seed, action_map=cfg.action_map, whitener=whitener)
+    learner = build_learner(cfg, scorer, train, whitener,
+                            vec)
+    meta = dict(model_config=dict(policy="GatePolicy" if cfg.algo == "rloo" else "MlpPolicy", algo=cfg.algo,
+                                  net_arch=parse_int_list(cfg.net_arch, "net-arch"), num_gates=scorer.num_gates,
+                                  obs_dim=scorer.obs_dim, action_map=cfg.action_map),
+                obs_whitening=whitener.state_dict() if whitener else None,
+                rl_config=dataclasses.asdict(cfg), controlled_checkpoint=ckpt_path, pools=pools,
+                train_pool=pools["train"], eval_pool=pools["eval"], git_commit=git_commit(), seed=cfg.seed)
     run = Run(f"RL run {tag!r}", ckpt_root, out_dir, tag_flag="--tag")  # one writer per run (freed on exit, kill -9)
     run.write_config({**meta, "tag": tag, "default_gates": default_gates, "device_type": device_type, "dtype": dtype,
                       "machine": machine_info()})
@@ -198,53 +405,89 @@ def main(argv=None):
         raise UserError(f"--eval-only: no policy checkpoint in {ckpt_root} (train first, or check --tag)")
     changes = run.check_settings(read_meta(existing).get("rl_config", {}), cfg, existing) if existing else {}
     if not existing:  # the untrained policy, kept for the evaluation's rl_initial arm
-        write_snapshot(initial_root, take_snapshot(ppo, vec), meta, keep=1)
+        save_learner(learner, vec, initial_root, meta, keep=1)
+    selector = ModelSelector(scorer, val, cfg.eval_every, best_root, run.metrics_path)
 
     if not cfg.eval_only:
         if existing:
-            restore(ppo, vec, existing)
-            run.resumed_at(ppo.num_timesteps, changes)
-            print(f"resumed from {existing} at {ppo.num_timesteps} timesteps", flush=True)
-        remaining = cfg.total_timesteps - ppo.num_timesteps
+            load_learner(learner, vec, existing)
+            run.resumed_at(learner.num_timesteps, changes)
+            print(f"resumed from {existing} at {learner.num_timesteps} timesteps", flush=True)
+        remaining = cfg.total_timesteps - learner.num_timesteps
         if remaining > 0:
             stop = run.stop_flag()
             wandb_run = init_wandb(cfg.run, "nanochat-mhc-rl", meta, True)
-            callback = ControllerCallback(vec, ckpt_root, meta, run.metrics_path, cfg.save_every,
-                                          cfg.keep_checkpoints, stop_flag=stop, wandb_run=wandb_run)
             t0 = time.perf_counter()
-            ppo.learn(remaining, callback=callback, reset_num_timesteps=False, progress_bar=cfg.progress)
+            if cfg.algo == "rloo":
+                learn_rloo(learner, cfg, ckpt_root, meta, run.metrics_path, stop, selector, wandb_run)
+                snapshot_steps = learner.num_timesteps
+            else:
+                # Monitor-style episode statistics (SB3's VecMonitor: reward, length, time of every episode),
+                # one file per start so a resumed run never overwrites the first part
+                monitor = VecMonitor(vec, os.path.join(out_dir, f"from_{learner.num_timesteps}.monitor.csv"))
+                learner.set_env(monitor)
+                callback = ControllerCallback(vec, ckpt_root, meta, run.metrics_path, cfg.save_every,
+                                              cfg.keep_checkpoints, stop_flag=stop, wandb_run=wandb_run,
+                                              selector=selector)
+                learner.learn(remaining, callback=callback, reset_num_timesteps=False, progress_bar=cfg.progress,
+                              tb_log_name=tag)
+                snapshot_steps = callback.snapshot["num_timesteps"] if stop.signum else learner.num_timesteps
+                if stop.signum:
+                    path = write_snapshot(ckpt_root, callback.snapshot, meta, cfg.keep_checkpoints)
             wandb_run.finish()
             if stop.signum:
-                path = write_snapshot(ckpt_root, callback.snapshot, meta, cfg.keep_checkpoints)
-                print(f"saved {path} at {callback.snapshot['num_timesteps']} timesteps", flush=True)
-                run.finish(callback.snapshot["num_timesteps"], stop.signum)
-            path = write_snapshot(ckpt_root, take_snapshot(ppo, vec), meta, cfg.keep_checkpoints)
-            print(f"PPO: {ppo.num_timesteps} timesteps in {time.perf_counter() - t0:.0f} s; saved {path}",
+                if cfg.algo == "rloo":
+                    path = write_rloo(ckpt_root, learner, meta, cfg.keep_checkpoints)
+                print(f"saved {path} at {snapshot_steps} timesteps", flush=True)
+                run.finish(snapshot_steps, stop.signum)
+            path = save_learner(learner, vec, ckpt_root, meta, cfg.keep_checkpoints)
+            print(f"{cfg.algo}: {learner.num_timesteps} timesteps in {time.perf_counter() - t0:.0f} s; saved {path}",
                   flush=True)
     else:
-        restore(ppo, vec, existing, restore_rng=False)
-    budget = ppo.num_timesteps  # problems PPO scored: the baselines get exactly this many
+        load_learner(learner, vec, existing, restore_rng=False)
+    if selector.every > 0 and val and selector.last != learner.num_timesteps:   # the last policy is a candidate too
+        selector.evaluate(learner.num_timesteps, gates_fn(learner, vec),
+                          lambda r, extra: save_learner(learner, vec, r, {**meta, **extra}, 1))
+    if cfg.algo == "ppo":   # the final policy as SB3's own zip (PPO.load opens it) + the whitening it expects
+        learner.save(os.path.join(out_dir, "ppo_policy.zip"))
+        atomic_json(os.path.join(out_dir, "ppo_policy_obs_whitening.json"), meta["obs_whitening"])
+    budget = learner.num_timesteps  # problems the learner scored: the baselines get exactly this many
 
     baselines = run_baselines(cfg, scorer, train, budget, out_dir) if budget > 0 else {}
-    initial = build_ppo(vec, **ppo_kwargs)
-    load_policy(initial, initial_root)
+    best_bb = validate_baselines(scorer, val, baselines)
+    initial = build_learner(cfg, scorer, train, whitener, vec)
+    load_learner(initial, vec, latest_checkpoint(initial_root), restore_rng=False)
+    best = build_learner(cfg, scorer, train, whitener, vec)
+    best_path = latest_checkpoint(best_root)
+    selected = load_learner(best, vec, best_path, restore_rng=False) if best_path else None
+    if selected is None:
+        best = learner
     space = cfg.action_space
     arms = {"default": (space, None),
-            "rl_policy": (space, lambda obs: policy_gates(ppo, obs, vec.symmetric_actions)),
-            "rl_initial": (space, lambda obs: policy_gates(initial, obs, vec.symmetric_actions))}
+            "rl_policy": (space, gates_fn(best, vec)),
+            "rl_policy_stochastic": (space, gates_fn(best, vec, deterministic=False, seed=cfg.seed)),
+            "rl_initial": (space, gates_fn(initial, vec))}
+    if selected is not None and selected["num_timesteps"] != learner.num_timesteps:
+        arms["rl_last"] = (space, gates_fn(learner, vec))
     for name, res in baselines.items():
         arms[name] = (res["action_space"], res["best_gates"])
     arms["gate0"], arms["gate1"] = ("global", [0.0]), ("global", [1.0])
-    best_bb = max(baselines, key=lambda n: baselines[n]["best_train_reward"]) if baselines else None
     comparisons = [("rl_initial", "rl_policy")] + [(name, "rl_policy") for name in baselines]
     t0 = time.perf_counter()
-    results, compared, records = evaluate_arms(scorer, held, arms, "default", comparisons)
+    results, compared, records = evaluate_arms(scorer, held, arms, "default", comparisons,
+                                               margins=dict(exact=cfg.tie_margin_accuracy,
+                                                            dense=cfg.tie_margin_dense))
     print(f"evaluation on {len(held)} held-out problems ({time.perf_counter() - t0:.0f} s):", flush=True)
     print_table(results, compared, "default")
-    summary = dict(tag=tag, checkpoint=ckpt_path, policy_timesteps=ppo.num_timesteps, budget=budget,
-                   action_space=space, reward=cfg.reward, default_gates=default_gates, train_pool=train_info,
-                   gate_range_trained=gate_range_trained,
-                   eval_pool=eval_info, arms=results, comparisons=compared, best_black_box=best_bb,
+    selection = dict(validation_problems=len(val), eval_every=cfg.eval_every,
+                     selected_timesteps=selected["num_timesteps"] if selected else learner.num_timesteps,
+                     selected_val_reward=selected.get("val_reward") if selected else None,
+                     last_timesteps=learner.num_timesteps)
+    summary = dict(tag=tag, checkpoint=ckpt_path, algo=cfg.algo, policy_timesteps=learner.num_timesteps,
+                   budget=budget, action_space=space, reward=cfg.reward, default_gates=default_gates,
+                   train_pool=pools["train"], val_pool=pools["val"], eval_pool=pools["eval"],
+                   gate_range_trained=gate_range_trained, model_selection=selection,
+                   arms=results, comparisons=compared, best_black_box=best_bb,
                    verdicts=dict(rl_vs_default=verdict(compared, "default", "rl_policy"),
                                  rl_vs_initial=verdict(compared, "rl_initial", "rl_policy"),
                                  rl_vs_best_black_box=verdict(compared, best_bb, "rl_policy") if best_bb else None,
@@ -260,7 +503,7 @@ def main(argv=None):
         if text:
             print(f"{key}: {text}")
     print(f"wrote {os.path.join(out_dir, 'eval.json')}")
-    run.finish(ppo.num_timesteps)
+    run.finish(learner.num_timesteps)
     return summary
 
 

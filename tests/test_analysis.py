@@ -302,7 +302,7 @@ def test_comparison_statistics_match_hand_checked_values(tmp_path):
     rl = table["columns"]["RL-tuned"]["cells"]["GSM8K 0-shot"]
     assert "missing" in rl
     csv_text = compare_results.to_csv(table)
-    assert csv_text.count("\n") == 1 + 4 * len(compare_results.ROWS)
+    assert csv_text.count("\n") == 1 + 5 * len(compare_results.ROWS)
 
 
 def test_unpaired_examples_are_reported_not_tested(tmp_path):

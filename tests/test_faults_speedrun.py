@@ -11,12 +11,11 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# every stage of the tiny preset, in order (tests/test_speedrun.py runs them for real)
 # every stage of the tiny preset, in order (tests/test_speedrun.py checks the same list against a real run)
 TINY_STAGES = ("data", "tokenizer", "pretokenize", "memory_baseline", "train_baseline", "eval_baseline", "memory_mhc",
-               "train_mhc", "eval_mhc", "lm_eval_mhc", "stats_mhc", "hres_mhc", "sft", "eval_sft", "gate_sweep",
-               "rl_synthetic_global",
-               "rl_gsm8k_global", "eval_rl", "bench_inference", "report")
+               "train_mhc", "eval_mhc", "lm_eval_mhc", "stats_mhc", "hres_mhc", "sft_baseline", "eval_baseline_sft",
+               "sft_mhc", "eval_mhc_sft", "gate_sweep", "oracle_synthetic_dense_global", "oracle_gsm8k_dense_global",
+               "rl_synthetic_global-rloo", "rl_gsm8k_global", "bench_inference", "report")
 
 
 def stage(tmp: Path, *stage_args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -150,7 +150,7 @@ def test_reward_baseline_is_the_learned_gates_reward_on_the_same_problem(frozen,
 
 def test_vec_env_batches_seeds_and_maps_actions(frozen, problems):
     scorer = scorer_for(frozen, "per_layer")
-    vec = GSM8KMHCVecEnv(scorer, problems, num_envs=4, seed=0, symmetric_actions=True)
+    vec = GSM8KMHCVecEnv(scorer, problems, num_envs=4, seed=0, action_map="linear")
     assert vec.action_space.low.min() == -1.0
     obs = vec.reset()
     assert obs.shape == (4, 64) and obs.dtype == np.float32
@@ -162,7 +162,7 @@ def test_vec_env_batches_seeds_and_maps_actions(frozen, problems):
     assert [i["gates"].tolist() for i in infos] == [[0, 0], [1, 1], [0.5, 0.5], [1, 0]]
     assert np.array_equal(infos[0]["terminal_observation"], obs[0])
     # the same seed replays the same problems; the state round-trips (exact resume)
-    other = GSM8KMHCVecEnv(scorer, problems, num_envs=4, seed=0, symmetric_actions=True)
+    other = GSM8KMHCVecEnv(scorer, problems, num_envs=4, seed=0, action_map="linear")
     assert np.array_equal(other.reset(), obs)
     state = vec.get_state()
     nxt = vec.step(actions)[0]
@@ -212,6 +212,7 @@ class ContextScorer:
         self.model = self._Model()
         self.model.config = self._Config()
         self.num_gates = 1
+        self.obs_dim = 4
 
     def prepare(self, problems):
         pass
@@ -226,21 +227,21 @@ class ContextScorer:
 
 def test_ppo_learns_a_constructed_context_dependent_optimum():
     torch.manual_seed(0)
-    vec = GSM8KMHCVecEnv(ContextScorer(), list(range(64)), num_envs=8, seed=0, symmetric_actions=True)
+    vec = GSM8KMHCVecEnv(ContextScorer(), list(range(64)), num_envs=8, seed=0, action_map="linear")
     ppo = build_ppo(vec, learning_rate=3e-3, n_steps=256, batch_size=64, n_epochs=10, gamma=0.99, ent_coef=0.0,
                     seed=0)
     obs = np.eye(4, dtype=np.float32)[:2]
-    before = policy_gates(ppo, obs, True)[:, 0]
+    before = policy_gates(ppo, obs, "linear")[:, 0]
     assert abs(before[0] - before[1]) < 0.05  # the initial policy ignores the context (~0.5 for both)
     ppo.learn(6144)
-    after = policy_gates(ppo, obs, True)[:, 0]
+    after = policy_gates(ppo, obs, "linear")[:, 0]
     assert after[0] > 0.75 and after[1] < 0.25, after  # targets 0.9 and 0.1
 
 
 def test_ppo_on_the_model_leaves_its_weights_alone(frozen, problems):
     model, _ = frozen
     before = weights_hash(model)
-    vec = GSM8KMHCVecEnv(scorer_for(frozen, "per_sublayer"), problems, num_envs=4, seed=0, symmetric_actions=True)
+    vec = GSM8KMHCVecEnv(scorer_for(frozen, "per_sublayer"), problems, num_envs=4, seed=0, action_map="linear")
     ppo = build_ppo(vec, learning_rate=3e-4, n_steps=16, batch_size=8, n_epochs=2, gamma=0.99, ent_coef=0.0, seed=0)
     ppo.learn(32)
     assert weights_hash(model) == before and not any(p.requires_grad for p in model.parameters())
@@ -287,7 +288,7 @@ def rl_args(ckpt, results, tag, total, *extra):
             "--synthetic-steps", "1", "--synthetic-max-value", "10", "--train-problems", "32", "--eval-problems",
             "8", "--reward", "dense", "--max-new-tokens", "8", "--num-envs", "8", "--n-steps", "16",
             "--batch-size", "8", "--n-epochs", "2", "--total-timesteps", str(total), "--save-every", "16",
-            "--no-progress", "--score-batch-size", "16", *extra]
+            "--no-progress", "--score-batch-size", "16", "--val-problems", "8", *extra]
 
 
 def policy_weights(base_dir, tag):
@@ -306,16 +307,60 @@ def test_train_rl_resume_equals_straight_run(tiny_base_dir, tiny_mhc_checkpoint,
     assert straight["policy_timesteps"] == resumed["policy_timesteps"] == 64
     metrics = [json.loads(line) for line in open(tmp_path / "rl" / "split" / "metrics.jsonl")]
     # no duplicated iteration after the resume; the resume's allowed changes are recorded at its step
-    assert [m["step"] for m in metrics if "config_change" not in m] == [16, 32, 48, 64]
+    assert [m["step"] for m in metrics if "mean_reward" in m] == [16, 32, 48, 64]
+    # PPO's diagnostics on every iteration: explained variance, clip fraction, the policy's std, gates at a bound
+    assert all({"explained_variance", "clip_fraction", "std", "policy_std", "gates_at_bounds"} <= set(m)
+               for m in metrics if "mean_reward" in m)
+    # SB3 conventions: the final policy as SB3's own zip, Monitor-style episode files (one per start)
+    from stable_baselines3 import PPO
+    loaded = PPO.load(str(tmp_path / "rl" / "straight" / "ppo_policy.zip"), device="cpu")
+    whitening = json.loads((tmp_path / "rl" / "straight" / "ppo_policy_obs_whitening.json").read_text())
+    obs = np.zeros((2, len(whitening["mean"])), np.float32)
+    assert loaded.predict(obs, deterministic=True)[0].shape == (2, 1)
+    episodes = (tmp_path / "rl" / "straight" / "from_0.monitor.csv").read_text().splitlines()
+    assert episodes[1] == "r,l,t" and len(episodes) == 2 + 64          # one line per one-step episode
+    assert [p.name for p in (tmp_path / "rl" / "split").glob("*.monitor.csv")] and \
+        sorted(p.name for p in (tmp_path / "rl" / "split").glob("*.monitor.csv")) == ["from_0.monitor.csv",
+                                                                                    "from_32.monitor.csv"]
+    # model selection on the validation pool: the initial policy (step 0) and the last are candidates
+    vals = [m for m in metrics if "val_reward" in m]
+    assert vals[0]["step"] == 0 and vals[-1]["step"] == 64 and all(np.isfinite(m["val_reward"]) for m in vals)
     assert {"step": 32, "config_change": {"resume": [False, True], "total_timesteps": [32, 64]}} in metrics
     # eval.json: arms (a)-(e) with n, CIs and paired tests against the learned gates
     record = json.loads((tmp_path / "rl" / "straight" / "eval.json").read_text())
-    assert {"default", "rl_policy", "rl_initial", "grid", "random", "es", "gate0", "gate1"} == set(record["arms"])
+    assert {"default", "rl_policy", "rl_policy_stochastic", "rl_initial", "grid", "random", "es", "gate0",
+            "gate1"} <= set(record["arms"]) <= {"default", "rl_policy", "rl_policy_stochastic", "rl_initial",
+                                                "rl_last", "grid", "random", "es", "gate0", "gate1"}
+    # the best black box is chosen on the validation problems, where every baseline's returned vector was scored
+    assert all("validation_reward" in record["baselines"][n] for n in ("grid", "random", "es"))
+    assert record["best_black_box"] == max(("grid", "random", "es"),
+                                           key=lambda n: record["baselines"][n]["validation_reward"])
     assert all(r["exact"]["n"] == 8 for r in record["arms"].values())
     assert {c["b"] for c in record["comparisons"] if c["a"] == "default"} == set(record["arms"]) - {"default"}
     assert record["best_black_box"] in ("grid", "random", "es") and record["verdicts"]["rl_vs_best_black_box"]
     assert record["baselines"]["grid"]["budget"] <= 64 and record["scale"] == "smoke"
     assert "chosen_gates" in record["arms"]["rl_policy"]
+
+
+def test_train_rl_rloo_resume_equals_straight_run(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    from scripts.train_rl import main
+    rloo = ("--algo", "rloo", "--rloo-samples", "4", "--rloo-problems-per-step", "4", "--baselines", "none")
+    straight = main(rl_args(tiny_mhc_checkpoint, tmp_path, "rloo_straight", 64, *rloo))
+    main(rl_args(tiny_mhc_checkpoint, tmp_path, "rloo_split", 32, *rloo))
+    resumed = main(rl_args(tiny_mhc_checkpoint, tmp_path, "rloo_split", 64, *rloo, "--resume"))
+    a, b = policy_weights(tiny_base_dir.base_dir, "rloo_straight"), policy_weights(tiny_base_dir.base_dir, "rloo_split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["policy_timesteps"] == resumed["policy_timesteps"] == 64 and straight["algo"] == "rloo"
+    metrics = [json.loads(line) for line in open(tmp_path / "rl" / "rloo_split" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics if "mean_reward" in m] == [16, 32, 48, 64]   # 4 problems x 4 samples
+    assert straight["arms"]["rl_policy"]["dense"]["n"] == 8
+
+
+def test_train_rl_tensorboard_log(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    from scripts.train_rl import main   # tensorboard is in the rl extra (pyproject.toml)
+    main(rl_args(tiny_mhc_checkpoint, tmp_path, "tb", 16, "--baselines", "none", "--tensorboard-log",
+                 str(tmp_path / "tb")))
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
 def test_train_rl_refuses_what_it_cannot_do_honestly(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
@@ -342,7 +387,7 @@ def test_presets_load_and_flags_override_them():
     from nanochat.config import RLConfig, build_config
     from scripts.train_rl import with_preset
     cfg, _ = build_config(RLConfig, with_preset(["--preset", "tiny", "--model-tag", "m", "--num-envs", "8"]), "")
-    assert (cfg.problems, cfg.reward, cfg.total_timesteps, cfg.num_envs) == ("synthetic", "dense", 2048, 8)
+    assert (cfg.problems, cfg.reward, cfg.total_timesteps, cfg.num_envs) == ("synthetic", "dense", 768, 8)
     cfg, _ = build_config(RLConfig, with_preset(["--preset=gpu", "--model-tag", "m"]), "")
     assert (cfg.problems, cfg.reward, cfg.total_timesteps, cfg.ent_coef) == ("gsm8k", "exact", 50000, 0.1)
     defaults = RLConfig(model_tag="m")  # the plan's PPO settings are the dataclass defaults
@@ -360,7 +405,7 @@ def test_ppo_on_the_tiny_model_beats_its_initial_policy(tiny_base_dir, tiny_mhc_
     problems (paired test)."""
     from scripts.train_rl import main
     result = main(rl_args(tiny_mhc_checkpoint, tmp_path, "learns", 1024, "--baselines", "grid", "--n-steps", "128",
-                          "--n-epochs", "5", "--batch-size", "32", "--eval-problems", "32", "--learning-rate", "1e-3",
+                          "--n-epochs", "5", "--batch-size", "32", "--eval-problems", "32", "--learning-rate", "3e-3", "--eval-every", "0",
                           "--ent-coef", "0"))
     arms, comp = result["arms"], {(c["a"], c["b"]): c for c in result["comparisons"]}
     assert arms["gate1"]["dense"]["mean"] > arms["gate0"]["dense"]["mean"]  # the landscape this test relies on
@@ -401,5 +446,21 @@ def test_sigterm_saves_a_boundary_checkpoint_and_resume_is_exact(tiny_base_dir, 
     main(args("killed") + ["--resume"])
     a, b = policy_weights(tiny_base_dir.base_dir, "uninterrupted"), policy_weights(tiny_base_dir.base_dir, "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in map(json.loads, open(metrics)) if "config_change" not in r]
+    steps = [r["step"] for r in map(json.loads, open(metrics)) if "mean_reward" in r]   # one per iteration
     assert steps == list(range(16, 1025, 16))
+
+
+def test_train_rl_seeds_aggregates_over_seeds(tiny_base_dir, tiny_mhc_checkpoint, tmp_path):
+    """--seeds runs once per seed (tags <tag>-s<seed>) and writes the arms over seeds, with the RL policy against
+    each seed's best black box and a TOST within the config's margin."""
+    from scripts.train_rl import main
+    out = main(rl_args(tiny_mhc_checkpoint, tmp_path, "multi", 16, "--seeds", "0,1,2", "--baselines", "grid",
+                       "--algo", "rloo", "--rloo-problems-per-step", "2"))
+    assert out["seeds"] == [0, 1, 2] and out["tags"] == ["multi-s0", "multi-s1", "multi-s2"]
+    saved = json.loads((tmp_path / "rl" / "multi" / "seeds.json").read_text())
+    assert saved["arms"]["rl_policy"]["dense"]["n_seeds"] == 3
+    per_seed = [json.loads((tmp_path / "rl" / f"multi-s{s}" / "eval.json").read_text()) for s in range(3)]
+    gains = [e["arms"]["rl_policy"]["dense"]["mean"] - e["arms"]["default"]["dense"]["mean"] for e in per_seed]
+    assert saved["arms"]["rl_policy"]["dense"]["mean"] == pytest.approx(np.mean(gains))
+    assert saved["rl_vs_best_black_box"]["dense"]["tost"]["margin"] == 1e-3
+    assert {e["rl_config"]["seed"] for e in per_seed} == {0, 1, 2}

@@ -206,11 +206,11 @@ def test_named_configs_load():
     from nanochat.gpt import model_dims_from_depth
     assert model_dims_from_depth(cfg.depth, cfg.aspect_ratio, cfg.head_dim) == (768, 6)
     cfg, _ = build_config(TrainConfig, ["--config", "tiny_cpu"], "test")
-    assert (cfg.depth, cfg.max_seq_len, cfg.device_batch_size, cfg.num_iterations) == (4, 256, 8, 200)
+    assert (cfg.depth, cfg.max_seq_len, cfg.device_batch_size, cfg.num_iterations) == (4, 256, 8, 150)
     cfg, _ = build_config(TrainConfig, ["--config", "dynamic_mhc"], "test")  # extends = "baseline"
     assert cfg.mhc.enabled and cfg.mhc.num_streams == 4 and cfg.depth == 12 and cfg.total_batch_size == 524288
     cfg, _ = build_config(TrainConfig, ["--config", "tiny_cpu_mhc", "--mhc-num-streams", "2"], "test")
-    assert cfg.mhc.enabled and cfg.mhc.num_streams == 2 and cfg.num_iterations == 200
+    assert cfg.mhc.enabled and cfg.mhc.num_streams == 2 and cfg.num_iterations == 150
 
 
 def test_existing_run_needs_resume_and_config_must_match(tiny_base_dir, tmp_path):

@@ -180,7 +180,7 @@ def seeds_table(out: dict) -> list[str]:
         d, e = r["dense"], r["exact"]
         lines.append(f"| {arm} | {d['mean']:+.5f} [{d['mean_ci'][0]:+.5f}, {d['mean_ci'][1]:+.5f}] | "
                      f"{d['iqm']:+.5f} | {e['mean']:+.3f} [{e['mean_ci'][0]:+.3f}, {e['mean_ci'][1]:+.3f}] |")
-    return lines + [""] + [f"- {line}" for line in out["lines"] if line.startswith("rl_policy ")] + [""]
+    return lines + [""] + [f"- {line}" for line in out["lines"] if "best black box" in line] + [""]
 
 
 def rl_section(rep: Report, run_dir: str, fig_dir: str):

@@ -33,7 +33,7 @@ from envs.gsm8k_env import dense_rewards, exact_rewards
 from envs.mhc_env import GateScorer, build_problem_pool, gates_applied, load_frozen_model
 from nanochat.common import UserError, autodetect_device_type, doc_summary, git_commit, machine_info
 from nanochat.common import run_main
-from nanochat.config import parse_int_list
+from nanochat.config import check_synthetic_mix, parse_int_list
 from nanochat.headroom import cross_fitted, headroom, interaction_test, over_seeds, per_type_grid  # noqa: F401
 
 GLOBAL_GATES = tuple(round(0.1 * i, 1) for i in range(11))
@@ -263,9 +263,12 @@ def main(argv=None):
     for flag in ("num_problems", "batch_size", "max_new_tokens", "learner_budget"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
-    if args.random_vectors < 0 or (args.replicates == "exact" and args.temperature <= 0):
-        raise UserError(f"--random-vectors must be >= 0 and --temperature > 0 for exact replicates (two greedy "
-                        f"decodes are the same decode) (got {args.random_vectors}, {args.temperature})")
+    if args.random_vectors < 0:
+        raise UserError(f"--random-vectors must be >= 0 (got {args.random_vectors})")
+    if args.replicates == "exact" and args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 for exact replicates: two greedy decodes are the same decode "
+                        f"(got {args.temperature})")
+    check_synthetic_mix(args.synthetic_mix)
     seeds = [] if args.seeds.strip() in ("", "none") else parse_int_list(args.seeds, "seeds")
     learner_names = [] if args.learners.strip() in ("", "none") else [n.strip() for n in args.learners.split(",")]
     t0 = time.perf_counter()

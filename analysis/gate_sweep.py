@@ -24,7 +24,7 @@ import torch
 from analysis.plots import pyplot, save_figure
 from envs.mhc_env import GateScorer, build_problem_pool, load_frozen_model
 from nanochat.common import doc_summary, UserError, autocast_ctx, autodetect_device_type, git_commit, run_main
-from nanochat.config import parse_int_list
+from nanochat.config import check_synthetic_mix, parse_int_list
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.loss_eval import evaluate_bpb
@@ -142,6 +142,7 @@ def main(argv=None):
     if args.tokens <= 0 or args.num_problems <= 0 or args.batch_size <= 0:
         raise UserError(f"--tokens, --num-problems and --batch-size must be > 0 (got {args.tokens}, "
                         f"{args.num_problems}, {args.batch_size})")
+    check_synthetic_mix(args.synthetic_mix)
     grid = parse_grid(args.grid, "grid")
     per_layer_grid = [] if args.per_layer_grid.strip() in ("", "none") else parse_grid(args.per_layer_grid,
                                                                                          "per-layer-grid")

@@ -486,8 +486,9 @@ RL_BASELINES = ("grid", "random", "es")
 
 def check_synthetic_mix(name: str):
     if name:
-        from nanochat.synthetic_gsm8k import mixture_tiers  # the mixtures' one registry
-        mixture_tiers(name)
+        from nanochat.synthetic_gsm8k import MIXTURES  # the mixtures' one registry
+        if name not in MIXTURES:
+            raise UserError(f"--synthetic-mix must be one of {', '.join(MIXTURES)} (got {name!r})")
 
 
 @dataclass

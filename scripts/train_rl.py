@@ -389,8 +389,7 @@ def run_one(cfg: RLConfig) -> dict:
     scorer.prepare(train)
     whitener = ObsWhitener.fit(scorer.observations(train)) if cfg.whiten_obs else None
     vec = GSM8KMHCVecEnv(scorer, train, cfg.num_envs, seed=cfg.seed, action_map=cfg.action_map, whitener=whitener)
-    learner = build_learner(cfg, scorer, train, whitener,
-                            vec)
+    learner = build_learner(cfg, scorer, train, whitener, vec)
     meta = dict(model_config=dict(policy="GatePolicy" if cfg.algo == "rloo" else "MlpPolicy", algo=cfg.algo,
                                   net_arch=parse_int_list(cfg.net_arch, "net-arch"), num_gates=scorer.num_gates,
                                   obs_dim=scorer.obs_dim, action_map=cfg.action_map),

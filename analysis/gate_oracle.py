@@ -188,6 +188,7 @@ def plot(result: dict, a: np.ndarray, b: np.ndarray, types, path: str, title: st
     ax.bar(x, result["headroom"]["best_gate_counts"], color="tab:blue", alpha=0.8)
     ax.set_xticks(x, labels, rotation=45 if len(labels) > 11 else 0, fontsize=7)
     ax.set_xlabel("each problem's best gate (mean of both replicates)")
+    ax.yaxis.get_major_locator().set_params(integer=True)   # counts of problems
     ax.set_ylabel("problems")
     h = result["headroom"]
     ax.set_title(f"split headroom {h['split']:+.4f} [{h['split_ci'][0]:+.4f}, {h['split_ci'][1]:+.4f}], "
@@ -277,12 +278,14 @@ def main(argv=None):
         a, b, obs, types, gates = (saved[k] for k in ("a", "b", "obs", "types", "gates"))
         labels, out = result["gates"], args.out or args.from_tables[:-len(".npz")] + "_reanalysed.json"
         replicates = result["replicates"]
+        source = result["problems"]["source"]
+        pool_name = "gsm8k" if "gsm8k" in source.lower() else source.split(":")[0]
         tag = os.path.basename(os.path.dirname(os.path.abspath(args.from_tables)))
         result = {k: result[k] for k in ("checkpoint", "step", "problems", "action_space", "gate_vectors",
                                          "learned_gates", "replicates", "temperature")}
     else:
         a, b, obs, types, gates, labels, result, tag = measure(args)
-        replicates = args.replicates
+        replicates, pool_name = args.replicates, args.problems
         out = args.out or os.path.join(args.results_dir, tag,
                                        f"gate_oracle_{args.problems}_{args.replicates}_{args.gate_set}.json")
     if len(a) < 5 * args.folds:
@@ -305,8 +308,7 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     os.replace(out + ".tmp", out)
     plot(result, a, b, types, stem + ".png",
-         f"gate oracle: {tag} on {len(a)} {result['problems']['source'].split(':')[0]} problems ({replicates} "
-         f"replicates)")
+         f"gate oracle: {tag} on {len(a)} {pool_name} problems ({replicates} replicates)")
     print_summary(result)
     print(f"wrote {out}, {stem}.png" + ("" if args.from_tables else f" and {stem}.npz")
           + f" ({result['seconds']:.0f} s)")

@@ -119,7 +119,7 @@ def plot_rl_gate_distribution(gates, path: str, labels=None, title: str = "", de
         raise UserError(f"expected a [problems, gates] array of chosen gates (got shape {g.shape})")
     plt = pyplot()
     k = g.shape[1]
-    fig, axes = plt.subplots(1, k, figsize=(min(3 * k, 14) + 1, 3), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, k, figsize=(max(min(3 * k, 14) + 1, 5.5), 3), squeeze=False, layout="constrained")
     for i in range(k):
         ax = axes[0, i]
         ax.hist(g[:, i], bins=np.linspace(0, 1, 21), color="tab:blue", alpha=0.8, label="rl_policy (chosen)")
@@ -131,7 +131,7 @@ def plot_rl_gate_distribution(gates, path: str, labels=None, title: str = "", de
         ax.set_xlabel("g")
     axes[0, 0].set_ylabel("problems")
     if default_gates is not None:  # outside the axes: inside, it covered the histogram's bars
-        fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="outside right center")
     fig.suptitle(title or "gates the RL policy chose (held-out problems)", fontsize=9)
     save_figure(fig, path)
     return fig
@@ -233,7 +233,7 @@ def plot_gate_vs_accuracy(arms: dict, path: str, title: str = "", default_gates=
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, h)
-    fig.legend(list(seen.values()), list(seen.keys()), loc="outside right upper", fontsize=7, title="arm",
+    fig.legend(list(seen.values()), list(seen.keys()), loc="outside right center", fontsize=7, title="arm",
                title_fontsize=7)
     fig.suptitle(title or "gate vs accuracy and dense reward per arm", fontsize=9)
     ref_note = (f"Dashed line and band: the reference arm '{REFERENCE_ARM}' (learned gates) and its CI."

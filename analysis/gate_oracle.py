@@ -129,14 +129,14 @@ def table_learners(names, gates: np.ndarray, budget: int) -> dict:
 def analyse(a, b, obs, types, labels, folds: int, seed: int, seeds=(), margin: float = 1e-3, learners=None) -> dict:
     """Everything the JSON reports, from the two tables (and the observations and types)."""
     h = headroom(a, b, seed=seed)
+    base = cross_fitted(a, b, obs=obs, types=types, folds=folds, seed=seed, learners=learners)
     out = dict(gates=labels, headroom=dict(h, split_ci=list(h["split_ci"]), best_fixed_gate=labels[h["best_fixed"]]),
-               interaction=interaction_test(a, b),
-               baselines=cross_fitted(a, b, obs=obs, types=types, folds=folds, seed=seed, learners=learners),
+               interaction=interaction_test(a, b), baselines=base,
                per_type=per_type_grid(a, b, types, seed=seed) if types is not None else None)
-    out["baselines"].pop("per_problem")
-    if seeds:
+    if seeds:   # the run above is the summary's run of `seed`: not computed twice
         out["over_seeds"] = over_seeds(a, b, obs=obs, types=types, folds=folds, seeds=seeds, margin=margin,
-                                       learners=learners)
+                                       learners=learners, done={seed: base})
+    base.pop("per_problem")
     return out
 
 

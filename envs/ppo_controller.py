@@ -19,7 +19,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 from envs.mhc_env import actions_to_gates
-from nanochat.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from envs.bandit import ObsWhitener, RLOOLearner
 from nanochat.common import UserError, append_jsonl
 from nanochat.gate_rewards import check_ppo_sizes
@@ -214,7 +214,6 @@ class ModelSelector:
         self.best, self.last = None, None
         path = latest_checkpoint(root)
         if path is not None:   # a resumed run keeps the best it had
-            from nanochat.checkpoint import read_meta
             m = read_meta(path)
             self.best, self.last = m.get("val_reward"), m.get("num_timesteps")
 

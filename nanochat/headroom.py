@@ -236,13 +236,15 @@ def per_type_grid(rewards_a, rewards_b, types, seed: int = 0) -> dict:
 
 
 def over_seeds(rewards_a, rewards_b, obs=None, types=None, folds: int = 5, seeds=(0, 1, 2, 3, 4),
-               margin: float = 1e-3, learners: dict | None = None) -> dict:
+               margin: float = 1e-3, learners: dict | None = None, done: dict | None = None) -> dict:
     """cross_fitted over several seeds (fold assignments, and each learner's own seed): per policy, the gain over
     the fixed gate and the closed gap summarised over seeds (mean, IQM, bootstrap CIs), and a TOST of the policy
     against the fixed gate on the per-problem values averaged over seeds (a tie needs equivalence within
-    +-margin, not a large p)."""
+    +-margin, not a large p). done: {seed: cross_fitted result} already computed with the same settings."""
     from nanochat.stats import paired_mean, seeds_summary, tost_paired
-    runs = [cross_fitted(rewards_a, rewards_b, obs, types, folds, s, learners=learners) for s in seeds]
+    done = done or {}
+    runs = [done[s] if s in done else cross_fitted(rewards_a, rewards_b, obs, types, folds, s, learners=learners)
+            for s in seeds]
     out = dict(seeds=list(seeds), folds=folds, margin=margin, policies={})
     fixed = np.mean([r["per_problem"]["fixed"] for r in runs], 0)
     for name in runs[0]["policies"]:

@@ -394,8 +394,8 @@ def run_one(cfg: RLConfig) -> dict:
                                   net_arch=parse_int_list(cfg.net_arch, "net-arch"), num_gates=scorer.num_gates,
                                   obs_dim=scorer.obs_dim, action_map=cfg.action_map),
                 obs_whitening=whitener.state_dict() if whitener else None,
-                rl_config=dataclasses.asdict(cfg), controlled_checkpoint=ckpt_path, pools=pools,
-                train_pool=pools["train"], eval_pool=pools["eval"], git_commit=git_commit(), seed=cfg.seed)
+                rl_config=dataclasses.asdict(cfg), controlled_checkpoint=ckpt_path, train_pool=pools["train"],
+                val_pool=pools["val"], eval_pool=pools["eval"], git_commit=git_commit(), seed=cfg.seed)
     run = Run(f"RL run {tag!r}", ckpt_root, out_dir, tag_flag="--tag")  # one writer per run (freed on exit, kill -9)
     run.write_config({**meta, "tag": tag, "default_gates": default_gates, "device_type": device_type, "dtype": dtype,
                       "machine": machine_info()})

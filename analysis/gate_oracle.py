@@ -75,7 +75,8 @@ def score_tables(scorer: GateScorer, problems, space: str, gates: np.ndarray, re
                 reps = dense_rewards(scorer.scoring_model, scorer.tokenizer, probs, scorer.ctx, halves=True)
             else:
                 ra, rb = (exact_rewards(scorer.model, scorer.tokenizer, probs, scorer.max_new_tokens, scorer.ctx,
-                                        temperature=temperature, seed=seed + 1000003 * rep + start)
+                                        temperature=temperature, seed=seed + 1000003 * rep + start,
+                                        compile=scorer.compile, compile_backend=scorer.compile_backend)
                           for rep in (0, 1))
                 reps = [(float(x["correct"]), float(y["correct"])) for x, y in zip(ra, rb)]
         for (i, j), (x, y) in zip(chunk, reps):

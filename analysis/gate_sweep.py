@@ -23,7 +23,7 @@ import torch
 
 from analysis.plots import pyplot, save_figure
 from envs.mhc_env import GateScorer, build_problem_pool, load_frozen_model
-from nanochat.common import doc_summary, UserError, autocast_ctx, autodetect_device_type, git_commit, run_main
+from nanochat.common import doc_summary, UserError, autodetect_device_type, git_commit, resolve_precision, run_main
 from nanochat.config import check_synthetic_mix, parse_int_list
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -56,7 +56,7 @@ def sweep(scorer: GateScorer, batches, token_bytes, problems, grid, per_layer_gr
         else:
             model.set_mhc_gates_per_sublayer(gates)
         try:
-            bpb = evaluate_bpb(model, iter(batches), token_bytes, ctx)
+            bpb = evaluate_bpb(scorer.scoring_model, iter(batches), token_bytes, ctx)
         finally:
             model.clear_mhc_gates()
         return dict(val_bpb=bpb, dense=float(np.mean(dense)), dense_std=float(np.std(dense)))
@@ -136,6 +136,8 @@ def main(argv=None):
     p.add_argument("--task-data", default="auto", choices=["auto", "hub", "local"], help="GSM8K data source")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (bpb) / 4x for problems")
     p.add_argument("--device-type", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="torch.compile the scoring forward (bpb and dense reward): auto = on CUDA only")
     p.add_argument("--results-dir", default="results", help="output: <results-dir>/<model-tag>/gate_sweep.*")
     p.add_argument("--out", default="", help="output JSON path (the PNG goes beside it)")
     args = p.parse_args(argv)
@@ -152,10 +154,9 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     model, tokenizer, path, meta = load_frozen_model(args.checkpoint, args.model_tag, args.step, device)
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    ctx = autocast_ctx(device.type, dtype)
+    dtype, use_compile, ctx = resolve_precision(device.type, "auto", args.compile)
     scorer = GateScorer(model, tokenizer, action_space="per_sublayer", reward="dense", max_new_tokens=1,
-                        batch_size=4 * args.batch_size, dtype=dtype)  # dense only: no generation room needed
+                        batch_size=4 * args.batch_size, dtype=dtype, compile=use_compile)  # dense only: no generation
     train_cfg = meta.get("run_config", {}).get("train", {})
     source = train_cfg.get("data_source") or "fineweb"
     pretokenize(source, tokenizer)

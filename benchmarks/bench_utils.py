@@ -36,6 +36,33 @@ def timed_train_step(model, optimizers, x, y, ctx, device_type: str) -> float:
     return time.perf_counter() - t0
 
 
+def timed_generate(engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """One greedy generation of new_tokens tokens for every row of prompts [B, P] through a nanochat.engine.Engine.
+    Returns (prefill seconds, decode seconds per forward), from the engine's own clock (Engine.last_timings)."""
+    engine.generate(prompts.tolist(), new_tokens)
+    t = engine.last_timings
+    return t["prefill_s"], t["decode_s"] / max(1, t["decode_forwards"])
+
+
+def time_single_env(env, steps: int, rng) -> float:
+    """Env steps per second of one gymnasium env scoring one problem per step, random actions."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        env.reset(seed=int(rng.integers(1 << 30)))
+        env.step(rng.uniform(0, 1, env.action_space.shape).astype("float32"))
+    return steps / (time.perf_counter() - t0)
+
+
+def time_vec_env(vec, steps: int, rng) -> float:
+    """Env steps (problems scored) per second of a vec env stepping all its sub-environments at once."""
+    vec.reset()
+    iters = max(1, steps // vec.num_envs)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        vec.step(rng.uniform(0, 1, (vec.num_envs, *vec.action_space.shape)).astype("float32"))
+    return iters * vec.num_envs / (time.perf_counter() - t0)
+
+
 def own_peak_memory_mib(device_type: str) -> float:
     """This process's peak memory: CUDA max allocated, or the peak RSS (VmHWM; ru_maxrss would include the
     parent's pages at fork time, so a child process measured that way inherits its parent's high-water mark)."""

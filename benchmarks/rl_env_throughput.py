@@ -2,7 +2,8 @@
 problem at a time, on the same model, problems and random actions. Writes JSON.
 
     python -m benchmarks.rl_env_throughput --model-tag tiny_mhc_sft                      # dense and exact rewards
-    python -m benchmarks.rl_env_throughput --model-tag mhc_sft --num-envs 64 --reward exact --problems gsm8k
+    python -m benchmarks.rl_env_throughput --model-tag mhc_sft --num-envs 64 --rewards exact --problems gsm8k
+    python -m benchmarks.rl_env_throughput --model-tag tiny_mhc_sft --compile true    # the compiled decode, CPU
 
 A real (fine-tuned) checkpoint, because the exact reward's cost depends on when generation stops. Each repeat
 times both sides back to back (single env, then vec env), and the reported figure is the median over --repeats
@@ -12,31 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
 
-from benchmarks.bench_utils import write_record
+from benchmarks.bench_utils import time_single_env, time_vec_env, write_record
 from envs.mhc_env import GateScorer, GSM8KMHCEnv, GSM8KMHCVecEnv, build_problem_pool, load_frozen_model
-from nanochat.common import doc_summary, autodetect_device_type, run_main
-
-
-def time_single(env: GSM8KMHCEnv, steps: int, rng: np.random.Generator) -> float:
-    t0 = time.perf_counter()
-    for i in range(steps):
-        env.reset(seed=int(rng.integers(1 << 30)))
-        env.step(rng.uniform(0, 1, env.action_space.shape).astype(np.float32))
-    return steps / (time.perf_counter() - t0)
-
-
-def time_vec(vec: GSM8KMHCVecEnv, steps: int, rng: np.random.Generator) -> float:
-    vec.reset()
-    iters = max(1, steps // vec.num_envs)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        vec.step(rng.uniform(0, 1, (vec.num_envs, *vec.action_space.shape)).astype(np.float32))
-    return iters * vec.num_envs / (time.perf_counter() - t0)
+from nanochat.common import doc_summary, autodetect_device_type, resolve_precision, run_main
 
 
 def main(argv=None):
@@ -53,15 +36,19 @@ def main(argv=None):
     p.add_argument("--synthetic-max-value", type=int, default=10, help="synthetic: largest operand")
     p.add_argument("--max-new-tokens", type=int, default=64, help="exact reward: generation limit")
     p.add_argument("--task-data", default="auto", choices=["auto", "hub", "local"], help="GSM8K data source")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="the scorer's --compile: the dense forward and the exact reward's decode step through "
+                        "torch.compile (auto = on CUDA only); the warm-up pays the compile")
     p.add_argument("--out", default="results/bench/rl_env_throughput.json", help="output JSON")
     args = p.parse_args(argv)
     device_type = autodetect_device_type()
     model, tokenizer, path, _ = load_frozen_model(args.checkpoint, args.model_tag, device=torch.device(device_type))
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
+    dtype, use_compile, _ = resolve_precision(device_type, "auto", args.compile)
     results = {}
     for reward in [r.strip() for r in args.rewards.split(",") if r.strip()]:
         scorer = GateScorer(model, tokenizer, action_space=args.action_space, reward=reward,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.num_envs, dtype=dtype)
+                            max_new_tokens=args.max_new_tokens, batch_size=args.num_envs, dtype=dtype,
+                            compile=use_compile)
         kw = dict(count=512, seed=1, synthetic_steps=[args.synthetic_steps],
                   synthetic_max_value=args.synthetic_max_value) if args.problems == "synthetic" else \
             dict(split="train", count=512, task_data=args.task_data)
@@ -69,11 +56,11 @@ def main(argv=None):
         env = GSM8KMHCEnv(scorer=scorer, action_space=args.action_space, reward=reward, problems=problems)
         vec = GSM8KMHCVecEnv(scorer, problems, args.num_envs, seed=0)
         rng = np.random.default_rng(0)
-        time_single(env, 4, rng), time_vec(vec, args.num_envs, rng)  # warm-up (allocator, caches)
+        time_single_env(env, 4, rng), time_vec_env(vec, args.num_envs, rng)  # warm-up (allocator, caches)
         single, batched = [], []
         for _ in range(args.repeats):
-            single.append(time_single(env, args.steps, rng))
-            batched.append(time_vec(vec, args.steps, rng))
+            single.append(time_single_env(env, args.steps, rng))
+            batched.append(time_vec_env(vec, args.steps, rng))
         ratios = [b / s for s, b in zip(single, batched)]
         results[reward] = dict(single_env_steps_per_s=statistics.median(single),
                                vec_env_steps_per_s=statistics.median(batched), speedup=statistics.median(ratios),

@@ -117,11 +117,13 @@ def dense_rewards(model, tokenizer, problems: list[GenExample], autocast_ctx, ha
 
 @torch.no_grad()
 def exact_rewards(model, tokenizer, problems: list[GenExample], max_new_tokens: int, autocast_ctx,
-                  temperature: float = 0.0, seed: int = 0) -> list[dict]:
+                  temperature: float = 0.0, seed: int = 0, compile: bool = False,
+                  compile_backend="inductor") -> list[dict]:
     """0-shot generation for every problem in one batch (KV cache), greedy (or sampled at `temperature` from
     `seed`), scored by the GSM8K task. Returns the evaluation records (completion, extracted answers,
     exact_match_*); `correct` is the primary metric."""
-    records = run_gen_batch(problems, Engine(model, tokenizer, autocast_ctx), tokenizer, max_new_tokens, 0,
+    records = run_gen_batch(problems, Engine(model, tokenizer, autocast_ctx, compile=compile, backend=compile_backend),
+                            tokenizer, max_new_tokens, 0,
                             temperature=temperature, seed=seed)
     skipped = [r["id"] for r in records if "skipped" in r]
     if skipped:  # fit_problems keeps these out: a skipped row would misalign the gates

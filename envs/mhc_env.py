@@ -134,14 +134,15 @@ class GateScorer:
 
     def __init__(self, model, tokenizer, *, action_space: str = "global", reward: str = "dense",
                  max_new_tokens: int = 256, mix_weight: float = 0.5, batch_size: int = 32, dtype: str = "float32",
-                 reward_baseline: str = "none", compile: bool = False):
+                 reward_baseline: str = "none", compile: bool = False, compile_backend="inductor"):
         check_reward_settings(reward, reward_baseline, mix_weight)
         if batch_size <= 0 or max_new_tokens <= 0:
             raise UserError(f"batch size and max new tokens must be > 0 (got {batch_size}, {max_new_tokens})")
         self.model, self.tokenizer = model, tokenizer
-        # the forward of the dense reward (compiled with --compile; every batch has its own length); the
-        # observations (once per problem, cached) and generation (the exact reward) run the eager model
-        self.scoring_model = compile_model(model, compile, dynamic=True)
+        # the forward of the dense reward (compiled with --compile; every batch has its own length) and the exact
+        # reward's decode step (the engine's compiled path); the observations (once per problem, cached) run eager
+        self.scoring_model = compile_model(model, compile, dynamic=True, backend=compile_backend)
+        self.compile, self.compile_backend = compile, compile_backend
         self.action_space, self.reward = action_space, reward
         self.num_gates = num_gates(action_space, model.config.n_layer)
         self.max_new_tokens, self.mix_weight, self.batch_size = max_new_tokens, mix_weight, batch_size
@@ -222,7 +223,8 @@ class GateScorer:
                         r["dense"] = d
                 if "exact" in metrics:
                     for r, e in zip(recs, exact_rewards(self.model, self.tokenizer, chunk, self.max_new_tokens,
-                                                        self.ctx)):
+                                                        self.ctx, compile=self.compile,
+                                                        compile_backend=self.compile_backend)):
                         r.update(correct=e["correct"], completion=e["completion"], cut=e["cut"])
             for r in recs:
                 if all(("correct" if m == "exact" else m) in r for m in reward.metrics):  # what the reward needs

@@ -250,14 +250,26 @@ def resolve_precision(device_type: str, dtype: str, compile_flag: str = "false")
     return dtype, use_compile, autocast_ctx(device_type, dtype)
 
 
-def compile_model(model, use_compile: bool, dynamic: bool | None):
+def use_compile_cache() -> str:
+    """Inductor's on-disk caches (compiled graphs, AOT autograd) under the base dir, so a second run of the same
+    shapes skips most of the compile (docs/performance.md: cold vs warm). An explicit $TORCHINDUCTOR_CACHE_DIR
+    wins. Returns the directory."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(get_base_dir(), "torchinductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def compile_model(model, use_compile: bool, dynamic: bool | None, backend="inductor"):
     """The forward an entry point runs (--compile): torch.compile(model, dynamic=dynamic) when asked, else the model
     itself. The compiled module shares the model's parameters and forwards attribute access to it (config, gate
     setters). dynamic: False for fixed shapes (pretraining), True where every batch has its own length (fine-tuning
     rows, RL scoring), None (PyTorch's automatic: static first, dynamic once a shape changes) for callers with both
     (evaluation: fixed-length bpb batches, then variable-length choices). Generation keeps the eager model (the
-    KV cache is Python state: compiling it is the engine's job)."""
-    return torch.compile(model, dynamic=dynamic) if use_compile else model
+    KV cache is the engine's: nanochat.engine.Engine(compile=True)). backend: torch.compile's (tests: aot_eager)."""
+    if not use_compile:
+        return model
+    use_compile_cache()
+    return torch.compile(model, dynamic=dynamic, backend=backend)
 
 
 def autocast_ctx(device_type: str, dtype: str):

@@ -322,8 +322,8 @@ class EvalConfig:
     tasks: str = _f("bpb", f"comma-separated tasks: {', '.join(EVAL_TASKS)}, or all")
     device_type: str = _f("auto", "auto | cuda | cpu")
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
-    compile: str = _f("auto", "torch.compile the scoring forward (bpb, multiple choice): auto (on CUDA only) | true "
-                      "| false; generation stays eager")
+    compile: str = _f("auto", "torch.compile the scoring forward (bpb, multiple choice) and generation's decode "
+                      "step (static KV cache, CUDA graphs on GPU): auto (on CUDA only) | true | false")
     device_batch_size: int = _f(8, "sequences per device per forward pass (bpb rows, choices, generated rows)")
     eval_tokens: int = _f(10 * 524288, "validation tokens for bpb (per split)")
     max_per_task: int = _f(-1, "examples per downstream task: the first N after a seeded shuffle (-1 = all)")
@@ -338,6 +338,8 @@ class EvalConfig:
     mhc_gates: str = _f("", "evaluate an mHC model at these gates: 1 (global), L (per layer) or 2L (per sub-layer) "
                         "comma-separated values in [0, 1] (default: its learned gates)")
     mhc_gates_from: str = _f("", "evaluate at the mean gates the RL policy chose: path to a train_rl eval.json")
+    inference_sinkhorn_iters: int = _f(0, "mHC: run this many Sinkhorn iterations for H_res instead of the trained "
+                                       "count (0: exact; docs/performance.md measures what fewer cost)")
 
     def gate_values(self) -> list[float]:
         try:
@@ -502,8 +504,9 @@ class RLConfig:
     device_type: str = _f("auto", "device of the frozen model: auto | cuda | cpu (the policy MLP runs on the CPU)",
                           resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
-    compile: str = _f("auto", "torch.compile the frozen model's scoring forward (dense reward, observations): auto "
-                      "(on CUDA only) | true | false; generation stays eager", resumable=True)
+    compile: str = _f("auto", "torch.compile the frozen model's scoring forward (dense reward) and the exact "
+                      "reward's decode step (static KV cache, CUDA graphs on GPU): auto (on CUDA only) | true | false",
+                      resumable=True)
     seed: int = _f(0, "seed of the learner, the problem sampler and the black-box baselines")
     seeds: str = _f("", "run once per seed (comma-separated; tags <tag>-s<seed>) and aggregate the arms over seeds "
                     "into <results>/rl/<tag>/seeds.json: mean, IQM and bootstrap CIs, TOST against the best black "

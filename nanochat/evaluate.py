@@ -121,11 +121,13 @@ def gather_records(records: list[dict], world_size: int) -> list[dict]:
 
 def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int, max_per_task: int = -1,
                   max_new_tokens: int = 256, strict: bool = False, task_data: str = "auto", seed: int | None = 42,
-                  rank: int = 0, world_size: int = 1, scoring_model=None) -> tuple[dict, list[dict]]:
+                  rank: int = 0, world_size: int = 1, scoring_model=None,
+                  compile_generation: bool = False) -> tuple[dict, list[dict]]:
     """Evaluate one task. Returns (summary for eval.json, per-example records for eval_examples.jsonl); both are
     complete on every rank. scoring_model: the forward that scores choices (the model compiled, with --compile;
-    default the model); generation runs `model`. A task with nothing to score (an empty file, every row malformed,
-    every example skipped) is a UserError naming the data, never a result with n = 0."""
+    default the model); generation runs `model` through the engine, compiled with compile_generation. A task with
+    nothing to score (an empty file, every row malformed, every example skipped) is a UserError naming the data,
+    never a result with n = 0."""
     kind, data, make_parse, primary, num_fewshot = TASKS[name]
     t0 = time.perf_counter()
     rows, source = load_rows(data, task_data)
@@ -144,7 +146,7 @@ def evaluate_task(name: str, model, tokenizer, *, autocast_ctx, batch_size: int,
         run = lambda b: run_mc_batch(b, scorer)  # noqa: E731
         metrics = MC_METRICS
     else:
-        engine = Engine(model, tokenizer, autocast_ctx)
+        engine = Engine(model, tokenizer, autocast_ctx, compile=compile_generation)
         by_len = sorted(examples, key=lambda ex: (len(ex.prompt), order[id(ex)]))  # similar lengths pad little
         batches = [by_len[i:i + batch_size] for i in range(0, len(by_len), batch_size)]
         run = lambda b: run_gen_batch(b, engine, tokenizer, max_new_tokens, num_fewshot)  # noqa: E731

@@ -408,10 +408,11 @@ class GPT(nn.Module):
     def hidden_states(self, idx, kv_cache=None) -> torch.Tensor:
         """idx: [B, T] -> the final normed (ngpt: unit) hidden state [B, T, C] (the LM head's input)."""
         B, T = idx.shape
-        t0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if t0 + T > self.cos.size(1):
-            raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.cos.size(1)})")
-        cos_sin = self.cos[:, t0:t0 + T].to(idx.device), self.sin[:, t0:t0 + T].to(idx.device)
+        # the new tokens' positions: a slice, or a [T] tensor from a static cache (the compiled decode)
+        positions = slice(0, T) if kv_cache is None else kv_cache.positions(T)
+        if isinstance(positions, slice) and positions.stop > self.cos.size(1):
+            raise ValueError(f"sequence of {positions.stop} tokens exceeds the rotary table ({self.cos.size(1)})")
+        cos_sin = self.cos[:, positions], self.sin[:, positions]                 # [1, T, 1, D/2] each
         x = self.transformer.wte(idx)  # [B, T, C]
         x = self.architecture.embed(x)
         x = self.stream_ends.expand(x)  # mHC: [B, T, n*C], n streams (identity without mHC)
@@ -496,6 +497,17 @@ class GPT(nn.Module):
     def get_mhc_gates(self) -> list:
         """The effective gate of each of the 2L sub-layers (B such lists under per-example overrides)."""
         return self.mhc_gate_tensor().tolist()
+
+    def set_inference_sinkhorn_iters(self, k: int | None):
+        """Run state (never in a checkpoint): k Sinkhorn iterations for H_res instead of the trained mhc_sinkhorn_iters
+        when inferring (eval mode with grad disabled; training and backpropagation keep the exact count); None =
+        exact, the default. k in [1, mhc_sinkhorn_iters], sinkhorn constraint only. What a k costs in logits and
+        saves in time: benchmarks/sinkhorn_inference.py."""
+        if not self.config.mhc.enabled:
+            raise UserError("inference Sinkhorn iterations: this model has no mHC (mhc_enabled is false), so there "
+                            "is no Sinkhorn to shorten")
+        for conn in self.mhc_modules():
+            conn.set_inference_sinkhorn_iters(k)
 
     def capture_mhc(self, enabled: bool = True):
         """When on, every forward keeps each sub-layer's H_res/H_pre/H_post (detached) for analysis; off by

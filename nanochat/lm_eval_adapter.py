@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type
+from nanochat.common import UserError, autodetect_device_type, resolve_precision
 from nanochat.engine import Engine
 from nanochat.task_common import ModelScorer
 from nanochat.tokenizer import get_tokenizer
@@ -37,10 +37,12 @@ except ImportError as e:  # the optional extra
 class NanochatLM(LM):
     """model_args: model_tag or checkpoint (a directory), step, device (auto | cpu | cuda), dtype (auto | float32
     | bfloat16), batch_size (requests per forward), max_gen_toks (default generation limit), mhc_gates (a list of
-    1, L or 2L gate values; default the learned gates)."""
+    1, L or 2L gate values; default the learned gates), compile (auto | true | false: generate_until through the
+    engine's compiled decode; auto = on CUDA)."""
 
     def __init__(self, model_tag: str = "", checkpoint: str = "", step: int = -1, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 8, max_gen_toks: int = 256, mhc_gates=None):
+                 dtype: str = "auto", batch_size: int = 8, max_gen_toks: int = 256, mhc_gates=None,
+                 compile: str = "auto"):
         super().__init__()
         if not model_tag and not checkpoint:
             raise UserError("the nanochat lm-eval model needs model_tag=... or checkpoint=...")
@@ -55,12 +57,13 @@ class NanochatLM(LM):
         check_tokenizer(self.meta, self.tokenizer, path)
         if mhc_gates:
             self.model.set_mhc_gates_by_count(mhc_gates, "mhc_gates")
-        dtype = dtype if dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-        self.ctx = autocast_ctx(self._device.type, dtype)
+        if str(compile) not in ("auto", "true", "false", "True", "False"):
+            raise UserError(f"compile must be auto, true or false (got {compile!r})")
+        dtype, use_compile, self.ctx = resolve_precision(self._device.type, dtype, str(compile).lower())
         self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
         self.max_length = self.model.config.sequence_len
         self.scorer = ModelScorer(self.model, self.tokenizer, self.ctx)
-        self.engine = Engine(self.model, self.tokenizer, self.ctx)
+        self.engine = Engine(self.model, self.tokenizer, self.ctx, compile=use_compile)  # generate_until
         self.left_truncated = 0  # generation contexts cut to fit (reported by scripts.lm_eval)
 
     @property

@@ -35,6 +35,11 @@ Design decisions (the paper leaves them open; docs/design.md, section 4):
   U[1 - a, 1 + a] (the plan's a = 0.2) and clamps to [0, 1]; `gate_sample_frac` f replaces g, for a fraction f of
   the sequences, by an independent draw from U[0, 1] per sub-layer and sequence. Either way g stays in [0, 1], so
   H_res stays doubly stochastic and non-negative; the learned gate keeps its gradient from the other sequences.
+- Inference-time Sinkhorn (run state, never saved): GPT.set_inference_sinkhorn_iters(k) runs k < sinkhorn_iters
+  iterations, but only in eval mode with grad disabled; training, and anything that backpropagates, keep the
+  config's count (the model was trained through exactly those unrolled steps). A fixed count, no early exit on
+  convergence: a data-dependent loop would break compiled graphs. What fewer iterations cost in accuracy and
+  save in time: benchmarks/sinkhorn_inference.py, docs/performance.md.
 - Orthostochastic alternative: H_res = NS(logits) ** 2 elementwise (rows/columns sum to 1 when NS has converged,
   hence the 8-step schedule by default). Its b_res starts at I + delta * S (S skew-symmetric), whose polar factor is
   a rotation with (O*O) diagonal `res_init_diag` (not the public repo's 0/-8 init, whose squared polar factor is the
@@ -65,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -397,7 +403,11 @@ def _sinkhorn_init_logits(n: int, diag: float, connection) -> torch.Tensor:
     return torch.eye(n, device="cpu") * _sinkhorn_diag_logit(n, diag) * getattr(connection, "sinkhorn_tau", 1.0)
 
 
-register_constraint("sinkhorn", lambda logits, c: sinkhorn(logits, c.sinkhorn_iters, c.sinkhorn_tau),
+# the one constraint that honours DynamicMHC.set_inference_sinkhorn_iters: it reads its iteration count through
+# the connection's _sinkhorn_iters_now()
+INFERENCE_ITERS_CONSTRAINT = "sinkhorn"
+register_constraint(INFERENCE_ITERS_CONSTRAINT,
+                    lambda logits, c: sinkhorn(logits, c._sinkhorn_iters_now(), c.sinkhorn_tau),
                     _sinkhorn_init_logits)
 register_constraint("orthostochastic", lambda logits, c: orthostochastic_project(logits, c.ns_coeffs),
                     lambda n, diag, c: _ortho_init_logits(n, diag).clone())  # clone: the cached tensor stays intact
@@ -488,6 +498,8 @@ class DynamicMHC(nn.Module):
         # gate set by the controller: None, a 0-d tensor, or one gate per example [B]. Run state, so a plain
         # attribute rather than a buffer: it is never saved in a checkpoint
         self.gate_override: torch.Tensor | None = None
+        # Sinkhorn iterations at inference (set_inference_sinkhorn_iters): None = the config's. Run state, never saved
+        self.inference_sinkhorn_iters: int | None = None
         self.register_buffer("eye", torch.eye(n), persistent=False)
         # which alpha scales each of the n*n + 2n logits (a constant: [pre n | post n | res n*n])
         self.register_buffer("alpha_index", torch.tensor([0] * n + [1] * n + [2] * (n * n)), persistent=False)
@@ -528,6 +540,30 @@ class DynamicMHC(nn.Module):
         if self.gate_override is not None:
             return self.gate_override
         return torch.sigmoid(self.gate_logit) if self.gate_learnable else self.gate_fixed
+
+    # -- inference-time Sinkhorn -----------------------------------------------------------------------------------
+    def set_inference_sinkhorn_iters(self, k: int | None):
+        """Run k Sinkhorn iterations instead of sinkhorn_iters when inferring (eval mode, grad disabled); None = the
+        config's count (exact). Fewer iterations leave the columns further from summing to 1 (the last step is the
+        row step); benchmarks/sinkhorn_inference.py measures what that does to the logits. Under torch.compile a new
+        k is a recompile (the count is a Python int read in forward)."""
+        if k is not None:
+            if self.constraint != INFERENCE_ITERS_CONSTRAINT:
+                raise UserError(f"inference Sinkhorn iterations apply to the {INFERENCE_ITERS_CONSTRAINT} constraint "
+                                f"only; this model's H_res constraint is {self.constraint!r}")
+            if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= self.sinkhorn_iters:
+                raise UserError(f"inference Sinkhorn iterations must be an integer in [1, {self.sinkhorn_iters}] (the "
+                                f"trained mhc_sinkhorn_iters), or None for all of them (got {k!r})")
+            k = int(k)
+        self.inference_sinkhorn_iters = k
+
+    def _sinkhorn_iters_now(self) -> int:
+        """The Sinkhorn iterations of this forward: the inference setting in eval mode with grad disabled, else the
+        config's (training and anything that backpropagates go through the steps the model was trained with). No
+        early exit when the sums have converged: a data-dependent loop would break compiled graphs."""
+        if self.inference_sinkhorn_iters is not None and not self.training and not torch.is_grad_enabled():
+            return self.inference_sinkhorn_iters
+        return self.sinkhorn_iters
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the override became run state hold it as a buffer: it is not a weight

@@ -144,10 +144,14 @@ def evaluate(argv=None):
         os.path.basename(path)
     tokenizer = get_tokenizer()
     check_tokenizer(meta, tokenizer, path)
-    scoring_model = compile_model(model, use_compile, dynamic=None)  # bpb and choices; generation stays eager
+    scoring_model = compile_model(model, use_compile, dynamic=None)  # bpb and choices (generation: the engine's)
     gates = apply_gates(model, cfg)
     if gates:
         print0(f"mHC gates: {gates['source']}: {gates['per_sublayer']}")
+    if cfg.inference_sinkhorn_iters:
+        model.set_inference_sinkhorn_iters(cfg.inference_sinkhorn_iters)  # checks the value and the model
+        print0(f"mHC: {cfg.inference_sinkhorn_iters} Sinkhorn iterations at inference (trained: "
+               f"{model.config.mhc.sinkhorn_iters})")
     token_bytes = tokenizer.token_bytes().to(device)
     data_source = meta.get("run_config", {}).get("train", {}).get("data_source", "fineweb")
     print0(f"evaluating {path} (step {meta['step']}) on {data_source} data")
@@ -181,7 +185,7 @@ def evaluate(argv=None):
                 name, model, tokenizer, scoring_model=scoring_model, autocast_ctx=ctx, batch_size=cfg.device_batch_size,
                 max_per_task=cfg.max_per_task, max_new_tokens=cfg.max_new_tokens, strict=cfg.strict,
                 task_data=cfg.task_data, seed=cfg.seed if cfg.subset == "random" else None, rank=rank,
-                world_size=world_size)
+                world_size=world_size, compile_generation=use_compile)
             examples += records
             results[name] = summary
             save("running")

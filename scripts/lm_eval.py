@@ -132,6 +132,9 @@ def main(argv=None):
                    help="auto: the local copies under $NANOCHAT_DATA_DIR when they exist, else the hub")
     p.add_argument("--device-type", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="generate_until through the engine's compiled decode (static KV cache, CUDA graphs on GPU): "
+                        "auto = on CUDA only")
     p.add_argument("--results-dir", default="results", help="output: <results-dir>/<model-tag>/lm_eval.json")
     args = p.parse_args(argv)
     if not args.model_tag and not args.checkpoint:
@@ -144,7 +147,8 @@ def main(argv=None):
     import_harness()
     from nanochat.lm_eval_adapter import NanochatLM
     lm = NanochatLM(model_tag=args.model_tag, checkpoint=args.checkpoint, step=args.step, device=args.device_type,
-                    dtype=args.dtype, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks or 256)
+                    dtype=args.dtype, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks or 256,
+                    compile=args.compile)
     results, samples, source = run_harness(lm, names, args.task_data, args.num_fewshot, args.limit,
                                            args.max_gen_toks)
     tag = args.model_tag or os.path.basename(os.path.dirname(lm.checkpoint))

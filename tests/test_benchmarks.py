@@ -120,3 +120,38 @@ def test_gpu_check_script_runs_its_stages_on_the_cpu(tmp_path, shared_data_dir):
     assert set(summary) == {"baseline", "mhc", "mhc_eager"}
     assert all(s["steps"] == 3 and s["estimate"]["peak"] > 0 for s in summary.values())
     assert (tmp_path / "gpu_check" / "mhc_overhead.json").is_file()
+
+
+@pytest.mark.slow  # ~40 s: every section compiles (aot_eager) twice per architecture
+def test_gpu_acceptance_smoke_runs_every_section_on_the_cpu(tmp_path, monkeypatch):
+    """`python -m benchmarks.gpu_acceptance --smoke`: every section at depth 1 through torch.compile's aot_eager
+    backend, one JSON whose figures agree with each other; without --smoke a CPU is refused in one line."""
+    from benchmarks import gpu_acceptance
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    out = tmp_path / "ga.json"
+    gpu_acceptance.main(["--smoke", "--out", str(out)])
+    record = json.loads(out.read_text())
+    r = record["results"]
+    assert r["scale"] == "smoke" and r["checks"] == {"loss_agreement_baseline": True, "loss_agreement_mhc": True}
+    train = r["train"]
+    import statistics
+    for arch in ("baseline", "mhc"):
+        assert train[arch]["step_s"] == statistics.median(train[arch]["step_s_all"])
+        assert train[arch]["tok_per_s"] == pytest.approx(train["tokens_per_step"] / train[arch]["step_s"])
+        assert train[arch]["mfu"] is None  # no card, no peak: no made-up MFU
+        agree = r["loss_agreement"][arch]
+        assert agree["rel_diff"] <= agree["tolerance"] == 1e-4 and agree["eager"] > 5  # ~ln(512) at init
+    assert train["mhc"]["num_params"] > train["baseline"]["num_params"]
+    d = r["decode"]
+    for arch in ("baseline", "mhc"):
+        for b in ("1", "8"):
+            assert d["compiled_over_eager"][arch][b] == pytest.approx(d["tok_per_s"][arch]["compiled"][b]
+                                                                      / d["tok_per_s"][arch]["eager"][b])
+    assert d["cuda_graphs"] is False
+    for reward in ("dense", "exact"):
+        rl = r["rl_env"][reward]
+        assert rl["compiled_over_eager"] == pytest.approx(rl["compiled"]["steps_per_s"] / rl["eager"]["steps_per_s"])
+    with pytest.raises(SystemExit, match="no GPU here"):
+        gpu_acceptance.main(["--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="unknown --sections"):
+        gpu_acceptance.main(["--smoke", "--sections", "train,bogus", "--out", str(tmp_path / "x.json")])

@@ -146,8 +146,8 @@ def close(a, b, rel=1e-4):
 @pytest.mark.parametrize("arch", ["baseline", "mhc"])
 def test_every_entry_point_runs_compiled_and_matches_eager(arch, tiny_base_dir, tmp_path, inductor):
     """--compile true on the CPU, for the baseline and the mHC model: base_train (fixed lengths), base_eval (bpb at
-    fixed lengths, multiple choice at varying lengths), sft_train (varying row lengths, dynamic=True: the crash)
-    and, for mHC, train_rl's dense-reward scoring (varying lengths). Each compiled run gives the eager run's numbers
+    fixed lengths, multiple choice at varying lengths, GSM8K generation through the compiled decode), sft_train
+    (varying row lengths, dynamic=True: the crash) and, for mHC, train_rl's dense-reward scoring (varying lengths). Each compiled run gives the eager run's numbers
     on the same checkpoint. Fails on the code before the fix (fine-tuning and RL scoring crash in Dynamo)."""
     from scripts.base_eval import main as eval_main
     from scripts.base_train import main as train_main
@@ -165,7 +165,8 @@ def test_every_entry_point_runs_compiled_and_matches_eager(arch, tiny_base_dir, 
     evals = {}
     for flag in ("false", "true"):  # the eager-trained checkpoint, scored both ways
         eval_main(["--model-tag", f"{base}_false", "--output-tag", f"{base}_eval_{flag}", "--results-dir",
-                   str(tmp_path), "--tasks", "bpb,hellaswag", "--max-per-task", "6", "--device-batch-size", "4",
+                   str(tmp_path), "--tasks", "bpb,hellaswag,gsm8k", "--max-per-task", "4", "--device-batch-size", "4",
+                   "--max-new-tokens", "12",
                    "--eval-tokens", "512", "--task-data", "local", "--device-type", "cpu", "--dtype", "float32",
                    "--compile", flag])
         evals[flag] = json.loads((tmp_path / f"{base}_eval_{flag}" / "eval.json").read_text())
@@ -178,6 +179,12 @@ def test_every_entry_point_runs_compiled_and_matches_eager(arch, tiny_base_dir, 
         lls[flag] = [r["lls"] for r in map(json.loads, records) if r["task"] == "hellaswag" and "lls" in r]
     assert len(lls["true"]) == len(lls["false"]) >= 3
     assert all(close(a, b) for x, y in zip(lls["true"], lls["false"]) for a, b in zip(x, y))
+    gens = {}  # GSM8K through the engine: the compiled decode generates what eager does
+    for flag in evals:
+        records = (tmp_path / f"{base}_eval_{flag}" / "eval_examples.jsonl").read_text().splitlines()
+        gens[flag] = [(r["completion"], r["new_tokens"]) for r in map(json.loads, records)
+                      if r["task"] == "gsm8k" and "completion" in r]
+    assert gens["true"] == gens["false"] and len(gens["false"]) >= 2  # the rest do not fit the 128-token context
 
     sft = ["--model-tag", f"{base}_false", "--results-dir", str(tmp_path), "--data", "synthetic",
            "--synthetic-count", "200", "--synthetic-steps", "1", "--synthetic-max-value", "10", "--val-problems", "8",

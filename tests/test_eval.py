@@ -145,7 +145,7 @@ def test_bad_input(evalme, tmp_path, monkeypatch):
 
 def test_val_bpb_rows_and_gates(tiny_base_dir, tiny_mhc_checkpoint, tiny_baseline_checkpoint, tmp_path):
     """Per-row val records add up to val_bpb (the pairing unit of compare_results' bootstrap); --mhc-gates evaluates
-    the model at other gates, and is recorded; --mhc-gates-from reads an RL eval.json."""
+    the model at other gates, and is recorded; --mhc-gates-from reads an RL eval.json; --inference-sinkhorn-iters."""
     import math
     from scripts.base_eval import main as eval_main
     common = ["--checkpoint", str(tiny_mhc_checkpoint), "--tasks", "bpb", "--eval-tokens", "1024",
@@ -171,3 +171,13 @@ def test_val_bpb_rows_and_gates(tiny_base_dir, tiny_mhc_checkpoint, tiny_baselin
         eval_main(common + ["--mhc-gates-from", str(tmp_path / "learned" / "eval.json")])
     with pytest.raises(UserError, match="has no mHC"):
         eval_main(["--checkpoint", str(tiny_baseline_checkpoint), "--tasks", "bpb", "--mhc-gates", "0.5"])
+    # --inference-sinkhorn-iters: fewer iterations move the bpb (the trained H_res has not converged at 1), and the
+    # setting is recorded; a count above the trained one, or a model without mHC, is refused by name
+    eval_main(common + ["--output-tag", "sinkhorn1", "--inference-sinkhorn-iters", "1"])
+    one = json.loads((tmp_path / "sinkhorn1" / "eval.json").read_text())
+    assert one["eval_config"]["inference_sinkhorn_iters"] == 1
+    assert one["results"]["bpb"]["val_bpb"] != rec["learned"]["results"]["bpb"]["val_bpb"]
+    with pytest.raises(UserError, match=r"integer in \[1, 20\].*got 50"):
+        eval_main(common + ["--inference-sinkhorn-iters", "50"])
+    with pytest.raises(UserError, match="no mHC"):
+        eval_main(["--checkpoint", str(tiny_baseline_checkpoint), "--tasks", "bpb", "--inference-sinkhorn-iters", "5"])

@@ -30,7 +30,8 @@
 # Each stage leaves a marker in $NANOCHAT_BASE_DIR/speedrun/ that records its settings (command line, config files);
 # a stage is skipped only while those settings are unchanged and its outputs exist, else it says why and reruns
 # (scripts/stage.sh). Training stages run with --resume, so an interrupted run (Ctrl-C, preemption) picks up from
-# its last checkpoint when the script is started again.
+# its last checkpoint when the script is started again. One speedrun per NANOCHAT_BASE_DIR at a time: a second one is
+# refused in one line naming the first one's PID (the lock $NANOCHAT_BASE_DIR/speedrun/.lock).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 [ $# -eq 0 ] || case "$1" in  # before the set-up below: --help must launch nothing
@@ -134,6 +135,8 @@ run_name="${WANDB_RUN:-dummy}"
 stage_markers="$NANOCHAT_BASE_DIR/speedrun"      # scripts/stage.sh: the markers and the stage times
 stage_times="$results_dir/speedrun_stages.jsonl"
 mkdir -p "$stage_markers"
+# one speedrun per base dir: a second one would retrain the tokenizer and rewrite the data under the first
+stage_lock "$stage_markers" "the speedrun on $NANOCHAT_BASE_DIR"
 echo "[speedrun] preset=$preset base_dir=$NANOCHAT_BASE_DIR"
 ckpt="$NANOCHAT_BASE_DIR/checkpoints"
 tokenizer_json="$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json"  # nanochat/tokenizer.py's get_tokenizer_dir()

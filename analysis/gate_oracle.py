@@ -32,7 +32,7 @@ from analysis.plots import pyplot, save_figure
 from envs.gsm8k_env import dense_rewards, exact_rewards
 from envs.mhc_env import GateScorer, build_problem_pool, gates_applied, load_frozen_model
 from nanochat.common import UserError, autodetect_device_type, doc_summary, git_commit, machine_info
-from nanochat.common import run_main
+from nanochat.common import check_name, run_main
 from nanochat.config import check_synthetic_mix, parse_int_list
 from nanochat.headroom import cross_fitted, headroom, interaction_test, over_seeds, per_type_grid  # noqa: F401
 
@@ -262,6 +262,7 @@ def main(argv=None):
                    "<replicates>_<gate set>.json")
     p.add_argument("--out", default="", help="output JSON path (the PNG and NPZ go beside it)")
     args = p.parse_args(argv)
+    check_name("--model-tag", args.model_tag)  # it names the results folder
     for flag in ("num_problems", "batch_size", "max_new_tokens", "learner_budget"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")

@@ -23,7 +23,8 @@ import torch
 
 from analysis.plots import pyplot, save_figure
 from envs.mhc_env import GateScorer, build_problem_pool, load_frozen_model
-from nanochat.common import doc_summary, UserError, autodetect_device_type, git_commit, resolve_precision, run_main
+from nanochat.common import (doc_summary, UserError, autodetect_device_type, check_name, git_commit, resolve_precision,
+                             run_main)
 from nanochat.config import check_synthetic_mix, parse_int_list
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -141,6 +142,7 @@ def main(argv=None):
     p.add_argument("--results-dir", default="results", help="output: <results-dir>/<model-tag>/gate_sweep.*")
     p.add_argument("--out", default="", help="output JSON path (the PNG goes beside it)")
     args = p.parse_args(argv)
+    check_name("--model-tag", args.model_tag)  # it names the results folder
     if args.tokens <= 0 or args.num_problems <= 0 or args.batch_size <= 0:
         raise UserError(f"--tokens, --num-problems and --batch-size must be > 0 (got {args.tokens}, "
                         f"{args.num_problems}, {args.batch_size})")

@@ -18,7 +18,7 @@ import os
 import torch
 
 from nanochat.checkpoint import load_model, resolve_checkpoint
-from nanochat.common import doc_summary, UserError, autodetect_device_type, git_commit, run_main
+from nanochat.common import doc_summary, UserError, autodetect_device_type, check_name, git_commit, run_main
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.gpt import GPT
@@ -59,6 +59,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.model_tag and not args.checkpoint:
         raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to analyse")
+    check_name("--model-tag", args.model_tag)  # it names the results folder
     if args.tokens <= 0 or args.batch_size <= 0:
         raise UserError(f"--tokens and --batch-size must be > 0 (got {args.tokens}, {args.batch_size})")
 

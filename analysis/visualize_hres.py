@@ -30,7 +30,7 @@ import torch
 from analysis.mhc_stats import capture
 from analysis.plots import pyplot, save_figure
 from nanochat.checkpoint import load_model, resolve_checkpoint
-from nanochat.common import doc_summary, UserError, autodetect_device_type, git_commit, run_main
+from nanochat.common import doc_summary, UserError, autodetect_device_type, check_name, git_commit, run_main
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.tokenizer import get_tokenizer
@@ -255,6 +255,7 @@ def analyse(model_tag: str = "", checkpoint: str = "", step: int = -1, gates=Non
     "figures". What the CLI and analysis/hres_heatmaps.ipynb run."""
     if not model_tag and not checkpoint:
         raise UserError("pass --model-tag (or --checkpoint PATH) of the mHC model to draw")
+    check_name("--model-tag", model_tag)  # it names the results folder
     if tokens <= 0 or batch_size <= 0:
         raise UserError(f"--tokens and --batch-size must be > 0 (got {tokens}, {batch_size})")
     if device_type == "cuda" and not torch.cuda.is_available():

@@ -19,16 +19,19 @@ The two metrics of one problem under the gates currently set on the model, from 
 from __future__ import annotations
 
 
+import sys
+
 import numpy as np
 import torch
 
 from nanochat import task_gsm8k
-from nanochat.common import UserError
+from nanochat.common import UserError, print0
 from nanochat.engine import Engine
 from nanochat.splits import select_part
 from nanochat.evaluate import TASKS, run_gen_batch
 from nanochat.synthetic_gsm8k import as_examples, generate_problems
-from nanochat.task_common import GenExample, ModelScorer, continuation_ids, load_rows, parse_rows, subsample
+from nanochat.task_common import (GenExample, ModelScorer, continuation_ids, load_rows, parse_rows, row_location,
+                                  subsample)
 
 PROBLEM_SOURCES = ("synthetic", "gsm8k")
 GSM8K_METRIC = TASKS["gsm8k"][3]  # the primary metric base_eval reports for 0-shot GSM8K
@@ -60,6 +63,9 @@ def load_problems(source: str, *, split: str = "train", count: int = -1, seed: i
             raise UserError(f"GSM8K split must be one of {', '.join(task_gsm8k.SPLITS)} (got {split!r})")
         rows, where = load_rows(task_gsm8k.SPLITS[split], task_data)
         examples, malformed = parse_rows(rows, task_gsm8k.make_parser(0, split), False, where)
+        if malformed:  # dropped, but never silently: a broken local copy would otherwise shrink the data unnoticed
+            print0(f"warning: dropped {len(malformed)} malformed GSM8K row(s) of {where}; the first: "
+                   f"{row_location(where, malformed[0])}", file=sys.stderr)
         examples = [ex for ex in examples if ex.extra["question"] not in excluded]
         if part:
             if split != "train":

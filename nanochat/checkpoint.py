@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, check_name, get_base_dir
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 ASIDE = ".old"  # a step being re-saved is moved to step_<N>.old/ until its replacement is in place
@@ -36,6 +36,7 @@ def warn(msg: str):
 
 
 def checkpoint_root(model_tag: str) -> str:
+    check_name("model tag", model_tag, required=True)  # a tag from a checkpoint's meta or a script: never a path
     return os.path.join(get_base_dir(), "checkpoints", model_tag)
 
 

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -15,6 +19,25 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem with the user's input (flag, file, key, value). Scripts print it without a traceback."""
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+INPUT_NAME_HINT = "a path goes in --checkpoint"  # a tag that names a checkpoint to read
+OUTPUT_NAME_HINT = "$NANOCHAT_BASE_DIR and --results-dir say where its folders go"  # a tag that names what is written
+
+
+def check_name(flag: str, value: str, required: bool = False, hint: str = INPUT_NAME_HINT):
+    """The one rule for a name that becomes a folder or file name (a model tag, an output tag, an RL tag, a sweep or
+    round name): letters, digits, '.', '_' and '-', and not '.' or '..'. Anything else could walk out of the base or
+    results dir (a separator, an absolute path, '..'), so it is refused with the rule and `hint` (where a path goes
+    instead; '' for none). An empty value passes unless required (a default applies)."""
+    if not value and not required:
+        return
+    if not value or value in (".", "..") or not set(value) <= _NAME_CHARS:
+        raise UserError(f"{flag} {value!r} is not a plain name: use letters, digits, '.', '_' and '-', not '.' or "
+                        f"'..'" + (f" ({hint})" if hint else ""))
 
 
 def get_base_dir() -> str:
@@ -153,8 +176,11 @@ def autodetect_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compute_init(device_type: str = "auto"):
-    """Set up the device and (under torchrun) the process group: NCCL on CUDA, gloo on the CPU.
+def compute_init(device_type: str = "auto", dist_timeout: float = 0, shared: dict | None = None):
+    """Set up the device and (under torchrun) the process group: NCCL on CUDA, gloo on the CPU. dist_timeout
+    (--dist-timeout, seconds; 0: torch's default): how long a collective waits for a frozen or lost peer before it
+    fails, and run_main turns that failure into one line (peer_failure). shared: {flag: folder} that every node of a
+    multi-node run must see, besides the base dir (check_shared_dirs).
 
     Returns (device_type, device, is_ddp, rank, local_rank, world_size).
     """
@@ -177,9 +203,49 @@ def compute_init(device_type: str = "auto"):
         device = torch.device("cpu")
     if is_ddp and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        if dist_timeout < 0:
+            raise UserError(f"--dist-timeout must be >= 0 seconds (got {dist_timeout})")
+        timeout = {"timeout": timedelta(seconds=dist_timeout)} if dist_timeout > 0 else {}
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None, **timeout)
+        _DIST_TIMEOUT[0] = dist_timeout
         dist.barrier()
+        check_shared_dirs({"NANOCHAT_BASE_DIR": get_base_dir(), **(shared or {})})
     return device_type, device, is_ddp, rank, local_rank, world_size
+
+
+def check_shared_dirs(dirs: dict[str, str]):
+    """A multi-node run (WORLD_SIZE > LOCAL_WORLD_SIZE) needs every node to see the same folders: the launchers'
+    c10d rendezvous ignores NODE_RANK, so any node may get rank 0, the only rank that writes checkpoints and results,
+    and the other ranks read what it prepared (tokenizer, data, checkpoints). Rank 0 drops a marker file in each
+    folder; one rank per node looks for it; a node that does not see it is refused, in one line, before any work."""
+    world = dist.get_world_size()
+    if world == int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        return
+    import socket
+    import uuid
+    rank = dist.get_rank()
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = f".nanochat_shared_{token[0]}"
+    if rank == 0:
+        for folder in dirs.values():
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, marker), "w") as f:
+                f.write(f"{socket.gethostname()}\n")
+    dist.barrier()
+    missing = [] if os.environ.get("LOCAL_RANK", "0") != "0" else \
+        [f"{flag} {os.path.abspath(d)}" for flag, d in dirs.items() if not os.path.exists(os.path.join(d, marker))]
+    seen = [None] * world
+    dist.all_gather_object(seen, (socket.gethostname(), missing))
+    if rank == 0:
+        for folder in dirs.values():
+            os.remove(os.path.join(folder, marker))
+    bad = [(r, host, m) for r, (host, m) in enumerate(seen) if m]
+    if bad:
+        r, host, m = bad[0]
+        raise UserError(f"multi-node run: the node of rank {r} ({host}) does not see rank 0's {' and '.join(m)}: "
+                        f"every node must share the base dir and the results dir (one filesystem), since rank 0, the "
+                        f"only writer, can be on any node (c10d rendezvous ignores NODE_RANK)")
 
 
 # How long the other ranks wait for rank 0 to prepare shared data (pretokenizing a cold FineWeb cache on one rank
@@ -312,10 +378,96 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=False, dynamic_ncols=True)
 
 
-def append_jsonl(path: str, record: dict):
+class WriteError(UserError):
+    """A results file that cannot be written (a full, read-only or missing disk): one line naming the path and the
+    errno, `cannot write /x/metrics.jsonl: [Errno 28] No space left on device`, never a traceback."""
+
+    def __init__(self, path: str, error: OSError, hint: str = ""):
+        self.path, self.error = path, error
+        why = f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)
+        super().__init__(f"cannot write {path}: {why}" + (f"; {hint}" if hint else ""))
+
+
+def writes_results(fn):
+    """The one error path of every writer of results files (fn(path, ...)): an OSError becomes a WriteError naming
+    the path and the errno, and the writer's `<path>.tmp` (an atomic write cut short) is removed, so a full disk
+    leaves no half-written file behind."""
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except OSError as e:
+            try:
+                os.remove(str(path) + ".tmp")
+            except OSError:
+                pass
+            raise WriteError(str(path), e) from None
+    return wrapper
+
+
+@writes_results
+def atomic_write_text(path: str, text: str):
+    """A reader (or a kill) never sees a half-written file: write a .tmp, then rename it over the old one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def check_writable(folder: str, flag: str = "--results-dir"):
+    """Refuse, before any compute, a results folder that cannot be written: not a directory, read-only, or a full
+    disk (a probe file is written, synced and removed). A folder this creates is removed again on refusal."""
+    folder = os.path.abspath(folder)
+    missing = folder
+    while missing and not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
+        missing = os.path.dirname(missing)  # the topmost folder makedirs would create
+    created = not os.path.exists(folder)
+    probe = os.path.join(folder, f".write_probe.{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        if os.path.isfile(probe):
+            os.remove(probe)
+        if created and os.path.isdir(missing):
+            shutil.rmtree(missing, ignore_errors=True)
+        raise WriteError(folder, e, f"the results go there: free space, fix its permissions or choose another "
+                                    f"{flag} (nothing was computed)") from None
+
+
+def check_writable_on_all_ranks(folder: str, master: bool, device, flag: str = "--results-dir"):
+    """check_writable on rank 0 (the one writer), with every rank told the outcome so a refused torchrun run stops
+    on all of them instead of leaving them waiting at the next collective."""
+    error = None
+    if master:
+        try:
+            check_writable(folder, flag)
+        except WriteError as e:
+            error = e
+    if dist.is_initialized():
+        flag_t = torch.tensor([1 if error else 0], device=device)
+        dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
+        if flag_t.item() and error is None:
+            raise UserError(f"rank 0 cannot write {folder} (its message is above)")
+    if error:
+        raise error
+
+
+@writes_results
+def append_jsonl(path: str, record: dict):
+    """Append one record as one line. A file whose last line was cut short (a kill or a full disk mid-append) gets
+    its newline first, so the new record is a line of its own instead of being glued onto the partial one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "ab+") as f:  # appends go to the end; the read checks the last byte
+        prefix = b""
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            prefix = b"" if f.read(1) == b"\n" else b"\n"
+        f.write(prefix + (json.dumps(record) + "\n").encode())
 
 
 def doc_summary(doc: str) -> str:
@@ -325,10 +477,62 @@ def doc_summary(doc: str) -> str:
     return " ".join(line.strip() for line in paragraph.splitlines())
 
 
+_DIST_TIMEOUT = [0.0]  # compute_init's --dist-timeout, for peer_failure's message
+_GLOO_SOURCE = re.compile(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ")  # gloo's "[.../pair.cc:537] " prefix
+
+
+def silent_ranks(wait: float) -> list[int]:
+    """After a collective timed out: the ranks that do not answer through the rendezvous store (a separate
+    connection) within `wait` seconds -- each rank that is still alive marks itself there. [] when it cannot tell."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        store.set(f"nanochat_answering/{rank}", "1")
+        deadline = time.monotonic() + wait
+        while True:
+            silent = [r for r in range(world) if not store.check([f"nanochat_answering/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 -- the store may be gone too (its host's node is down): say what we know
+        return []
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """The one line for a collective that failed because another rank froze or died (gloo/NCCL errors: a timeout,
+    a reset connection), naming the silent rank when the store can tell; None for any other error."""
+    if not dist.is_initialized() or not isinstance(e, RuntimeError):
+        return None
+    text = str(e).strip()
+    timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+    lost = any(k in text for k in ("Connection reset", "Connection closed", "Broken pipe", "Connection refused",
+                                   "ProcessGroupNCCL", "NCCL communicator was aborted"))
+    if not (timed_out or lost or isinstance(e, getattr(dist, "DistError", ()))):
+        return None
+    cause = _GLOO_SOURCE.sub("", text.splitlines()[0]).split(". This is typically")[0]
+    me = dist.get_rank()
+    if timed_out:
+        silent = silent_ranks(min(10.0, max(2.0, _DIST_TIMEOUT[0] or 10.0)))
+        who = f"rank {', '.join(map(str, silent))}" if silent else "a peer rank"
+        limit = f"--dist-timeout {_DIST_TIMEOUT[0]:g} s" if _DIST_TIMEOUT[0] else "torch's default timeout"
+        return (f"rank {me}: {who} stopped answering (frozen, or its node is down) for {limit}; stopping. Continue "
+                f"from the last checkpoint with --resume (cause: {cause})")
+    return (f"rank {me}: lost the connection to a peer rank (killed, or its node went down); stopping. Continue "
+            f"from the last checkpoint with --resume (cause: {cause})")
+
+
 def run_main(main):
-    """Run a script's main(); a UserError prints one clear line (no traceback) and exits with status 2."""
+    """Run a script's main(); a UserError prints one clear line (no traceback) and exits with status 2; a peer rank
+    that froze or died (peer_failure) one line too, exit status 1."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as e:
+        line = peer_failure(e)
+        if line is None:
+            raise
+        sys.stdout.flush()
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        os._exit(1)  # not sys.exit: destroying a process group whose peer is gone can hang

@@ -15,13 +15,19 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 
-from nanochat.common import UserError, flat_fields, from_flat_dict, nested_fields, repo_root
+from nanochat.common import (OUTPUT_NAME_HINT, UserError, check_name, flat_fields, from_flat_dict, nested_fields,
+                             repo_root)
 from nanochat.gate_rewards import ACTION_SPACES, REWARD_BASELINES, REWARDS, check_ppo_sizes, check_reward_settings
 from nanochat.gpt import ACTIVATION_CHECKPOINTING, ARCHITECTURES, GPTConfig, model_dims_from_depth
 from nanochat.mhc import MHCConfig
 from nanochat.newton_schulz import ns_schedule, resolve_ns_coeffs
+from nanochat.training import DIVERGENCE_MARGIN, DIVERGENCE_WINDOW
 
 _MODEL = GPTConfig()  # the architecture defaults live in GPTConfig; the flags below take them from there
+DIVERGENCE_HELP = (f"after the LR warm-up (if any), a loss above ln(vocab size) + {DIVERGENCE_MARGIN} for "
+                   f"{DIVERGENCE_WINDOW} steps in a row is a diverging run: warn (once) | stop (an error; nothing more "
+                   f"is saved) | off")
+NAME_RULE = "a plain name: letters, digits, '.', '_', '-'"  # check_name's rule, said in the help of every tag
 
 
 def _f(default, help: str, **kw):
@@ -40,9 +46,12 @@ def check_choices(cfg, choices: dict):
 class TrainConfig:
     # logging / runtime
     run: str = _f("dummy", "wandb run name ('dummy' disables wandb)", resumable=True)
-    model_tag: str = _f("", "name of the checkpoint and results folder (default: the run name, or d<depth>)",
-                        resumable=True)
+    model_tag: str = _f("", f"name of the checkpoint and results folder, {NAME_RULE} (default: the run name, or "
+                        "d<depth>)", resumable=True)
     device_type: str = _f("auto", "auto | cuda | cpu", resumable=True)
+    dist_timeout: float = _f(600.0, "seconds a rank waits at a collective (torchrun) before the run stops with one "
+                             "line naming the rank that stopped answering (frozen, killed, node down); 0: "
+                             "torch's default (30 min gloo, 10 min NCCL)", resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
     compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false", resumable=True)
     seed: int = _f(42, "random seed (model init and data order)")
@@ -102,6 +111,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints", resumable=True)
     resume: bool = _f(False, "continue from the newest checkpoint of this model tag", resumable=True)
     log_every: int = _f(1, "print a step line every N steps", resumable=True)
+    divergence_check: str = _f("warn", DIVERGENCE_HELP, resumable=True)
     # memory and speed (docs/performance.md)
     activation_checkpointing: str = _f("off", "recompute activations in backward: off | mhc (each mHC connection's "
                                        "coefficient math, read-out and mixing) | full (every sub-layer)",
@@ -117,6 +127,9 @@ class TrainConfig:
     results_dir: str = _f("results", "metrics.jsonl and config.json go to <results_dir>/<model_tag>/", resumable=True)
 
     def validate(self):
+        check_name("--model-tag", self.model_tag, hint=OUTPUT_NAME_HINT)
+        if not self.model_tag and self.run != "dummy":  # the run name is then the folder name
+            check_name("--run (the folder name when --model-tag is empty)", self.run, hint=OUTPUT_NAME_HINT)
         positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
                     "eval_tokens", "keep_checkpoints", "log_every"]
         for name in positive:
@@ -124,7 +137,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
         choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
                        compile=("auto", "true", "false"), data_source=("fineweb", "local"),
-                       activation_checkpointing=ACTIVATION_CHECKPOINTING, memory_check=("auto", "true", "false"))
+                       activation_checkpointing=ACTIVATION_CHECKPOINTING, memory_check=("auto", "true", "false"),
+                       divergence_check=("warn", "stop", "off"))
         check_choices(self, choices)
         if self.peak_flops < 0:
             raise UserError(f"--peak-flops must be >= 0 (got {self.peak_flops})")
@@ -316,11 +330,14 @@ EVAL_TASKS = ("bpb", "gsm8k", "gsm8k_8shot", "hellaswag", "arc_easy", "arc_chall
 
 @dataclass
 class EvalConfig:
-    model_tag: str = _f("", "model tag whose checkpoint to evaluate (see scripts.base_train --model-tag)")
+    model_tag: str = _f("", f"model tag whose checkpoint to evaluate, {NAME_RULE} (a path: --checkpoint)")
     checkpoint: str = _f("", "path to a checkpoint directory (overrides --model-tag/--step)")
     step: int = _f(-1, "checkpoint step to evaluate (-1 = the newest)")
     tasks: str = _f("bpb", f"comma-separated tasks: {', '.join(EVAL_TASKS)}, or all")
     device_type: str = _f("auto", "auto | cuda | cpu")
+    dist_timeout: float = _f(600.0, "seconds a rank waits at a collective (torchrun) before the run stops with one "
+                             "line naming the rank that stopped answering (frozen, killed, node down); 0: "
+                             "torch's default (30 min gloo, 10 min NCCL)")
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
     compile: str = _f("auto", "torch.compile the scoring forward (bpb, multiple choice) and generation's decode "
                       "step (static KV cache, CUDA graphs on GPU): auto (on CUDA only) | true | false")
@@ -334,7 +351,7 @@ class EvalConfig:
     task_data: str = _f("auto", "task data: auto (HF hub, else $NANOCHAT_DATA_DIR) | hub | local")
     strict: bool = _f(False, "fail on a malformed data row instead of counting and skipping it")
     results_dir: str = _f("results", "eval.json and eval_examples.jsonl go to <results_dir>/<output_tag>/")
-    output_tag: str = _f("", "results folder name (default: the model tag)")
+    output_tag: str = _f("", f"results folder name, {NAME_RULE} (default: the model tag)")
     mhc_gates: str = _f("", "evaluate an mHC model at these gates: 1 (global), L (per layer) or 2L (per sub-layer) "
                         "comma-separated values in [0, 1] (default: its learned gates)")
     mhc_gates_from: str = _f("", "evaluate at the mean gates the RL policy chose: path to a train_rl eval.json")
@@ -357,6 +374,8 @@ class EvalConfig:
     def validate(self):
         if not self.model_tag and not self.checkpoint:
             raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to evaluate")
+        check_name("--model-tag", self.model_tag)
+        check_name("--output-tag", self.output_tag, hint=OUTPUT_NAME_HINT)
         for name in ("device_batch_size", "eval_tokens", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
@@ -398,12 +417,15 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 
 @dataclass
 class SFTConfig:
-    model_tag: str = _f("", "model tag of the base checkpoint to fine-tune (see scripts.base_train)")
+    model_tag: str = _f("", f"model tag of the base checkpoint to fine-tune, {NAME_RULE} (a path: --checkpoint)")
     checkpoint: str = _f("", "path to a base checkpoint directory (overrides --model-tag/--step)")
     step: int = _f(-1, "base checkpoint step (-1 = the newest)")
-    output_tag: str = _f("", "model tag of the fine-tuned checkpoints (default: <model-tag>_sft)")
+    output_tag: str = _f("", f"model tag of the fine-tuned checkpoints, {NAME_RULE} (default: <model-tag>_sft)")
     run: str = _f("dummy", "wandb run name ('dummy' disables wandb)", resumable=True)
     device_type: str = _f("auto", "auto | cuda | cpu", resumable=True)
+    dist_timeout: float = _f(600.0, "seconds a rank waits at a collective (torchrun) before the run stops with one "
+                             "line naming the rank that stopped answering (frozen, killed, node down); 0: "
+                             "torch's default (30 min gloo, 10 min NCCL)", resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 (autocast)")
     compile: str = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false", resumable=True)
     seed: int = _f(42, "seed of the data order and the held-out split")
@@ -438,6 +460,7 @@ class SFTConfig:
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints", resumable=True)
     resume: bool = _f(False, "continue from the newest checkpoint of --output-tag", resumable=True)
     log_every: int = _f(10, "print a step line every N steps", resumable=True)
+    divergence_check: str = _f("warn", DIVERGENCE_HELP, resumable=True)
     activation_checkpointing: str = _f("off", "recompute activations in backward: off | mhc (each mHC connection's "
                                        "coefficient math, read-out and mixing) | full (every sub-layer)",
                                        resumable=True)
@@ -452,6 +475,8 @@ class SFTConfig:
     def validate(self):
         if not self.model_tag and not self.checkpoint:
             raise UserError("pass --model-tag (or --checkpoint PATH) to say which base model to fine-tune")
+        check_name("--model-tag", self.model_tag)
+        check_name("--output-tag", self.output_tag, hint=OUTPUT_NAME_HINT)
         sources = self.data_sources()
         unknown = [d for d in sources if d not in SFT_DATA]
         if unknown or not sources:
@@ -479,7 +504,8 @@ class SFTConfig:
         check_synthetic_mix(self.synthetic_mix)
         choices = dict(device_type=("auto", "cuda", "cpu"), dtype=("auto", "float32", "bfloat16"),
                        compile=("auto", "true", "false"), task_data=("auto", "hub", "local"),
-                       activation_checkpointing=ACTIVATION_CHECKPOINTING, memory_check=("auto", "true", "false"))
+                       activation_checkpointing=ACTIVATION_CHECKPOINTING, memory_check=("auto", "true", "false"),
+                       divergence_check=("warn", "stop", "off"))
         check_choices(self, choices)
 
 
@@ -495,10 +521,11 @@ def check_synthetic_mix(name: str):
 
 @dataclass
 class RLConfig:
-    model_tag: str = _f("", "model tag of the frozen mHC checkpoint whose gates the controller sets")
+    model_tag: str = _f("", f"model tag of the frozen mHC checkpoint whose gates the controller sets, {NAME_RULE} "
+                        "(a path: --checkpoint)")
     checkpoint: str = _f("", "path to an mHC checkpoint directory (overrides --model-tag/--step)")
     step: int = _f(-1, "checkpoint step (-1 = the newest)")
-    tag: str = _f("", "name of this RL run: results/rl/<tag>/ and checkpoints/rl/<tag>/ (default "
+    tag: str = _f("", f"name of this RL run, {NAME_RULE}: results/rl/<tag>/ and checkpoints/rl/<tag>/ (default "
                   "<model-tag>-<problems>-<action-space>-<reward>, then -<algo> unless it is ppo)")
     run: str = _f("dummy", "wandb run name ('dummy' disables wandb)", resumable=True)
     device_type: str = _f("auto", "device of the frozen model: auto | cuda | cpu (the policy MLP runs on the CPU)",
@@ -589,6 +616,8 @@ class RLConfig:
     def validate(self):
         if not self.model_tag and not self.checkpoint:
             raise UserError("pass --model-tag (or --checkpoint PATH) of the mHC model whose gates to control")
+        check_name("--model-tag", self.model_tag)
+        check_name("--tag", self.tag, hint=OUTPUT_NAME_HINT)
         choices = dict(action_space=tuple(ACTION_SPACES), reward=tuple(REWARDS), problems=("gsm8k", "synthetic"),
                        algo=("ppo", "rloo"), action_map=("sigmoid", "linear", "clip"),
                        reward_baseline=REWARD_BASELINES,

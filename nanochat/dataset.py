@@ -36,6 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from nanochat.common import UserError, get_base_dir, get_data_dir, print0, progress, run_main
+from nanochat.locks import FileLock
 
 SOURCES = ("fineweb", "local")
 
@@ -411,7 +412,38 @@ def _shard_complete(out_dir: str, name: str, itemsize: int) -> dict | None:
     return {"num_docs": len(idx) - 1, "num_tokens": int(idx[-1])}
 
 
-def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
+LOCK_WAIT_S = 7200.0  # how long a second writer of the tokenizer or of pretokenized data waits for the first
+
+
+def _meta_matches(meta: dict, want: dict, out_dir: str, itemsize: int) -> bool:
+    """Whether meta.json describes complete pretokenized data of these inputs: the same source, tokenizer
+    (fingerprint, vocab size, BOS, dtype), the same raw shards in the same splits and order (name, size, mtime),
+    and every tokenized shard on disk consistent with its counts."""
+    try:
+        if meta.get("complete") is not True or any(meta.get(k) != v for k, v in want["fields"].items()):
+            return False
+        shards = meta["shards"]
+        if [(s["name"], s["split"], s["raw_size"], s["raw_mtime_ns"]) for s in shards] != want["shards"]:
+            return False
+        val = [s["name"] for s in shards if s["split"] == "val"]
+        if meta.get("val_shard") not in val:
+            return False
+        return all(_shard_complete(out_dir, s["name"], itemsize) == {"num_docs": s["num_docs"],
+                                                                     "num_tokens": s["num_tokens"]} for s in shards)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _read_meta(meta_path: str) -> dict:
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or unreadable meta: redo every shard
+
+
+def pretokenize(source: str, tokenizer, num_workers: int = 4, lock_wait_s: float = LOCK_WAIT_S) -> str:
     """Tokenize every raw shard of a source into <tokenized_dir>/shard_XXXXX.{bin,idx.npy} plus meta.json.
 
     shard_XXXXX.bin      all documents' tokens back to back, each document prefixed with BOS (uint16, or uint32
@@ -423,6 +455,10 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
     on document lengths, so every rank computes the same global row order cheaply and only reads its own rows'
     tokens. Resuming from a checkpoint and DDP-vs-single-process equivalence are then exact.
     Writes are atomic and finished shards are skipped, so an interrupted run can simply be started again.
+    One writer at a time: a lock on <tokenized_dir>/.lock (nanochat.locks); a second call waits for the first, up to
+    lock_wait_s seconds (it wants the same data). Data that are complete and match their inputs (see _meta_matches)
+    are left alone: meta.json is not even rewritten, so a concurrent reader never sees complete false over complete
+    data. The writer holding the lock removes the .tmp files a killed writer left.
     """
     if num_workers < 1:
         raise UserError(f"--num-workers must be >= 1 (got {num_workers})")
@@ -433,13 +469,35 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4) -> str:
     itemsize = np.dtype(dtype).itemsize
     bos = tokenizer.bos_token_id
     meta_path = os.path.join(out_dir, "meta.json")
-    previous = {}
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as f:
-                previous = {s["name"]: s for s in json.load(f)["shards"]}
-        except (ValueError, KeyError, TypeError):
-            previous = {}  # unreadable meta: redo every shard
+    want = {"fields": {"source": source, "tokenizer_fingerprint": tokenizer.fingerprint,
+                       "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "bos_token_id": bos},
+            "shards": [(os.path.basename(p)[: -len(".parquet")], split, os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                       for p, split in files]}
+    if _meta_matches(_read_meta(meta_path), want, out_dir, itemsize):
+        print0(f"pretokenized {source}: already complete and current in {out_dir}")
+        return out_dir
+    with FileLock(os.path.join(out_dir, ".lock"), f"pretokenized data {out_dir}",
+                  "wait for it to finish, or stop it", wait_s=lock_wait_s):
+        previous = _read_meta(meta_path)
+        if _meta_matches(previous, want, out_dir, itemsize):  # the writer we waited for made them
+            print0(f"pretokenized {source}: already complete and current in {out_dir}")
+            return out_dir
+        stale = sorted(f for f in os.listdir(out_dir) if f.endswith(".tmp"))
+        for f in stale:  # a killed writer's partial files: nobody else writes here while we hold the lock
+            os.remove(os.path.join(out_dir, f))
+        if stale:
+            print0(f"removed {len(stale)} partial file(s) a stopped pretokenize left in {out_dir}: "
+                   f"{', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}")
+        return _pretokenize_locked(source, tokenizer, num_workers, files, out_dir, dtype, previous)
+
+
+def _pretokenize_locked(source, tokenizer, num_workers, files, out_dir, dtype, previous_meta) -> str:
+    itemsize = np.dtype(dtype).itemsize
+    bos = tokenizer.bos_token_id
+    meta_path = os.path.join(out_dir, "meta.json")
+    shards = previous_meta.get("shards")
+    previous = ({s["name"]: s for s in shards if isinstance(s, dict) and "name" in s}
+                if isinstance(shards, list) else {})
     meta = {"source": source, "tokenizer_fingerprint": tokenizer.fingerprint, "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "bos_token_id": bos, "complete": False, "shards": [],
             "val_shard": None}
@@ -507,6 +565,9 @@ def main(argv=None):
     p.add_argument("--pretokenize", action="store_true",
                    help="after preparing the raw shards, pretokenize them with the tokenizer from "
                         "`python -m scripts.tok_train`")
+    p.add_argument("--lock-wait", type=float, default=LOCK_WAIT_S, metavar="SECONDS",
+                   help="--pretokenize: while another job pretokenizes the same data (the lock "
+                        "<tokenized dir>/.lock), wait this long for it, then give up (default %(default)g)")
     args = p.parse_args(argv)
 
     if args.source == "hub-small":
@@ -528,7 +589,7 @@ def main(argv=None):
         build_local(seed=args.seed, val_fraction=args.val_fraction, force=args.force)
     if args.pretokenize:
         from nanochat.tokenizer import get_tokenizer
-        pretokenize(args.source, get_tokenizer(), num_workers=args.num_workers)
+        pretokenize(args.source, get_tokenizer(), num_workers=args.num_workers, lock_wait_s=args.lock_wait)
 
 
 if __name__ == "__main__":

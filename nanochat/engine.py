@@ -12,6 +12,7 @@ across positions, so the attention cache is the only state).
 """
 from __future__ import annotations
 
+import sys
 import time
 import types
 import weakref
@@ -309,6 +310,12 @@ class Engine:
         if L + max_new_tokens > self.max_context:
             raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new tokens exceeds the model's "
                              f"{self.max_context} positions; truncate the prompt")
+        trained = self.model.config.sequence_len
+        if L + max_new_tokens > trained and not getattr(self, "_past_context_warned", False):  # once per Engine
+            self._past_context_warned = True
+            print(f"warning: a prompt of {L} tokens + up to {max_new_tokens} new tokens runs past the model's trained "
+                  f"context of {trained} tokens: positions beyond it were never trained (the rotary table reaches "
+                  f"{self.max_context}), so the output may degrade", file=sys.stderr, flush=True)
         if self.compile and use_cache:
             return self._generate_compiled(prompts, max_new_tokens, temperature, top_k, seed, stop_tokens,
                                            stop_strings, return_logits)

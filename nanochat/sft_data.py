@@ -29,14 +29,21 @@ ANSWER_END = task_gsm8k.FEWSHOT_DELIMITER  # "\n\n": what follows an answer in G
 def encode_rows(tokenizer, problems, max_len: int) -> tuple[list[tuple[list[int], int]], int]:
     """problems: GenExamples with extra['answer']. Returns ([(ids, number of answer tokens at the end)], number of
     problems dropped because the row does not fit max_len + 1 tokens)."""
-    rows, dropped = [], 0
+    rows, dropped, too_long = [], 0, []
     for p in problems:
         ids, n_answer = continuation_ids(tokenizer, p.prompt,
                                          task_gsm8k.gold_continuation(p.extra["answer"]) + ANSWER_END)
         if len(ids) > max_len + 1 or n_answer == 0:
             dropped += 1
+            if len(ids) > max_len + 1:
+                too_long.append(len(ids))
             continue
         rows.append((ids, n_answer))
+    if problems and not rows and too_long:  # else the loader's "no rows" would hide that the context is the cause
+        raise UserError(f"every one of the {len(problems)} problems was dropped, {len(too_long)} of them because "
+                        f"they do not fit the model's context: the shortest needs {min(too_long)} tokens, the context "
+                        f"is {max_len} (+ 1) tokens (the base run's --max-seq-len): fine-tune a model trained with a "
+                        f"longer context, or use shorter problems")
     return rows, dropped
 
 

@@ -102,6 +102,19 @@ def load_rows(data: TaskData, task_data: str = "auto") -> tuple[list, str]:
     return read_jsonl(path), f"local:{path}"
 
 
+def row_location(where: str, reason: str) -> str:
+    """A malformed reason of parse_rows ('row I: why') as '<file>:<line>: why' when the rows came from a local JSONL
+    file (`where` = 'local:<path>'; read_jsonl skips blank lines, so row I is the I-th non-blank line); otherwise
+    '<where> row I: why'."""
+    head, _, why = reason.partition(": ")
+    if not (where.startswith("local:") and head.startswith("row ") and head[4:].isdigit()):
+        return f"{where} {reason}"
+    path, index = where[len("local:"):], int(head[4:])
+    with open(path, "rb") as f:
+        lines = [i + 1 for i, raw in enumerate(f) if raw.strip()]
+    return f"{path}:{lines[index]}: {why}" if index < len(lines) else f"{where} {reason}"
+
+
 def parse_rows(rows: list, parse, strict: bool, source: str) -> tuple[list, list[str]]:
     """Apply the task's row parser. Returns (examples, malformed reasons); with strict the first one is fatal."""
     examples, malformed = [], []

@@ -3,8 +3,8 @@ refuse, the settings check, config.json and metrics.jsonl, saves with every rank
 check, stop signals), the horizon rule of --extend-to, and per-rank seeds."""
 from __future__ import annotations
 
-import fcntl
 import json
+import math
 import os
 import signal
 import sys
@@ -13,7 +13,13 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import latest_checkpoint, latest_intact_checkpoint, recover_interrupted_saves, save_checkpoint
-from nanochat.common import UserError, append_jsonl, compute_cleanup, flat_fields, print0, to_flat_dict
+from nanochat.common import (UserError, WriteError, append_jsonl, check_writable_on_all_ranks, compute_cleanup,
+                             flat_fields, print0, to_flat_dict, writes_results)
+from nanochat.locks import lock_file, release as release_lock
+
+
+DIVERGENCE_MARGIN = 1.0  # nats above ln(vocab), a uniform guess's loss: that far above it, worse than guessing
+DIVERGENCE_WINDOW = 10  # steps in a row above the threshold: one bad batch is noise, ten in a row is a trend
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -38,6 +44,7 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
+@writes_results
 def truncate_metrics(path: str, step: int):
     """On resume, drop records logged after the checkpoint (and its evaluations -- val bpb, val answer loss, mHC
     statistics -- which are redone at that step) so the curves have no duplicated steps. Rewritten atomically."""
@@ -54,44 +61,29 @@ def truncate_metrics(path: str, step: int):
     os.replace(path + ".tmp", path)
 
 
-_HELD: dict[str, object] = {}  # lock path -> open file, held by this process
-
-
 class RunLock:
     """One writer per run: an exclusive OS lock (flock) on <folder>/.lock for each folder the run owns (its
     checkpoints, its results). The kernel releases it when the process exits, crashes or is killed with -9, so a
     stale lock never blocks a later run. A second run gets an error naming the holder's PID. Within one process
     a new lock on the same folder replaces the old one: runs in one process are sequential (a main() that raised
-    may still be referenced by a traceback, e.g. in tests)."""
+    may still be referenced by a traceback, e.g. in tests). The mechanism is nanochat.locks.lock_file, shared by
+    every lock of the repo."""
 
     def __init__(self, folders: list[str], what: str):
         self.files = []
         for folder in folders:
             os.makedirs(folder, exist_ok=True)
-            path = os.path.realpath(os.path.join(folder, ".lock"))
-            if path in _HELD:
-                _HELD.pop(path).close()
-            f = open(path, "a+")
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "unknown"
-                f.close()
+                f = lock_file(os.path.join(folder, ".lock"), what,
+                              "wait for it to finish or stop it, or choose another tag")
+            except UserError:
                 self.release()
-                raise UserError(f"{what} is in use by another run (PID {holder}, lock {path}): wait for it to "
-                                f"finish or stop it, or choose another tag") from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+                raise
             self.files.append(f)
-            _HELD[path] = f
 
     def release(self):
         for f in self.files:
-            _HELD.pop(os.path.realpath(f.name), None)
-            f.close()  # closing the descriptor releases the flock
+            release_lock(f)
         self.files = []
 
 
@@ -150,12 +142,16 @@ class Run:
         self.what, self.ckpt_root, self.results_dir, self.tag_flag = what, ckpt_root, results_dir, tag_flag
         self.master, self.device = master, device
         self.metrics_path = os.path.join(results_dir, "metrics.jsonl")
+        check_writable_on_all_ranks(results_dir, master, device)  # before any lock, folder or compute
         self.lock = acquire_run_lock([ckpt_root, results_dir], what, master, device)
         if master:
             recover_interrupted_saves(ckpt_root)
         if dist.is_initialized():
             dist.barrier()
         self.stop: StopFlag | None = None
+        self.write_error: WriteError | None = None  # a results write that failed (log): save, then stop
+        self.saved: str | None = None  # the newest checkpoint this run wrote
+        self.steps_above, self.divergence_warned = 0, False  # the divergence check's state (check_loss)
 
     def resume_path(self, resume: bool, *, allow_without_resume: bool = False) -> str | None:
         """The checkpoint to resume from: None for a fresh run. Checkpoints without --resume are refused (unless
@@ -167,8 +163,24 @@ class Run:
         if not existing:
             if resume:
                 print0(f"--resume: no checkpoint in {self.ckpt_root} yet, starting from scratch")
+            self.fresh_log()
             return None
-        return latest_intact_checkpoint(self.ckpt_root)  # says why when it falls back
+        path = latest_intact_checkpoint(self.ckpt_root)  # says why when it falls back
+        if path is None:
+            self.fresh_log()
+        return path
+
+    def fresh_log(self):
+        """A run from scratch starts a new metrics.jsonl: an old one (a run killed before its first checkpoint) is
+        moved aside to metrics.jsonl.N, the first free N, never overwritten or deleted, so the two runs' steps are
+        not mixed in one curve."""
+        if not self.master or not os.path.exists(self.metrics_path):
+            return
+        n = 1
+        while os.path.exists(f"{self.metrics_path}.{n}"):
+            n += 1
+        os.replace(self.metrics_path, f"{self.metrics_path}.{n}")
+        print0(f"starting a new log: moved the earlier run's {self.metrics_path} to {self.metrics_path}.{n}")
 
     def check_settings(self, saved: dict, cfg, path: str) -> dict:
         """Refuse a changed setting that is not resumable (names them); returns the resumable changes."""
@@ -186,16 +198,35 @@ class Run:
             atomic_json(os.path.join(self.results_dir, "config.json"), run_config)
 
     def log(self, record: dict):
-        if self.master:
-            append_jsonl(self.metrics_path, record)
+        """Append to metrics.jsonl (rank 0). A write that fails (a full results disk) does not kill the step: the
+        record goes to stdout, nothing more is written, and the stop flag makes every rank save a checkpoint at the
+        next step boundary; finish() then exits with one line naming the path and the errno."""
+        if not self.master:
+            return
+        if self.write_error is None:
+            try:
+                append_jsonl(self.metrics_path, record)
+                return
+            except WriteError as e:
+                self.write_error = e
+                if self.stop is None:  # no step loop yet to save from
+                    raise
+                self.stop.write_failed = True
+        print(f"not written to {self.metrics_path}: {json.dumps(record)}", flush=True)
 
     def save(self, step: int, model, optimizers, meta: dict, keep: int, device_type: str) -> str | None:
         """A checkpoint with every rank's generators (call on every rank: gathering them is a collective)."""
         rng = rng_states(device_type)
         path = None
         if self.master:
-            path = save_checkpoint(self.ckpt_root, step, model, optimizers, meta, keep=keep,
-                                   rng_state={"ranks": rng})
+            try:
+                path = save_checkpoint(self.ckpt_root, step, model, optimizers, meta, keep=keep,
+                                       rng_state={"ranks": rng})
+            except UserError as e:
+                if self.write_error is None:
+                    raise
+                raise UserError(f"{self.write_error}; and {e}") from None  # both disks full: say both
+            self.saved = path
             print0(f"saved checkpoint {path}")
         return path
 
@@ -207,6 +238,27 @@ class Run:
                             f"not finite; no update was applied and nothing was saved. {hint}, or resume from the "
                             f"last checkpoint in {self.ckpt_root}")
 
+    def check_loss(self, step: int, loss: float, vocab_size: int, mode: str, warmup_steps: int = 0):
+        """After the warm-up, a loss above ln(vocab) + DIVERGENCE_MARGIN for DIVERGENCE_WINDOW steps in a row is a
+        diverging run (a finite loss, so check_finite lets it through): warned once (mode warn) or stopped before
+        the next save, so nothing diverged is written (mode stop); off does nothing. Call with the loss every rank
+        agrees on (all-reduced), so that every rank stops alike."""
+        if mode == "off" or step <= warmup_steps:
+            return
+        threshold = math.log(vocab_size) + DIVERGENCE_MARGIN
+        self.steps_above = self.steps_above + 1 if loss > threshold else 0
+        if self.steps_above < DIVERGENCE_WINDOW:
+            return
+        what = (f"training is diverging: at step {step} the loss {loss:.3f} has been above ln(vocab_size "
+                f"{vocab_size}) + {DIVERGENCE_MARGIN} = {threshold:.3f} for {DIVERGENCE_WINDOW} steps")
+        if mode == "stop":
+            raise UserError(f"{what}; stopped by --divergence-check stop with nothing saved since the last checkpoint "
+                            f"in {self.ckpt_root}. Lower the learning rates, or resume from that checkpoint")
+        if not self.divergence_warned:
+            self.divergence_warned = True
+            print0(f"warning: {what} (lower the learning rates; --divergence-check stop makes this an error)",
+                   file=sys.stderr)
+
     def stop_flag(self) -> StopFlag:
         """SIGINT/SIGTERM handlers from here on (a signal finishes the step, then saves)."""
         self.stop = self.stop or StopFlag()
@@ -217,11 +269,17 @@ class Run:
         compute_cleanup()
         if self.lock:
             self.lock.release()
+        if signum == WRITE_FAILED:  # rank 0's results write failed; the checkpoint was saved at this step
+            if not self.master:
+                sys.exit(2)  # rank 0 says why, once
+            raise UserError(f"{self.write_error}; saved checkpoint {self.saved or '(none)'} at step {step}: free "
+                            f"space and continue with --resume (the unwritten records are on stdout)")
         if signum:
             print0(f"stopped by signal {signum} at step {step}; continue with --resume")
             sys.exit(128 + signum)
 
 
+@writes_results
 def atomic_json(path: str, obj):
     """A reader (or a kill) never sees a half-written file: write a .tmp, then rename it over the old one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -318,11 +376,16 @@ def restore_rng(rng: dict, rank: int, world_size: int, device_type: str, seed: i
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
+WRITE_FAILED = -1  # StopFlag.synced's value when rank 0 could not write its results: save, then stop (Run.finish)
+
+
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary instead of dying mid-step."""
+    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary instead of dying mid-step. A failed
+    results write (Run.log) sets write_failed, which stops the loop the same way (synced() gives WRITE_FAILED)."""
 
     def __init__(self):
         self.signum = 0
+        self.write_failed = False
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
 
@@ -335,7 +398,7 @@ class StopFlag:
     def synced(self, device) -> int:
         """All ranks agree (max) so that they save and exit at the same step."""
         if not dist.is_initialized():
-            return self.signum
-        t = torch.tensor([self.signum], device=device)
+            return self.signum or (WRITE_FAILED if self.write_failed else 0)
+        t = torch.tensor([self.signum, int(self.write_failed)], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return int(t[0].item()) or (WRITE_FAILED if t[1].item() else 0)

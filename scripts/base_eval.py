@@ -24,8 +24,9 @@ import threading
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import (UserError, compile_model, compute_cleanup, compute_init, doc_summary, git_commit,
-                             machine_info, print0, progress, rank0_first, resolve_precision, run_main)
+from nanochat.common import (UserError, WriteError, atomic_write_text, check_writable_on_all_ranks, compile_model,
+                             compute_cleanup, compute_init, doc_summary, git_commit, machine_info, print0, progress,
+                             rank0_first, resolve_precision, run_main)
 from nanochat.config import EvalConfig, build_config
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
@@ -81,17 +82,10 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def atomic_write(path: str, text: str):
-    """A reader (or a kill) never sees a half-written file: write a .tmp, then rename it over the old one."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def save_progress(out_dir: str, record: dict, examples: list[dict]):
     """eval_examples.jsonl first, then eval.json: eval.json never lists a task whose examples are not on disk."""
-    atomic_write(os.path.join(out_dir, "eval_examples.jsonl"), "".join(json.dumps(r) + "\n" for r in examples))
-    atomic_write(os.path.join(out_dir, "eval.json"), json.dumps(record, indent=2))
+    atomic_write_text(os.path.join(out_dir, "eval_examples.jsonl"), "".join(json.dumps(r) + "\n" for r in examples))
+    atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(record, indent=2))
 
 
 def main(argv=None):
@@ -135,7 +129,8 @@ def run_bpb(cfg: EvalConfig, model, tokenizer, token_bytes, ctx, device, meta: d
 
 def evaluate(argv=None):
     cfg, _ = build_config(EvalConfig, argv, description=doc_summary(__doc__))
-    device_type, device, _, rank, _, world_size = compute_init(cfg.device_type)
+    device_type, device, _, rank, _, world_size = compute_init(cfg.device_type, cfg.dist_timeout,
+                                                               shared={"--results-dir": cfg.results_dir})
     dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
     path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
@@ -159,6 +154,7 @@ def evaluate(argv=None):
     tasks = cfg.task_list()
     results, examples = {}, []
     out_dir = os.path.join(cfg.results_dir, model_tag)
+    check_writable_on_all_ranks(out_dir, rank == 0, device)  # a folder that cannot take eval.json: refused now
     eval_path = os.path.join(out_dir, "eval.json")
     record = dict(checkpoint=path, step=meta["step"], status="running", finished=[], pending=list(tasks),
                   results=results, eval_config=dataclasses.asdict(cfg), mhc_gates=gates, git_commit=git_commit(),
@@ -166,10 +162,26 @@ def evaluate(argv=None):
 
     def save(status: str, **extra):
         """eval.json's status, the finished tasks and the pending ones (the one running included)."""
+        error = None
         if rank == 0:  # every rank holds all the results (gathered); one writes
             record.update(status=status, finished=list(results), pending=[t for t in tasks if t not in results],
                           **extra)
-            save_progress(out_dir, record, examples)
+            try:
+                save_progress(out_dir, record, examples)
+            except WriteError as e:  # a full disk: the computed scores go to stdout, nothing is lost
+                computed = json.dumps(dict(checkpoint=path, step=meta["step"], results=results))
+                print(f"not written to {eval_path}: {computed}", flush=True)
+                error = e
+        if dist.is_initialized() and world_size > 1 and status in ("running", "complete"):
+            # every rank stops alike, not at its next collective (the ranks reach these saves in step)
+            failed = [error is not None]
+            dist.broadcast_object_list(failed, src=0)
+            if failed[0] and error is None:
+                compute_cleanup()
+                sys.exit(2)  # rank 0 says why, once
+        if error is not None:
+            compute_cleanup()
+            raise error
 
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -195,6 +207,8 @@ def evaluate(argv=None):
                    f"{summary['examples_per_s']:.2f} examples/s from {summary['data_source']}")
     except KeyboardInterrupt as e:  # Interrupted (our handlers), or a caller's KeyboardInterrupt
         stop(getattr(e, "signum", signal.SIGINT), save, tasks, results, eval_path, rank)
+    except WriteError:  # said in one line, the scores on stdout: another write would fail the same way
+        raise
     except Exception as e:
         # a bad task file (or a bug) fails the run, but the tasks that finished stay in eval.json
         save("failed", error=f"{type(e).__name__}: {e}")

@@ -56,7 +56,8 @@ def check_resume_compatible(meta: dict, model_config: GPTConfig, tokenizer_fp: s
 
 def main(argv=None):
     cfg, _ = build_config(TrainConfig, argv, description=doc_summary(__doc__))
-    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
+    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type, cfg.dist_timeout,
+                                                                      shared={"--results-dir": cfg.results_dir})
     master = rank == 0
     dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
@@ -217,6 +218,8 @@ def main(argv=None):
         if is_ddp:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         train_loss = train_loss.item()  # also synchronises the device, so dt below is real
+        run.check_loss(step + 1, train_loss, model_config.vocab_size, cfg.divergence_check,
+                       warmup_steps=round(cfg.warmup_ratio * num_iterations))  # as lr_multiplier's warm-up
         dt = time.perf_counter() - t0
         step += 1
 

@@ -8,6 +8,8 @@
   traceback and exit status 1.
 - A worker that fails (e.g. a clear one-line `error: ...` from a bad flag): one line per failed rank with its exit
   status, and the launcher exits with that status -- instead of ~30 lines of ChildFailedError report.
+- Multi-node: a node whose rendezvous store went away (the node hosting it was killed or is down): one line with
+  the cause, exit 1 -- instead of a chained RendezvousConnectionError traceback.
 speedrun.sh and the train_*.sh wrappers launch through it; plain `torchrun` works the same apart from the endings.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 def main(argv=None):
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -37,6 +40,11 @@ def main(argv=None):
                   flush=True)
         code = next((c for c in codes if c and c > 0), 1)
         sys.exit(code)
+    except RendezvousError as e:
+        cause = str(e).split(" See inner exception")[0]
+        print(f"[launch] lost the other nodes: {type(e).__name__}: {cause} (the node hosting the rendezvous at "
+              f"{args.rdzv_endpoint} was killed or is down); continue with --resume", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 
-from nanochat.common import doc_summary, UserError, get_data_dir, git_commit, run_main
+from nanochat.common import doc_summary, UserError, check_name, get_data_dir, git_commit, run_main
 
 LOCAL_TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "data",
                            "lm_eval_local_tasks.json")
@@ -139,6 +139,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.model_tag and not args.checkpoint:
         raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to evaluate")
+    check_name("--model-tag", args.model_tag)  # it names the results folder
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise UserError("--tasks is empty")

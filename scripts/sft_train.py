@@ -93,7 +93,8 @@ def answer_loss(model, rows, batch_size: int, device, ctx) -> float:
 
 def main(argv=None):
     cfg, _ = build_config(SFTConfig, argv, description=doc_summary(__doc__))
-    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type)
+    device_type, device, is_ddp, rank, _, world_size = compute_init(cfg.device_type, cfg.dist_timeout,
+                                                                      shared={"--results-dir": cfg.results_dir})
     master = rank == 0
     dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
@@ -211,6 +212,7 @@ def main(argv=None):
         if is_ddp:
             dist.all_reduce(loss)  # the ranks' shares of the global mean
         loss = loss.item()
+        run.check_loss(step + 1, loss, model_config.vocab_size, cfg.divergence_check)  # no warm-up (linear decay)
         step += 1
         dt = time.perf_counter() - t0
         record = dict(step=step, loss=loss, lrm=lrm, grad_norm=grad_norm.item(), dt=dt, epoch=loader.epoch)

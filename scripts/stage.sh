@@ -8,8 +8,18 @@
 # exists. Otherwise it says why and reruns (training stages run with --resume, so a rerun continues, not restarts).
 # The marker is plain text: its first line is the settings hash, the rest is what was hashed, for a human to diff.
 # SKIP=a,b skips the named stages; FORCE=1 reruns every stage. With $stage_times set, each run's wall time is
-# appended there as one JSON line.
+# appended there as one JSON line. `stage_lock DIR WHAT` takes the speedrun's lock (a second speedrun is refused).
 stage_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+stage_lock() {  # stage_lock DIR WHAT: one speedrun per base dir, or refuse in one line naming the holder's PID
+    # The lock of every writer in the repo (nanochat/locks.py: flock on DIR/.lock, the holder's PID inside). This
+    # shell opens the file on descriptor 9 and Python locks that open file for this shell's PID; the lock then lasts
+    # until the shell and every stage it started (they inherit the descriptor) have ended, kill -9 included.
+    mkdir -p "$1"
+    exec 9<>"$1/.lock"
+    python -m nanochat.locks 9 "$1/.lock" $$ "$2" \
+        "wait for it to finish or stop it, or choose another NANOCHAT_BASE_DIR"
+}
 
 stage_sha256() {  # sha256 of stdin (coreutils on Linux, shasum on macOS)
     if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -d' ' -f1; else shasum -a 256 | cut -d' ' -f1; fi

@@ -55,15 +55,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanochat.common import doc_summary, UserError, flat_fields, from_flat_dict, get_base_dir, repo_root, run_main
+from nanochat.common import (doc_summary, UserError, check_name, flat_fields, from_flat_dict, get_base_dir, repo_root,
+                             run_main)
 from nanochat.config import TrainConfig, _coerce, load_config_file, parse_int_list, resolve_config_path
+from nanochat.locks import FileLock
 from nanochat.run_records import append_record, read_records
 from nanochat.stats import mean_ci, paired_mean
 
 RUNNER_KEYS = ("seed", "model_tag", "results_dir", "resume", "run", "device_type")  # the runner sets these per run
 ROUND_KEYS = ("name", "category", "description", "set", "values", "grid", "combine")
 TOP_KEYS = ("name", "description", "seeds", "base", "rounds")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 WARMUP_STEPS = 5  # tokens/s skips the first steps (compilation, allocator warm-up), as base_train's ETA does
 STDERR_TAIL = 3000
 
@@ -192,8 +193,10 @@ def load_sweep(path: str) -> Sweep:
         if key not in TOP_KEYS:
             raise UserError(f"sweep file {path}: unknown top-level key {key!r} (known: {', '.join(TOP_KEYS)})")
     name = str(raw.get("name", os.path.splitext(os.path.basename(path))[0]))
-    if not NAME_RE.match(name):
-        raise UserError(f"sweep file {path}: name {name!r} may use only letters, digits, _ . -")
+    try:  # it names the output folder results/sweeps/<name> and every run's tag
+        check_name("name", name, required=True, hint="")
+    except UserError as e:
+        raise UserError(f"sweep file {path}: {e}") from None
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise UserError(f"sweep file {path}: seeds must be a non-empty list of integers >= 0 (got {seeds!r})")
@@ -214,8 +217,12 @@ def load_sweep(path: str) -> Sweep:
     for i, rnd in enumerate(rounds):
         rname = rnd.get("name") if isinstance(rnd, dict) else None
         where = f"sweep file {path}, round {rname or i + 1!r}"
-        if not isinstance(rname, str) or not NAME_RE.match(rname):
-            raise UserError(f"{where}: every round needs a name of letters, digits, _ . - (got {rname!r})")
+        if not isinstance(rname, str):
+            raise UserError(f"{where}: every round needs a name (got {rname!r})")
+        try:  # part of every run's tag
+            check_name("round name", rname, required=True, hint="")
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         if rname in [r.name for r in sweep.rounds]:
             raise UserError(f"{where}: two rounds are named {rname!r}")
         for key in rnd:
@@ -258,7 +265,9 @@ def config_hash(sweep: Sweep, overrides: dict) -> str:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text) or "default"
+    """A variant's name as part of a run tag: the tag rule's characters only (nanochat.common.check_name), so
+    matrix_lr=0.02 becomes matrix_lr_0.02."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text) or "default"
 
 
 def round_variants(rnd: Round, winners: dict) -> list:
@@ -414,7 +423,15 @@ def round_winner(records: list) -> tuple | None:
 def run_campaign(sweep: Sweep, out: str, seeds: list, slots: list, train_fn, retry_failed: bool = False,
                  top: int = 10, drop_checkpoints: bool = False, log=print) -> dict:
     """Every (round, variant, seed) not yet finished, round by round (a combine round needs the winners of the
-    rounds before it); within a round, on the slots in parallel. Returns the summary (also written to OUT)."""
+    rounds before it); within a round, on the slots in parallel. Returns the summary (also written to OUT).
+    One sweep per OUT: a second one is refused (OUT/.lock, nanochat.locks) before it writes anything, since two
+    would record runs twice and overwrite each other's logs."""
+    with FileLock(os.path.join(out, ".lock"), f"sweep output {out}",
+                  "wait for that sweep to finish or stop it, or choose another --out"):
+        return _run_campaign(sweep, out, seeds, slots, train_fn, retry_failed, top, drop_checkpoints, log)
+
+
+def _run_campaign(sweep, out, seeds, slots, train_fn, retry_failed, top, drop_checkpoints, log) -> dict:
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     runs_path = os.path.join(out, "runs.jsonl")
     winners, notes, keys = {}, {}, set()
@@ -733,12 +750,21 @@ def main(argv=None):
         print("[sweep] one seed: no noise estimate, every rank difference will be unverified")
     train = make_subprocess_trainer(sweep, out, args.nproc_per_node)
 
+    stopped_by = []
+
     def on_term(signum, frame):  # a preempted sweep stops its runs cleanly (they resume on the next start)
+        stopped_by.append(signum)
         stop_runs(signum)
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
-    run_campaign(sweep, out, seeds, slots, train, retry_failed=args.retry_failed, top=args.top,
-                 drop_checkpoints=args.drop_checkpoints)
+    try:
+        run_campaign(sweep, out, seeds, slots, train, retry_failed=args.retry_failed, top=args.top,
+                     drop_checkpoints=args.drop_checkpoints)
+    except KeyboardInterrupt:  # one line and the launcher's exit status (128 + the signal), not a traceback
+        signum = stopped_by[0] if stopped_by else signal.SIGINT
+        print(f"[sweep] stopped by {signal.Signals(signum).name}: the runs in flight saved and stopped; "
+              f"run the same command again to resume", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
     print(f"[sweep] summary: {os.path.join(out, 'summary.md')}")
 
 

@@ -9,10 +9,12 @@ on held-out val documents.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from nanochat.common import UserError, print0, run_main
-from nanochat.dataset import SOURCES, iter_documents
+from nanochat.dataset import LOCK_WAIT_S, SOURCES, iter_documents
+from nanochat.locks import FileLock
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir, iter_capped
 
 EVAL_MAX_CHARS = 10_000_000  # enough val text for a stable bytes/token figure, small enough to encode in seconds
@@ -30,13 +32,29 @@ def main(argv=None):
     p.add_argument("--source", default="fineweb", choices=SOURCES, help="pretraining source (default fineweb)")
     p.add_argument("--out-dir", default=None,
                    help="where to save tokenizer.json and token_bytes.npy (default $NANOCHAT_BASE_DIR/tokenizer)")
+    p.add_argument("--lock-wait", type=float, default=LOCK_WAIT_S, metavar="SECONDS",
+                   help="while another job trains a tokenizer into the same --out-dir (the lock <out-dir>/.lock), "
+                        "wait this long for it, then give up (default %(default)g)")
     args = p.parse_args(argv)
     if args.max_chars <= 0:
         raise UserError(f"--max-chars must be > 0 (got {args.max_chars})")
     if args.doc_cap <= 0:
         raise UserError(f"--doc-cap must be > 0 (got {args.doc_cap})")
     out_dir = args.out_dir or get_tokenizer_dir()
+    # one writer of the tokenizer: a second job waits (it wants the same artefact) instead of saving under the first
+    with FileLock(os.path.join(out_dir, ".lock"), f"the tokenizer in {out_dir}", "wait for it to finish, or stop it",
+                  wait_s=args.lock_wait):
+        stale = sorted(f for f in os.listdir(out_dir) if f.endswith(".tmp"))
+        for f in stale:  # a killed writer's partial files: nobody else writes here while we hold the lock
+            os.remove(os.path.join(out_dir, f))
+        if stale:
+            print0(f"removed {len(stale)} partial file(s) a stopped tokenizer training left in {out_dir}: "
+                   f"{', '.join(stale)}")
+        train_and_save(args, out_dir)
 
+
+def train_and_save(args, out_dir: str):
+    """Train on the source's train split, save into out_dir (the caller holds its lock), report val compression."""
     n_chars = 0
 
     def train_texts():

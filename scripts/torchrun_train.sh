@@ -10,7 +10,9 @@
 #   NANOCHAT_BASE_DIR  tokenizer, data and checkpoints; default as speedrun.sh: ~/.cache/nanochat-tiny for a tiny_*
 #                      CONFIG, else ~/.cache/nanochat
 #   NPROC_PER_NODE     processes on this node (default: the GPUs nvidia-smi lists, else 1)
-#   NNODES, NODE_RANK  multi-node layout (default 1, 0); MASTER_ADDR, MASTER_PORT (29500), RDZV_ID: rendezvous
+#   NNODES, NODE_RANK  multi-node layout (default 1, 0); MASTER_ADDR, MASTER_PORT (29500), RDZV_ID: rendezvous.
+#                      c10d rendezvous ignores NODE_RANK (any node may get rank 0, the one writer): every node
+#                      must share NANOCHAT_BASE_DIR and the results dir (checked at startup, one line if not)
 # Before launching torchrun it checks, in one line each, what training needs first: the config file and the
 # tokenizer (a failure inside torchrun arrives wrapped in a long ChildFailedError traceback).
 set -euo pipefail

@@ -51,8 +51,9 @@ from envs.mhc_env import GSM8KMHCVecEnv, build_problem_pool, build_scorer
 from envs.ppo_controller import (ControllerCallback, ModelSelector, build_ppo, policy_gates, restore, restore_rloo,
                                  take_snapshot, write_rloo, write_snapshot)
 from nanochat.checkpoint import latest_checkpoint, read_meta
-from nanochat.common import (UserError, append_jsonl, autodetect_device_type, doc_summary, get_base_dir, git_commit,
-                             init_wandb, machine_info, resolve_precision, run_main)
+from nanochat.common import (UserError, append_jsonl, atomic_write_text, autodetect_device_type, check_writable,
+                             doc_summary, get_base_dir, git_commit, init_wandb, machine_info, resolve_precision,
+                             run_main)
 from nanochat.config import RLConfig, build_config, parse_int_list, resolve_config_path
 from nanochat.splits import describe
 from nanochat.training import Run, atomic_json
@@ -372,7 +373,7 @@ def run_one(cfg: RLConfig) -> dict:
     out_dir = os.path.join(cfg.results_dir, "rl", tag)
     ckpt_root = os.path.join(get_base_dir(), "checkpoints", "rl", tag)
     initial_root, best_root = os.path.join(ckpt_root, "initial"), os.path.join(ckpt_root, "best")
-    os.makedirs(out_dir, exist_ok=True)
+    check_writable(out_dir)  # a results folder that cannot be written is refused before any compute
 
     gate_range_trained = scorer.model.config.mhc.gate_range_trained()
     if not gate_range_trained:
@@ -494,10 +495,7 @@ def run_one(cfg: RLConfig) -> dict:
                    baselines=baselines, rl_config=dataclasses.asdict(cfg), git_commit=git_commit(),
                    scale="smoke" if scorer.model.num_params() < SMOKE_PARAMS else "full")
     atomic_json(os.path.join(out_dir, "eval.json"), summary)
-    with open(os.path.join(out_dir, "eval_examples.jsonl.tmp"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(os.path.join(out_dir, "eval_examples.jsonl.tmp"), os.path.join(out_dir, "eval_examples.jsonl"))
+    atomic_write_text(os.path.join(out_dir, "eval_examples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     for key, text in summary["verdicts"].items():
         if text:
             print(f"{key}: {text}")

@@ -127,3 +127,64 @@ def tiny_baseline_checkpoint(tiny_base_dir):
     meta = dict(model_config=cfg.to_dict(), tokenizer=tiny_base_dir.tokenizer.fingerprint, seed=0,
                 run_config=dict(model_tag="test_baseline", train=dict(data_source="local", seed=0)))
     return Path(save_checkpoint(checkpoint_root("test_baseline"), 1, model, [], meta))
+
+
+class FullDisk:
+    """An injected disk fault for one folder (tests run as root, which a chmod'ed read-only folder does not stop):
+    every open-for-writing of a file under `folder` goes through builtins.open (json.dump, append_jsonl, the atomic
+    writers); after `after` successful write() calls to files named `name` (any file when None) the disk is full:
+    from then on every write under the folder raises OSError(`err`) -- at write() for ENOSPC, as a real full disk
+    (the open succeeds), at open() for EROFS. `after=0`: unwritable from the start."""
+
+    def __init__(self, monkeypatch, folder, err: int = 28, after: int = 0, name: str | None = None):
+        import builtins
+        self.folder, self.err, self.after, self.name = os.path.realpath(folder), err, after, name
+        self.count, self.full = 0, after == 0 and name is None
+        real_open = builtins.open
+        disk = self
+
+        class Faulty:
+            def __init__(self, f, path):
+                self._f, self._path = f, path
+
+            def write(self, data):
+                disk.on_write(self._path)
+                return self._f.write(data)
+
+            def writelines(self, lines):
+                for line in lines:
+                    self.write(line)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._f.close()
+
+            def __iter__(self):
+                return iter(self._f)
+
+            def __getattr__(self, attr):
+                return getattr(self._f, attr)
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+") and isinstance(file, (str, os.PathLike)) and \
+                    os.path.realpath(os.path.abspath(file)).startswith(disk.folder + os.sep):
+                if disk.full and disk.err != 28:
+                    raise OSError(disk.err, os.strerror(disk.err), str(file))
+                return Faulty(real_open(file, mode, *args, **kwargs), str(file))
+            return real_open(file, mode, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", fake_open)
+
+    def on_write(self, path: str):
+        if not self.full and (self.name is None or os.path.basename(path) == self.name):
+            self.count += 1
+            self.full = self.count > self.after
+        if self.full:
+            raise OSError(self.err, os.strerror(self.err))
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """FullDisk(folder, err=errno, after=N, name=file name) for this test (undone afterwards)."""
+    return lambda folder, **kw: FullDisk(monkeypatch, folder, **kw)

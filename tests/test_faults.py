@@ -1,7 +1,8 @@
 """Fault injection: crashes at every point of a checkpoint save, divergence, two runs on one tag, tampered
 checkpoints, partial metrics lines, a full disk, changed settings on resume. Each fault must leave no lost work,
 no silent wrong number, and a clear message (issue 12). Data and tokenizer faults: test_faults_data.py; evaluation:
-test_faults_eval.py; speedrun: test_faults_speedrun.py."""
+test_faults_eval.py; speedrun: test_faults_speedrun.py; names that are paths: test_faults_names.py; a fresh
+log per run, silent drops and divergence: test_faults_logs.py."""
 from __future__ import annotations
 
 import errno
@@ -330,3 +331,232 @@ def test_torchrun_sigterm_ends_like_a_single_process(tiny_base_dir, tmp_path):
     assert "error: --total-batch-size 100 is not divisible" in bad.stderr
     # both ranks refuse the flag; whichever exits first is the one the launcher reports with status 2
     assert re.search(r"\[launch\] rank [01] exited with status 2", bad.stderr) and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# write errors in the results folder (issue 21 item 5): one line naming the path and the errno, a checkpoint saved,
+# the unwritten values on stdout, no .tmp and no .lock left; an unwritable results folder refused before compute
+
+def run_cli(main, args, capsys) -> tuple[int, str, str]:
+    """A script's main() as its command line runs it (run_main): (exit status, stdout, stderr)."""
+    from nanochat.common import run_main
+    capsys.readouterr()
+    try:
+        run_main(lambda: main(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_full_results_disk_mid_training_saves_a_checkpoint_and_says_one_line(tiny_base_dir, tmp_path, full_disk,
+                                                                                capsys):
+    from scripts.base_train import main
+    results = tmp_path / "results"
+    metrics = results / "faults_full" / "metrics.jsonl"
+    args = TINY + ["--num-iterations", "8", "--save-every", "-1", "--model-tag", "faults_full",
+                   "--results-dir", str(results)]
+    disk = full_disk(results, after=3, name="metrics.jsonl")  # steps 1-3 are logged, then the disk is full
+    code, out, err = run_cli(main, args, capsys)
+    root = tiny_base_dir.base_dir / "checkpoints" / "faults_full"
+    assert disk.full and code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        f"error: cannot write {metrics}: [Errno 28] No space left on device; saved checkpoint {root}/step_000004 at "
+        f"step 4: free space and continue with --resume (the unwritten records are on stdout)"]
+    assert ckpt.latest_intact_checkpoint(str(root)) == str(root / "step_000004")  # the checkpoint disk had room
+    assert [r["step"] for r in read_metrics(str(metrics))] == [1, 2, 3]
+    unwritten = [json.loads(line.split(": ", 1)[1]) for line in out.splitlines()
+                 if line.startswith(f"not written to {metrics}: ")]
+    assert [r["step"] for r in unwritten] == [4] and unwritten[0]["loss"] > 0  # the step's values, on stdout
+    assert not list(results.rglob("*.tmp")) and not list(results.rglob(".write_probe*"))
+    # space again: --resume continues from the saved step to the end
+    capsys.readouterr()
+    disk.full, disk.name = False, "never"
+    main(args + ["--resume"])
+    assert ckpt.latest_intact_checkpoint(str(root)) == str(root / "step_000008")
+    assert [r["step"] for r in read_metrics(str(metrics)) if "loss" in r] == [1, 2, 3, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("fault", ["ENOSPC", "EROFS", "not-a-directory"])
+def test_an_unwritable_results_dir_is_refused_before_any_compute(tiny_base_dir, tmp_path, full_disk, monkeypatch,
+                                                                 fault):
+    from scripts.base_train import main
+    results = tmp_path / "results"
+    if fault == "not-a-directory":
+        results.write_text("a file where the results folder should be\n")
+        why = "[Errno 20] Not a directory"
+    else:
+        full_disk(results, err=getattr(errno, fault))
+        why = "[Errno 28] No space left on device" if fault == "ENOSPC" else "[Errno 30] Read-only file system"
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a model was built for a run that cannot write its results")
+    monkeypatch.setattr(GPT, "init_weights", no_compute)
+    with pytest.raises(UserError) as e:
+        main(TINY + ["--num-iterations", "2", "--model-tag", "faults_unwritable", "--results-dir", str(results)])
+    assert str(e.value) == (f"cannot write {results}/faults_unwritable: {why}; the results go there: free space, fix "
+                            f"its permissions or choose another --results-dir (nothing was computed)")
+    assert not (tiny_base_dir.base_dir / "checkpoints" / "faults_unwritable").exists()  # no folder, no stale .lock
+    if fault != "not-a-directory":
+        assert not results.exists()  # the folders the probe made are gone again
+
+
+def test_every_results_writer_names_the_path_and_leaves_no_tmp(tmp_path, full_disk):
+    from nanochat.common import append_jsonl, atomic_write_text
+    from nanochat.training import atomic_json
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n')
+    full_disk(tmp_path)
+    for write, name in ((lambda p: atomic_json(p, {"a": 1}), "config.json"),
+                        (lambda p: atomic_write_text(p, "x\n"), "eval.json"),
+                        (lambda p: append_jsonl(p, {"step": 3}), "metrics.jsonl"),
+                        (lambda p: truncate_metrics(p, 2), "metrics.jsonl")):
+        with pytest.raises(UserError) as e:
+            write(str(tmp_path / name))
+        assert str(e.value) == f"cannot write {tmp_path / name}: [Errno 28] No space left on device"
+        assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"], name  # no .tmp, nothing half-written
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peers that die or freeze (issue 21 item 4): --dist-timeout bounds the wait for a frozen rank, and a frozen or
+# killed peer ends the run in one line with its cause, no traceback
+
+def worker_pid(launcher: int, rank: int, timeout: float = 60) -> int:
+    """The PID of the torchrun worker of `rank` below the launcher process."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                parents, p = set(), pid
+                while p not in ("0", "1"):
+                    p = re.search(r"PPid:\s+(\d+)", Path(f"/proc/{p}/status").read_text()).group(1)
+                    parents.add(int(p))
+            except (OSError, AttributeError):
+                continue
+            if launcher in parents and f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+                return int(pid)
+        time.sleep(0.2)
+    raise AssertionError(f"no worker of rank {rank} under {launcher}")
+
+
+def start_two_ranks(tmp_path: Path, tag: str, extra: list[str]) -> tuple[subprocess.Popen, Path]:
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "scripts.launch", "--standalone", "--nproc_per_node=2", "-m", "scripts.base_train",
+           "--"] + TINY + ["--num-iterations", "100000", "--total-batch-size", "512", "--save-every", "5",
+                           "--model-tag", tag, "--results-dir", str(results)] + extra
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = results / tag / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # a few steps done
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc, metrics
+
+
+@pytest.mark.slow  # ~40 s for the frozen case: torchrun waits 30 s before it kills the frozen worker
+@pytest.mark.parametrize("fault", ["frozen", "killed"])
+def test_a_frozen_or_killed_rank_ends_the_run_in_one_line(tiny_base_dir, tmp_path, fault):
+    proc, _ = start_two_ranks(tmp_path, f"faults_peer_{fault}", ["--dist-timeout", "4"])
+    victim = worker_pid(proc.pid, 1)
+    try:
+        t0 = time.time()
+        os.kill(victim, signal.SIGSTOP if fault == "frozen" else signal.SIGKILL)
+        out, err = proc.communicate(timeout=150)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    if fault == "frozen":
+        # 4 s of --dist-timeout, up to 4 s asking the store who is silent, torchrun's 30 s grace for the frozen one
+        assert elapsed < 4 + 4 + 30 + 20, elapsed
+        assert len(errors) == 1 and errors[0].startswith(
+            "error: rank 0: rank 1 stopped answering (frozen, or its node is down) for --dist-timeout 4 s; stopping. "
+            "Continue from the last checkpoint with --resume (cause: Timed out waiting"), errors
+    else:
+        assert len(errors) == 1 and errors[0].startswith(
+            "error: rank 0: lost the connection to a peer rank (killed, or its node went down); stopping. Continue "
+            "from the last checkpoint with --resume (cause: "), errors
+    assert "[launch] rank 0 exited with status 1 (its message is above)" in err
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(tmp_path: Path, tag: str, extra: list[str], port: int, base_dirs: tuple[Path, Path],
+              iterations: int = 100000) -> list[subprocess.Popen]:
+    """Two local "nodes": two launchers with the wrappers' multi-node rendezvous (c10d, --nnodes 2, one process
+    each), each in its own process group so that a node can be killed whole."""
+    procs = []
+    for node, base in enumerate(base_dirs):
+        cmd = [sys.executable, "-m", "scripts.launch", "--nnodes=2", f"--node-rank={node}", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={tag}", "-m",
+               "scripts.base_train", "--"] + TINY + [
+            "--num-iterations", str(iterations), "--total-batch-size", "512", "--save-every", "3", "--model-tag", tag,
+            "--results-dir", str(tmp_path / "results"), "--dist-timeout", "4"] + extra
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": str(base)}
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str]]:
+    outs = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+            outs.append((proc.returncode, err))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            outs.append((None, proc.communicate()[1]))  # None: still running after the timeout
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    return outs
+
+
+@pytest.mark.slow
+def test_two_nodes_must_share_the_base_dir_and_then_run_to_the_end(tiny_base_dir, tmp_path):
+    """Two local nodes with the wrappers' c10d rendezvous (which ignores NODE_RANK: either may get rank 0, the only
+    writer): a node that does not see rank 0's base dir is refused in one line before any work; with one shared
+    base dir the run goes to the end and --resume continues it."""
+    base = tiny_base_dir.base_dir
+    other = tmp_path / "other_base"  # what a node without the shared filesystem would see
+    outs = finish(two_nodes(tmp_path, "faults_nodes_split", [], free_port(), (base, other), iterations=2))
+    assert all(code not in (0, None) for code, _ in outs), outs  # refused on both nodes, which end promptly
+    assert all("Traceback" not in err for _, err in outs), outs
+    errors = [line for _, err in outs for line in err.splitlines() if line.startswith("error:")]
+    assert errors and all(re.fullmatch(
+        rf"error: multi-node run: the node of rank 1 \(.*\) does not see rank 0's NANOCHAT_BASE_DIR ({base}|{other}): every node "
+        rf"must share the base dir and the results dir \(one filesystem\), since rank 0, the only writer, can be on any "
+        rf"node \(c10d rendezvous ignores NODE_RANK\)", line) for line in errors), errors  # rank 0: either node
+    assert not (base / "checkpoints" / "faults_nodes_split").exists()
+    assert not list(base.glob(".nanochat_shared_*")) and not list(other.glob(".nanochat_shared_*"))  # none left
+
+    tag = "faults_nodes"
+    outs = finish(two_nodes(tmp_path, tag, [], free_port(), (base, base), iterations=3))
+    assert [code for code, _ in outs] == [0, 0], outs
+    outs = finish(two_nodes(tmp_path, tag, ["--resume", "--extend-to", "5"], free_port(), (base, base),
+                            iterations=3))
+    assert [code for code, _ in outs] == [0, 0], outs
+    root = base / "checkpoints" / tag
+    assert ckpt.read_meta(ckpt.latest_intact_checkpoint(str(root)))["step"] == 5
+    assert [r["step"] for r in read_metrics(str(tmp_path / "results" / tag / "metrics.jsonl")) if "loss" in r] == \
+        [1, 2, 3, 4, 5]
+    assert not list((tmp_path / "results").glob(".nanochat_shared_*")) and not list(base.glob(".nanochat_shared_*"))

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +21,7 @@ import pytest
 
 from nanochat.common import UserError
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300  # small enough to train in milliseconds, above MIN_VOCAB_SIZE (265)
 # (file, how many leading lines to keep) of the small local corpus
 SUBSET = {"tinyshakespeare/input.txt": 1500, "gsm8k/train.jsonl": 150, "arc/ARC-Easy-train.jsonl": 80,
@@ -349,3 +356,127 @@ def test_empty_training_text_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"only 275 tokens .* than the 300 asked for"):
         Tokenizer.train(iter(text), 300)
     assert Tokenizer.train(iter(text), 275).vocab_size == 275
+
+
+# ---- one writer per shared artefact (issue 21 item 2) -------------------------------------------------------------
+
+def _hold(path: Path, seconds: float = 120) -> subprocess.Popen:
+    """Another process holding the lock file `path` (nanochat.locks) for `seconds`; returns once it holds it."""
+    code = ("import sys, time; from nanochat.locks import lock_file; lock_file(sys.argv[1], 'x', 'y'); "
+            "print('locked', flush=True); time.sleep(float(sys.argv[2]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_pretokenize_on_complete_data_writes_nothing(base, small):
+    from nanochat.dataset import pretokenize
+    tdir = base / small["token_rel"]
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tdir.iterdir()}
+    assert pretokenize("local", small["tok"], num_workers=1) == str(tdir)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tdir.iterdir()} == before  # meta.json too
+    # inputs that no longer match (a raw shard rebuilt) are redone, and the result is complete again
+    raw = base / "base_data" / "local" / "shard_00001.parquet"
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 1000))
+    pretokenize("local", small["tok"], num_workers=1)
+    meta = json.loads((tdir / "meta.json").read_text())
+    assert meta["complete"] is True and (tdir / "meta.json").stat().st_ino != before["meta.json"][0]
+    assert (tdir / "shard_00001.bin").stat().st_mtime_ns != before["shard_00001.bin"][1]  # redone
+    assert (tdir / "shard_00000.bin").stat().st_mtime_ns == before["shard_00000.bin"][1]  # kept
+
+
+def _poll_meta(meta_path: Path, stop: threading.Event, seen: list):
+    """Read meta.json's `complete` until stop is set, then once more (the writers have finished by then)."""
+    while True:
+        done = stop.is_set()
+        try:
+            seen.append(json.loads(meta_path.read_text()).get("complete"))
+        except (OSError, ValueError):
+            seen.append("unreadable")
+        if done:
+            return
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_concurrent_pretokenize_never_shows_complete_data_as_incomplete(base, small, from_scratch):
+    """Two writers at once, a reader polling meta.json: once the data are complete, no read sees complete false
+    (today's data: each call a no-op; from scratch: one writer works, the other waits and then finds them done)."""
+    from nanochat.dataset import pretokenize
+    tdir = base / small["token_rel"]
+    if from_scratch:
+        shutil.rmtree(tdir)
+    errors, seen, stop = [], [], threading.Event()
+
+    def writer():
+        try:
+            for _ in range(1 if from_scratch else 15):
+                pretokenize("local", small["tok"], num_workers=1)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    reader = threading.Thread(target=_poll_meta, args=(tdir / "meta.json", stop, seen))
+    reader.start()
+    writers = [threading.Thread(target=writer) for _ in range(2)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout=60)
+    stop.set()
+    reader.join()
+    assert not errors, errors
+    first_complete = seen.index(True)
+    assert len(seen) > 50 and set(seen[first_complete:]) == {True}, sorted(set(map(str, seen[first_complete:])))
+    if not from_scratch:
+        assert first_complete == 0
+    assert json.loads((tdir / "meta.json").read_text())["complete"] is True
+    assert not list(tdir.glob("*.tmp"))
+    _loader(base, small, "train").next_batch()
+
+
+def test_pretokenize_waits_for_the_writer_and_cleans_its_leftovers(base, small, capsys):
+    from nanochat.dataset import pretokenize
+    tdir = base / small["token_rel"]
+    meta = json.loads((tdir / "meta.json").read_text())
+    (tdir / "meta.json").write_text(json.dumps({**meta, "complete": False}))  # a writer killed mid-run ...
+    (tdir / "shard_00002.bin.tmp").write_bytes(b"partial")  # ... left its partial files
+    (tdir / "shard_00003.idx.npy.tmp").write_bytes(b"partial")
+    proc = _hold(tdir / ".lock")  # and another writer holds the data now
+    try:
+        with pytest.raises(UserError, match=rf"pretokenized data {re.escape(str(tdir))} is in use by another run \(PID "
+                                            rf"{proc.pid}, lock {re.escape(str(tdir / '.lock'))}\) after waiting 0.5 s"):
+            pretokenize("local", small["tok"], num_workers=1, lock_wait_s=0.5)
+        assert "waiting for it, up to 0.5 s" in capsys.readouterr().err
+        assert (tdir / "shard_00002.bin.tmp").exists()  # a waiting job never touches the holder's files
+    finally:
+        proc.kill()
+        proc.wait()
+    pretokenize("local", small["tok"], num_workers=1, lock_wait_s=30)  # kill -9 freed the lock
+    assert f"removed 2 partial file(s) a stopped pretokenize left in {tdir}" in capsys.readouterr().out
+    assert not list(tdir.glob("*.tmp"))
+    assert json.loads((tdir / "meta.json").read_text())["complete"] is True
+
+
+def test_tokenizer_training_waits_for_the_other_writer(base, small, capsys):
+    from scripts import tok_train
+    tdir = base / "tokenizer"
+    before = (tdir / "tokenizer.json").stat().st_mtime_ns
+    (tdir / "tokenizer.json.tmp").write_text("{")  # a killed writer's partial file
+    args = ["--source", "local", "--vocab-size", str(VOCAB)]
+    proc = _hold(tdir / ".lock")
+    try:
+        with pytest.raises(UserError, match=rf"the tokenizer in {re.escape(str(tdir))} is in use by another run \(PID {proc.pid}, "):
+            tok_train.main(args + ["--lock-wait", "0.3"])
+        assert (tdir / "tokenizer.json").stat().st_mtime_ns == before  # nothing saved under the holder
+        assert (tdir / "tokenizer.json.tmp").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = _hold(tdir / ".lock", seconds=1.5)  # a holder that finishes: the second job waits, then trains
+    t0 = time.monotonic()
+    tok_train.main(args + ["--lock-wait", "60"])
+    assert time.monotonic() - t0 > 0.5 and proc.wait() == 0
+    out = capsys.readouterr()
+    assert out.err.count(f"is in use by another job (PID {proc.pid}") == 1  # one line, not one per poll
+    assert "removed 1 partial file(s) a stopped tokenizer training left" in out.out
+    assert (tdir / "tokenizer.json").stat().st_mtime_ns != before and not list(tdir.glob("*.tmp"))

@@ -164,3 +164,46 @@ def test_cpu_bf16_warning(monkeypatch, capsys):
     monkeypatch.setattr(common, "cpu_bf16_support", lambda: (True, "AVX512"))
     common.resolve_precision("cpu", "bfloat16")
     assert capsys.readouterr().err == ""
+
+
+def test_a_full_results_disk_keeps_the_computed_scores(tiny_baseline_checkpoint, tmp_path, full_disk, capsys):
+    """The disk fills after eval.json's first write: the bpb computed next goes to stdout, the error is one line
+    naming the file and the errno (no double traceback), no .tmp is left, and eval.json stays the last consistent
+    record ('running', nothing finished)."""
+    from nanochat.common import run_main
+    from scripts.base_eval import main as eval_main
+    results = tmp_path / "res"
+    out_dir = results / "faults"
+    full_disk(results, after=1, name="eval.json.tmp")  # written, then renamed
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: eval_main(eval_args(tiny_baseline_checkpoint, "bpb", results) + ["--eval-tokens", "512"]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: cannot write {out_dir}/eval.json: [Errno 28] No space left on device"
+    printed = {line.split(": ")[0]: float(line.split(": ")[1]) for line in out.splitlines()
+               if line.startswith(("train bpb: ", "val bpb: "))}
+    kept = [json.loads(line.split(": ", 1)[1]) for line in out.splitlines()
+            if line.startswith(f"not written to {out_dir}/eval.json: ")]
+    assert len(kept) == 1 and kept[0]["checkpoint"] == str(tiny_baseline_checkpoint)
+    bpb = kept[0]["results"]["bpb"]
+    assert bpb["train_bpb"] == pytest.approx(printed["train bpb"], abs=1e-4) and bpb["val_bpb"] > 0
+    assert bpb["val_bpb"] == pytest.approx(printed["val bpb"], abs=1e-4)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["eval.json", "eval_examples.jsonl"]  # no .tmp
+    record = json.loads((out_dir / "eval.json").read_text())
+    assert record["status"] == "running" and record["finished"] == [] and record["pending"] == ["bpb"]
+
+
+def test_an_unwritable_results_dir_is_refused_before_evaluating(tiny_baseline_checkpoint, tmp_path, full_disk,
+                                                                monkeypatch):
+    import scripts.base_eval as base_eval
+    results = tmp_path / "res"
+    full_disk(results, err=28)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("evaluated although the results cannot be written")
+    monkeypatch.setattr(base_eval, "run_bpb", no_compute)
+    monkeypatch.setattr(base_eval, "evaluate_task", no_compute)
+    with pytest.raises(UserError, match=rf"^cannot write {results}/faults: \[Errno 28\] No space left on device; the "
+                                        rf"results go there: .*\(nothing was computed\)$"):
+        base_eval.main(eval_args(tiny_baseline_checkpoint, "bpb,arc_easy", results))
+    assert not results.exists()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,10 +124,12 @@ def test_stage_refuses_a_malformed_call(tmp_path):
 
 def speedrun_env(tmp: Path, **extra: str) -> dict:
     """The tiny preset with a stand-in venv whose `python` only logs its arguments: every stage "runs" in
-    milliseconds and writes nothing, so the markers' output checks have something to catch."""
+    milliseconds and writes nothing, so the markers' output checks have something to catch. The speedrun's lock
+    (`python -m nanochat.locks`, scripts/stage.sh's stage_lock) is taken for real, by this interpreter."""
     venv = tmp / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").write_text(f'#!/bin/sh\necho "$*" >> {tmp / "python_calls"}\n')
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\n[ "$1 $2" = "-m nanochat.locks" ] && exec {sys.executable} "$@"\n'
+                                         f'echo "$*" >> {tmp / "python_calls"}\n')
     (venv / "bin" / "python").chmod(0o755)
     (venv / "bin" / "activate").write_text(f'PATH="{venv / "bin"}:$PATH"\n')
     # scripts/setup_env.sh's stamp: the install is current, so it installs nothing
@@ -232,3 +236,29 @@ def test_wrapper_agrees_with_speedrun_on_the_base_dir(tmp_path):
     assert f"NANOCHAT_BASE_DIR={tmp_path / '.cache' / 'nanochat'} CONFIG=baseline MODEL_TAG=baseline" in out.stdout
     out = wrapper("train_baseline", tmp_path, NANOCHAT_BASE_DIR=str(tmp_path / "mine"), CONFIG="tiny_cpu")
     assert f"NANOCHAT_BASE_DIR={tmp_path / 'mine'} CONFIG=tiny_cpu MODEL_TAG=tiny_baseline" in out.stdout
+
+
+def test_a_second_speedrun_on_the_same_base_dir_is_refused(tmp_path):
+    """One speedrun per NANOCHAT_BASE_DIR (issue 21 item 2): while one holds the lock (a shell that took it with
+    stage_lock, as speedrun.sh does, and is still running a stage), a second stops in one line naming its PID before
+    any stage runs; once the first is killed with -9 (its stage too), the next one runs."""
+    env = speedrun_env(tmp_path)
+    markers = tmp_path / "base" / "speedrun"
+    first = subprocess.Popen(["bash", "-c", 'set -e; source scripts/stage.sh; stage_lock "$1" "the speedrun on $2"; '
+                              'echo locked; sleep 60', "bash", str(markers), str(tmp_path / "base")],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"  # the python that took the lock has exited by now
+        second = speedrun(env)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the shell and its "stage"
+        first.wait()
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert second.stderr.splitlines()[-1] == (
+        f"error: the speedrun on {tmp_path / 'base'} is in use by another run (PID {first.pid}, lock "
+        f"{markers / '.lock'}): wait for it to finish or stop it, or choose another NANOCHAT_BASE_DIR")
+    assert "[speedrun] preset=" not in second.stdout and not (tmp_path / "python_calls").exists()
+    assert sorted(p.name for p in markers.iterdir()) == [".lock"]  # no stage ran
+    after = speedrun(env)
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert len((tmp_path / "python_calls").read_text().splitlines()) == len(TINY_STAGES)

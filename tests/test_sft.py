@@ -30,8 +30,9 @@ def test_loss_falls_on_the_answer_tokens_only(tiny_base_dir):
         scored = y[b][y[b] >= 0].tolist()
         assert tok.decode(scored) == task_gsm8k.gold_continuation(p.extra["answer"]) + ANSWER_END
         assert len(scored) == n_answer
-    # a row that cannot fit is dropped and counted, never cut
-    assert encode_rows(tok, problems, max_len=20) == ([], 6)
+    # a row that cannot fit is dropped and counted, never cut; when none fits, the context is named as the cause
+    with pytest.raises(UserError, match="6 of them because they do not fit the model's context.*context is 20"):
+        encode_rows(tok, problems, max_len=20)
 
 
 def test_loader_order_is_rank_independent_and_resumable():

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,7 +119,7 @@ def test_identical_runs_are_reused(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     reused = [r for r in recs if "reused_from" in r]
     assert [(r["round"], r["seed"], r["reused_from"]) for r in reused] == [
-        ("depth", 0, "camp-lr-matrix_lr=0.02-s0"), ("depth", 1, "camp-lr-matrix_lr=0.02-s1")]
+        ("depth", 0, "camp-lr-matrix_lr_0.02-s0"), ("depth", 1, "camp-lr-matrix_lr_0.02-s1")]
     assert summary["runs_total"] == 8
 
 
@@ -136,7 +141,7 @@ def test_crashed_run_is_recorded_and_not_retried(tmp_path):
     summary = run_campaign(sweep, out, [0, 1], [("cpu", None)], fake, log=lambda *a: None)
     recs = [json.loads(x) for x in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     bad = [r for r in recs if not r["ok"]]
-    assert len(bad) == 1 and bad[0]["exit_status"] == 1 and "boom in camp-lr-matrix_lr=0.04-s1" in bad[0][
+    assert len(bad) == 1 and bad[0]["exit_status"] == 1 and "boom in camp-lr-matrix_lr_0.04-s1" in bad[0][
         "stderr_tail"]
     assert summary["runs_failed"] == 1 and "boom" in (tmp_path / "out" / "summary.md").read_text()
     rerun = FakeTrain(lr_wd_value)
@@ -335,3 +340,103 @@ def test_speedrun_campaign_stage_is_optional(tmp_path):
     assert calls == [f"-m scripts.sweep configs/sweeps/ngpt_campaign_tiny.toml --seeds 0,1 --drop-checkpoints "
                      f"--out {out}"]
     assert (tmp_path / "on" / "base" / "speedrun" / "ngpt_campaign.done").exists()
+
+
+# ---- one sweep per --out, and a clean stop on SIGTERM (issue 21 items 2 and 6) ----------------------------------
+
+ONE_ROUND = """
+    name = "camp"
+    [base]
+    depth = 2
+    [[rounds]]
+    name = "lr"
+    category = "lr"
+    values = { matrix_lr = [0.01, 0.03] }
+"""
+
+
+def test_a_second_sweep_on_the_same_out_is_refused_and_records_nothing(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, ONE_ROUND))
+    out = tmp_path / "out"
+    started, go = threading.Event(), threading.Event()
+
+    def slow(job, slot):  # the first sweep, with a run in flight
+        started.set()
+        assert go.wait(30)
+        return first_train(job, slot)
+
+    first_train = FakeTrain(lr_wd_value)
+    first = threading.Thread(target=run_campaign, args=(sweep, str(out), [0], [("cpu", None)], slow),
+                             kwargs=dict(log=lambda *a: None))
+    first.start()
+    try:
+        assert started.wait(30)
+        second = FakeTrain(lr_wd_value)
+        with pytest.raises(UserError, match=rf"^sweep output {re.escape(str(out))} is in use by another run \(PID "
+                                            rf"{os.getpid()}, lock {re.escape(str(out / '.lock'))}\): wait for that "
+                                            r"sweep to finish or stop it, or "
+                                            r"choose another --out$"):
+            run_campaign(sweep, str(out), [0], [("cpu", None)], second, log=lambda *a: None)
+        assert second.calls == [] and not (out / "runs.jsonl").exists()
+    finally:
+        go.set()
+        first.join(30)
+    recs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["variant"] for r in recs) == ["matrix_lr=0.01", "matrix_lr=0.03"]  # each run once
+
+    # the same through the command line, the lock held by another process: one line, exit 2, nothing written
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanochat.locks import lock_file; "
+                               "lock_file(sys.argv[1], 'x', 'y'); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path / "out2" / ".lock")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cli = subprocess.run([sys.executable, "-m", "scripts.sweep", write_sweep(tmp_path, ONE_ROUND), "--out",
+                              str(tmp_path / "out2"), "--devices", "cpu", "--seeds", "0,1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.returncode == 2
+    assert cli.stderr.splitlines() == [f"error: sweep output {tmp_path / 'out2'} is in use by another run (PID "
+                                       f"{holder.pid}, lock {tmp_path / 'out2' / '.lock'}): wait for that sweep to "
+                                       f"finish or stop it, or choose another --out"]
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [".lock"]
+
+
+STOPPABLE = """
+import subprocess, sys
+import scripts.sweep as sw
+
+def make(sweep, out, nproc=1):
+    def train(job, slot):  # a run in flight: a child the sweep passes SIGTERM on to, as to base_train
+        proc = subprocess.Popen(["sleep", "30"])
+        sw.LIVE.add(proc)
+        print("started", flush=True)
+        try:
+            return proc.wait(), ""
+        finally:
+            sw.LIVE.discard(proc)
+    return train
+
+sw.make_subprocess_trainer = make
+sw.run_main(lambda: sw.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_a_sweep_with_one_line_and_143(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, write_sweep(tmp_path, ONE_ROUND), "--out", str(out),
+                             "--devices", "cpu", "--seeds", "0,1"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "started":
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.splitlines() == ["[sweep] stopped by SIGTERM: the runs in flight saved and stopped; run the same "
+                                "command again to resume"]
+    assert not (out / "runs.jsonl").exists()  # the stopped run is not recorded: a rerun resumes it

@@ -243,6 +243,7 @@ class Engine:
         self.ctx = autocast_ctx if autocast_ctx is not None else nullcontext()
         self.compile, self.compile_prefill, self.backend = bool(compile), bool(compile_prefill), backend
         self.last_timings: dict = {}  # the last generate(): prefill_s, decode_s, decode_forwards (benchmarks)
+        self.past_context_warned = False  # generate() warns once when a call runs past the trained context
         if compile_prefill and not compile:
             raise ValueError("compile_prefill needs compile (the prefill fills the compiled decode's static cache)")
 
@@ -311,8 +312,8 @@ class Engine:
             raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new tokens exceeds the model's "
                              f"{self.max_context} positions; truncate the prompt")
         trained = self.model.config.sequence_len
-        if L + max_new_tokens > trained and not getattr(self, "_past_context_warned", False):  # once per Engine
-            self._past_context_warned = True
+        if L + max_new_tokens > trained and not self.past_context_warned:  # once per Engine
+            self.past_context_warned = True
             print(f"warning: a prompt of {L} tokens + up to {max_new_tokens} new tokens runs past the model's trained "
                   f"context of {trained} tokens: positions beyond it were never trained (the rotary table reaches "
                   f"{self.max_context}), so the output may degrade", file=sys.stderr, flush=True)

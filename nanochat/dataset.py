@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from nanochat.common import UserError, get_base_dir, get_data_dir, print0, progress, run_main
-from nanochat.locks import FileLock
+from nanochat.locks import FileLock, remove_stale_tmp
 
 SOURCES = ("fineweb", "local")
 
@@ -482,12 +482,7 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4, lock_wait_s: float
         if _meta_matches(previous, want, out_dir, itemsize):  # the writer we waited for made them
             print0(f"pretokenized {source}: already complete and current in {out_dir}")
             return out_dir
-        stale = sorted(f for f in os.listdir(out_dir) if f.endswith(".tmp"))
-        for f in stale:  # a killed writer's partial files: nobody else writes here while we hold the lock
-            os.remove(os.path.join(out_dir, f))
-        if stale:
-            print0(f"removed {len(stale)} partial file(s) a stopped pretokenize left in {out_dir}: "
-                   f"{', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}")
+        remove_stale_tmp(out_dir, "pretokenize")
         return _pretokenize_locked(source, tokenizer, num_workers, files, out_dir, dtype, previous)
 
 

@@ -75,6 +75,18 @@ def release(f) -> None:
     f.close()  # closing the descriptor releases the flock
 
 
+def remove_stale_tmp(folder: str, what: str) -> list[str]:
+    """Remove the .tmp files a killed writer of `what` left in folder. Call only while holding folder's lock (nobody
+    else writes there then); says how many it removed. Returns their names."""
+    stale = sorted(f for f in os.listdir(folder) if f.endswith(".tmp"))
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    if stale:
+        print(f"removed {len(stale)} partial file(s) a stopped {what} left in {folder}: "
+              f"{', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}", flush=True)
+    return stale
+
+
 class FileLock:
     """`with FileLock(path, what, hint, wait_s):` one writer of a shared artefact for the block's duration."""
 

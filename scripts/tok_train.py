@@ -14,7 +14,7 @@ import time
 
 from nanochat.common import UserError, print0, run_main
 from nanochat.dataset import LOCK_WAIT_S, SOURCES, iter_documents
-from nanochat.locks import FileLock
+from nanochat.locks import FileLock, remove_stale_tmp
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir, iter_capped
 
 EVAL_MAX_CHARS = 10_000_000  # enough val text for a stable bytes/token figure, small enough to encode in seconds
@@ -44,12 +44,7 @@ def main(argv=None):
     # one writer of the tokenizer: a second job waits (it wants the same artefact) instead of saving under the first
     with FileLock(os.path.join(out_dir, ".lock"), f"the tokenizer in {out_dir}", "wait for it to finish, or stop it",
                   wait_s=args.lock_wait):
-        stale = sorted(f for f in os.listdir(out_dir) if f.endswith(".tmp"))
-        for f in stale:  # a killed writer's partial files: nobody else writes here while we hold the lock
-            os.remove(os.path.join(out_dir, f))
-        if stale:
-            print0(f"removed {len(stale)} partial file(s) a stopped tokenizer training left in {out_dir}: "
-                   f"{', '.join(stale)}")
+        remove_stale_tmp(out_dir, "tokenizer training")
         train_and_save(args, out_dir)
 
 

@@ -13,9 +13,9 @@
 #   FORCE=1 bash speedrun.sh         # redo finished stages (each stage is otherwise skipped once done)
 #   SKIP=data,tokenizer bash speedrun.sh
 #   EXTRA_TRAIN_ARGS="--num-iterations 20" EXTRA_EVAL_ARGS="--eval-tokens 8192" bash speedrun.sh   # extra flags
-#   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS for those stages, EXTRA_SWEEP_ARGS for
-#   the gate sweep, analysis.gate_sweep, and EXTRA_ORACLE_ARGS for analysis.gate_oracle; the memory_* stages take
-#   EXTRA_TRAIN_ARGS)
+#   (also EXTRA_SFT_ARGS, EXTRA_LM_EVAL_ARGS, EXTRA_RL_ARGS, EXTRA_BENCH_ARGS, EXTRA_EXPORT_ARGS for those stages,
+#   EXTRA_SWEEP_ARGS for the gate sweep, analysis.gate_sweep, and EXTRA_ORACLE_ARGS for analysis.gate_oracle; the
+#   memory_* stages take EXTRA_TRAIN_ARGS)
 #   RESULTS_DIR=/somewhere bash speedrun.sh   # where metrics/eval JSON go (default: results/)
 #   NANOCHAT_BASE_DIR=/cache bash speedrun.sh # tokenizer, shards, checkpoints, stage markers (default:
 #                                             # ~/.cache/nanochat, tiny preset ~/.cache/nanochat-tiny)
@@ -130,6 +130,7 @@ read -ra extra_oracle <<< "${EXTRA_ORACLE_ARGS:-}"
 read -ra extra_rl <<< "${EXTRA_RL_ARGS:-}"
 read -ra extra_bench <<< "${EXTRA_BENCH_ARGS:-}"
 read -ra extra_lm_eval <<< "${EXTRA_LM_EVAL_ARGS:-}"
+read -ra extra_export <<< "${EXTRA_EXPORT_ARGS:-}"
 results_dir="${RESULTS_DIR:-$repo/results}"
 run_name="${WANDB_RUN:-dummy}"
 stage_markers="$NANOCHAT_BASE_DIR/speedrun"      # scripts/stage.sh: the markers and the stage times
@@ -209,6 +210,17 @@ for rl_run in "${rl_runs[@]}"; do
         --action-space "${run[2]}" --run "$run_name" --resume --results-dir "$results_dir" "${rl_args[@]}" \
         "${run[@]:3}" "${extra_rl[@]}"
 done
+# share the models: both fine-tuned models as Hugging Face folders (scripts/export_hf.py: the baseline as
+# transformers' own NanoChat, mHC with its modeling code; each is checked against transformers' logits before it is
+# kept), and the mHC folder read back as a downloader would check it (base_eval --hf, its val bpb)
+for model in baseline mhc; do
+    stage "export_$model" --out "$results_dir/hf/${prefix}${model}_sft/config.json" -- \
+        python -m scripts.export_hf --model-tag "${prefix}${model}_sft" --out "$results_dir/hf/${prefix}${model}_sft" \
+        --results-dir "$results_dir" --force "${extra_export[@]}"
+done
+stage eval_hf_mhc --out "$results_dir/hf_check_${prefix}mhc_sft/eval.json" -- \
+    python -m scripts.base_eval --hf "$results_dir/hf/${prefix}mhc_sft" --output-tag "hf_check_${prefix}mhc_sft" \
+    --results-dir "$results_dir" "${eval_args[@]}" --tasks bpb "${extra_eval[@]}"
 # Phase 4: inference cost and the report (its RL-tuned column: the per-problem policy of the $rl_column run)
 stage bench_inference --out "$results_dir/bench/inference.json" -- \
     python -m benchmarks.inference "${bench_args[@]}" --skip-no-cache \

@@ -35,10 +35,9 @@ import os
 import numpy as np
 from scipy import stats as sps
 
-from nanochat.common import doc_summary, UserError, run_main
+from nanochat.common import SMOKE_PARAMS, UserError, doc_summary, run_main
 from nanochat.stats import accuracy, mcnemar_paired
 
-SMOKE_PARAMS = 50e6  # below this a number is a smoke test of the pipeline, never a finding (docs/design.md, section 7)
 TASK_ROWS = [("GSM8K 0-shot", "gsm8k"), ("GSM8K 8-shot", "gsm8k_8shot"), ("HellaSwag", "hellaswag"),
              ("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")]
 ROWS = ["val bpb"] + [r for r, _ in TASK_ROWS] + ["inference latency", "peak memory"]

@@ -25,22 +25,12 @@ from analysis.plots import pyplot, save_figure
 from envs.mhc_env import GateScorer, build_problem_pool, load_frozen_model
 from nanochat.common import (doc_summary, UserError, autodetect_device_type, check_name, git_commit, resolve_precision,
                              run_main)
-from nanochat.config import check_synthetic_mix, parse_int_list
+from nanochat.config import check_synthetic_mix, parse_gate_values, parse_int_list
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.loss_eval import evaluate_bpb
 
 DEFAULT_GRID = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
-
-
-def parse_grid(text: str, flag: str) -> list[float]:
-    try:
-        grid = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"--{flag} must be comma-separated numbers in [0, 1] (got {text!r})") from None
-    if not grid or any(not 0 <= g <= 1 for g in grid):
-        raise UserError(f"--{flag} must be comma-separated numbers in [0, 1] (got {text!r})")
-    return grid
 
 
 def sweep(scorer: GateScorer, batches, token_bytes, problems, grid, per_layer_grid, ctx) -> dict:
@@ -147,9 +137,9 @@ def main(argv=None):
         raise UserError(f"--tokens, --num-problems and --batch-size must be > 0 (got {args.tokens}, "
                         f"{args.num_problems}, {args.batch_size})")
     check_synthetic_mix(args.synthetic_mix)
-    grid = parse_grid(args.grid, "grid")
-    per_layer_grid = [] if args.per_layer_grid.strip() in ("", "none") else parse_grid(args.per_layer_grid,
-                                                                                         "per-layer-grid")
+    grid = parse_gate_values(args.grid, "--grid")
+    per_layer_grid = [] if args.per_layer_grid.strip() in ("", "none") else parse_gate_values(args.per_layer_grid,
+                                                                                                "--per-layer-grid")
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device-type cuda: no CUDA device is available here (use auto or cpu)")
     device = torch.device(autodetect_device_type() if args.device_type == "auto" else args.device_type)

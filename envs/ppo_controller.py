@@ -21,7 +21,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from envs.mhc_env import actions_to_gates
 from nanochat.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from envs.bandit import ObsWhitener, RLOOLearner
-from nanochat.common import UserError, append_jsonl
+from nanochat.common import UserError
 from nanochat.gate_rewards import check_ppo_sizes
 
 
@@ -115,13 +115,14 @@ def restore(ppo: PPO, vec_env, path: str, restore_rng: bool = True) -> dict:
 
 class ControllerCallback(BaseCallback):
     """Per PPO iteration: one metrics record (timesteps, rollout reward, the gates chosen, PPO's losses, speed);
-    a boundary snapshot before every rollout, written every `save_every` timesteps; a stop on signal."""
+    a boundary snapshot before every rollout, written every `save_every` timesteps; a stop on signal. log(record)
+    writes a record (train_rl: Run.log, which turns a failed write into a stop with a checkpoint)."""
 
-    def __init__(self, vec_env, root: str, meta: dict, metrics_path: str, save_every: int, keep: int,
+    def __init__(self, vec_env, root: str, meta: dict, log, save_every: int, keep: int,
                  stop_flag=None, wandb_run=None, master: bool = True, selector: ModelSelector | None = None):
         super().__init__()
         self.selector = selector
-        self.vec_env, self.root, self.meta, self.metrics_path = vec_env, root, meta, metrics_path
+        self.vec_env, self.root, self.meta, self.log = vec_env, root, meta, log
         self.save_every, self.keep, self.stop_flag, self.wandb_run = save_every, keep, stop_flag, wandb_run
         self.snapshot: dict | None = None
         self.last_saved = None
@@ -144,8 +145,8 @@ class ControllerCallback(BaseCallback):
             write_snapshot(self.root, self.snapshot, self.meta, self.keep)
             self.last_saved = self.model.num_timesteps
 
-    def _on_step(self) -> bool:
-        return not (self.stop_flag and self.stop_flag.signum)
+    def _on_step(self) -> bool:  # a signal or a failed results write (StopFlag.write_failed) stops
+        return not (self.stop_flag and (self.stop_flag.signum or self.stop_flag.write_failed))
 
     def _on_rollout_end(self):
         buf = self.model.rollout_buffer
@@ -173,7 +174,7 @@ class ControllerCallback(BaseCallback):
                     "train/policy_gradient_loss", "train/explained_variance", "train/std"):
             if key in logged:
                 self.pending[key.split("/")[1]] = float(logged[key])
-        append_jsonl(self.metrics_path, self.pending)
+        self.log(self.pending)
         if self.wandb_run is not None:
             self.wandb_run.log({f"rl/{k}": v for k, v in self.pending.items() if not isinstance(v, list)})
         self.pending = None
@@ -206,11 +207,12 @@ def restore_rloo(learner: RLOOLearner, path: str, restore_rng: bool = True) -> d
 class ModelSelector:
     """Every `every` timesteps, score the deterministic policy's gates on the validation problems (mean reward,
     the training reward's definition) and keep the best policy under `root` (a checkpoint whose meta holds its
-    validation reward). The final evaluation uses that policy: no held-out problem chooses it."""
+    validation reward). The final evaluation uses that policy: no held-out problem chooses it. log(record) writes
+    its records (train_rl: Run.log)."""
 
-    def __init__(self, scorer, problems, every: int, root: str, metrics_path: str):
+    def __init__(self, scorer, problems, every: int, root: str, log):
         self.scorer, self.problems, self.every, self.root = scorer, list(problems), every, root
-        self.metrics_path = metrics_path
+        self.log = log
         self.best, self.last = None, None
         path = latest_checkpoint(root)
         if path is not None:   # a resumed run keeps the best it had
@@ -229,8 +231,7 @@ class ModelSelector:
         if improved:
             self.best = value
             save_fn(self.root, dict(val_reward=value))
-        append_jsonl(self.metrics_path, dict(step=int(timesteps), val_reward=value, val_best=self.best,
-                                             val_improved=improved))
+        self.log(dict(step=int(timesteps), val_reward=value, val_best=self.best, val_improved=improved))
         return value
 
 

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import UserError, check_name, get_base_dir
+from nanochat.common import INPUT_NAME_HINT, UserError, check_name, get_base_dir
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 ASIDE = ".old"  # a step being re-saved is moved to step_<N>.old/ until its replacement is in place
@@ -35,8 +35,11 @@ def warn(msg: str):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def checkpoint_root(model_tag: str) -> str:
-    check_name("model tag", model_tag, required=True)  # a tag from a checkpoint's meta or a script: never a path
+def checkpoint_root(model_tag: str, origin: str = "") -> str:
+    """<base dir>/checkpoints/<model_tag>. The tag is never a path, wherever it comes from: origin says where a tag
+    derived from something else (a checkpoint's meta) came from, for the refusal; without it the tag names a
+    checkpoint to read, and a path goes in --checkpoint."""
+    check_name("model tag", model_tag, required=True, hint=origin or INPUT_NAME_HINT)
     return os.path.join(get_base_dir(), "checkpoints", model_tag)
 
 

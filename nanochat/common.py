@@ -24,6 +24,8 @@ class UserError(Exception):
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
+SMOKE_PARAMS = 50e6  # below this a model is a smoke test of the pipeline, never a finding (docs/design.md, section 7)
+
 INPUT_NAME_HINT = "a path goes in --checkpoint"  # a tag that names a checkpoint to read
 OUTPUT_NAME_HINT = "$NANOCHAT_BASE_DIR and --results-dir say where its folders go"  # a tag that names what is written
 
@@ -458,9 +460,10 @@ def check_writable_on_all_ranks(folder: str, master: bool, device, flag: str = "
 
 
 @writes_results
-def append_jsonl(path: str, record: dict):
+def append_jsonl(path: str, record: dict, sync: bool = False):
     """Append one record as one line. A file whose last line was cut short (a kill or a full disk mid-append) gets
-    its newline first, so the new record is a line of its own instead of being glued onto the partial one."""
+    its newline first, so the new record is a line of its own instead of being glued onto the partial one.
+    sync: on disk (fsync) before this returns (a record of finished work: nanochat.run_records)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "ab+") as f:  # appends go to the end; the read checks the last byte
         prefix = b""
@@ -468,6 +471,9 @@ def append_jsonl(path: str, record: dict):
             f.seek(-1, os.SEEK_END)
             prefix = b"" if f.read(1) == b"\n" else b"\n"
         f.write(prefix + (json.dumps(record) + "\n").encode())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def doc_summary(doc: str) -> str:
@@ -483,19 +489,30 @@ _GLOO_SOURCE = re.compile(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ")  # gloo's "[.../pair.
 
 def silent_ranks(wait: float) -> list[int]:
     """After a collective timed out: the ranks that do not answer through the rendezvous store (a separate
-    connection) within `wait` seconds -- each rank that is still alive marks itself there. [] when it cannot tell."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        rank, world = dist.get_rank(), dist.get_world_size()
-        store.set(f"nanochat_answering/{rank}", "1")
-        deadline = time.monotonic() + wait
-        while True:
-            silent = [r for r in range(world) if not store.check([f"nanochat_answering/{r}"])]
-            if not silent or time.monotonic() > deadline:
-                return silent
-            time.sleep(0.2)
-    except Exception:  # noqa: BLE001 -- the store may be gone too (its host's node is down): say what we know
-        return []
+    connection) within `wait` seconds -- each rank that is still alive marks itself there. [] when it cannot tell.
+    The store is asked from a daemon thread: its host may be the frozen node, and a store query waits for its
+    answer without a timeout, so this returns after `wait` (+1 s) whatever the store does."""
+    import threading
+    answer = []
+
+    def ask():
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            rank, world = dist.get_rank(), dist.get_world_size()
+            store.set(f"nanochat_answering/{rank}", "1")
+            deadline = time.monotonic() + wait
+            while True:
+                silent = [r for r in range(world) if not store.check([f"nanochat_answering/{r}"])]
+                if not silent or time.monotonic() > deadline:
+                    answer.append(silent)
+                    return
+                time.sleep(0.2)
+        except Exception:  # noqa: BLE001 -- the store may be gone too (its host's node is down): say what we know
+            return
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(wait + 1)
+    return answer[0] if answer else []
 
 
 def peer_failure(e: BaseException) -> str | None:

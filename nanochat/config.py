@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import os
 import sys
@@ -332,6 +333,8 @@ EVAL_TASKS = ("bpb", "gsm8k", "gsm8k_8shot", "hellaswag", "arc_easy", "arc_chall
 class EvalConfig:
     model_tag: str = _f("", f"model tag whose checkpoint to evaluate, {NAME_RULE} (a path: --checkpoint)")
     checkpoint: str = _f("", "path to a checkpoint directory (overrides --model-tag/--step)")
+    hf: str = _f("", "evaluate a folder written by scripts.export_hf (e.g. one downloaded from the Hub) instead of "
+                 "a checkpoint; transformers' logits are checked against ours first when it is installed")
     step: int = _f(-1, "checkpoint step to evaluate (-1 = the newest)")
     tasks: str = _f("bpb", f"comma-separated tasks: {', '.join(EVAL_TASKS)}, or all")
     device_type: str = _f("auto", "auto | cuda | cpu")
@@ -359,23 +362,22 @@ class EvalConfig:
                                        "count (0: exact; docs/performance.md measures what fewer cost)")
 
     def gate_values(self) -> list[float]:
-        try:
-            values = [float(t) for t in self.mhc_gates.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"--mhc-gates must be comma-separated numbers in [0, 1] (got {self.mhc_gates!r})") from None
-        if not values or any(not 0 <= v <= 1 for v in values):
-            raise UserError(f"--mhc-gates must be comma-separated numbers in [0, 1] (got {self.mhc_gates!r})")
-        return values
+        return parse_gate_values(self.mhc_gates)
 
     def task_list(self) -> list[str]:
         names = [t.strip() for t in self.tasks.split(",") if t.strip()]
         return list(EVAL_TASKS) if names == ["all"] else names
 
     def validate(self):
-        if not self.model_tag and not self.checkpoint:
-            raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to evaluate")
+        if not self.model_tag and not self.checkpoint and not self.hf:
+            raise UserError("pass --model-tag (or --checkpoint PATH, or --hf DIR) to say which model to evaluate")
+        if self.hf and (self.model_tag or self.checkpoint):
+            raise UserError("--hf DIR evaluates an exported folder: pass it without --model-tag or --checkpoint")
         check_name("--model-tag", self.model_tag)
         check_name("--output-tag", self.output_tag, hint=OUTPUT_NAME_HINT)
+        if self.hf and not self.output_tag:
+            check_name("--hf", os.path.basename(os.path.normpath(self.hf)),
+                       hint="its folder name becomes the results folder: pass --output-tag NAME")
         for name in ("device_batch_size", "eval_tokens", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
@@ -402,6 +404,67 @@ class EvalConfig:
 
 
 SFT_DATA = ("gsm8k", "synthetic")
+
+
+def parse_gate_values(text: str, flag: str = "--mhc-gates") -> list[float]:
+    """Comma-separated gate values, each in [0, 1] (how many a model takes is checked against the model)."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers in [0, 1] (got {text!r})") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise UserError(f"{flag} must be comma-separated numbers in [0, 1] (got {text!r})")
+    return values
+
+
+def policy_mean_gates(path: str, flag: str = "--mhc-gates-from") -> list[float]:
+    """The mean gates the RL policy chose, from a train_rl eval.json (its rl_policy arm)."""
+    try:
+        with open(path) as f:
+            values = json.load(f)["arms"]["rl_policy"]["chosen_gates"]["mean"]
+        return [float(v) for v in values]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{flag} {path}: not an RL eval.json with the rl_policy arm's chosen gates "
+                        f"({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class ExportConfig:
+    model_tag: str = _f("", f"model tag whose checkpoint to export, {NAME_RULE} (a path: --checkpoint)")
+    checkpoint: str = _f("", "path to a checkpoint directory (overrides --model-tag/--step)")
+    step: int = _f(-1, "checkpoint step to export (-1 = the newest)")
+    out: str = _f("", "the folder to write (config.json, model.safetensors, tokenizer.json, README.md, ...)")
+    force: bool = _f(False, "replace a non-empty --out (the old folder is removed only once the new one is complete)")
+    dtype: str = _f("float32", "float32 | bfloat16: the dtype of the exported matrices and embeddings (mHC's "
+                    "coefficients stay float32)")
+    mhc_gates: str = _f("", "mHC: store these gates in the config: 1 (global), L (per layer) or 2L (per sub-layer) "
+                        "comma-separated values in [0, 1] (default: the learned gates)")
+    mhc_gates_from: str = _f("", "mHC: store the mean gates the RL policy chose: path to a train_rl eval.json")
+    results_dir: str = _f("results", "where the model card reads <results_dir>/<model_tag>/eval.json")
+    push_to_hub: str = _f("", "after exporting, upload the folder to this Hub repository (OWNER/NAME; private)")
+    dry_run: bool = _f(False, "with --push-to-hub: list the files that would be uploaded, send nothing")
+
+    def gate_values(self) -> list[float] | None:
+        if self.mhc_gates_from:
+            return policy_mean_gates(self.mhc_gates_from)
+        return parse_gate_values(self.mhc_gates) if self.mhc_gates else None
+
+    def validate(self):
+        if not self.model_tag and not self.checkpoint:
+            raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to export")
+        check_name("--model-tag", self.model_tag)
+        if not self.out:
+            raise UserError("pass --out DIR, the folder to write the export to")
+        check_choices(self, {"dtype": ("float32", "bfloat16")})
+        if self.mhc_gates and self.mhc_gates_from:
+            raise UserError("pass --mhc-gates or --mhc-gates-from, not both")
+        if self.mhc_gates:
+            parse_gate_values(self.mhc_gates)
+        if self.push_to_hub and (self.push_to_hub.count("/") != 1 or not all(self.push_to_hub.split("/"))):
+            raise UserError(f"--push-to-hub {self.push_to_hub!r}: expected a Hub repository id, OWNER/NAME")
+        if self.dry_run and not self.push_to_hub:
+            raise UserError("--dry-run lists what --push-to-hub would upload: pass --push-to-hub OWNER/NAME too")
+        return self
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:

@@ -25,6 +25,7 @@ Commands (each step skips work that is already done):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from nanochat.common import UserError, get_base_dir, get_data_dir, print0, progress, run_main
-from nanochat.locks import FileLock, remove_stale_tmp
+from nanochat.locks import FileLock, remove_stale_tmp, remove_stale_tmp_if_free
 
 SOURCES = ("fineweb", "local")
 
@@ -55,6 +56,7 @@ SHAKESPEARE_TURNS_PER_DOC = 5  # speaker turns average ~150 bytes; 5 give ~250-t
 LOCAL_TRAIN_SHARDS = 4  # several train shards, so multi-shard code paths run in the tiny preset too
 ROW_GROUP_DOCS = 256
 MANIFEST = "manifest.json"
+LOCK_WAIT_S = 7200.0  # how long a second writer of raw shards, a tokenizer or pretokenized data waits for the first
 
 
 def source_dir(source: str) -> str:
@@ -216,9 +218,9 @@ def _download_one(args: tuple[int, str]) -> str:
     raise UserError(f"could not download {url} after {DOWNLOAD_TRIES} tries: {last_err}")
 
 
-def download_fineweb(num_shards: int, num_workers: int) -> list[str]:
-    """Download train shards 0..num_shards-1 plus the val shard (index 1822); skips shards already present."""
-    import requests
+def download_fineweb(num_shards: int, num_workers: int, lock_wait_s: float = LOCK_WAIT_S) -> list[str]:
+    """Download train shards 0..num_shards-1 plus the val shard (index 1822); skips shards already present. One
+    downloader per folder: the lock <raw dir>/.lock (raw_shards_lock) while shards are missing."""
     if num_shards < 1:
         raise UserError(f"-n/--num-shards must be >= 1 (got {num_shards})")
     if num_workers < 1:
@@ -227,10 +229,20 @@ def download_fineweb(num_shards: int, num_workers: int) -> list[str]:
     out_dir = source_dir("fineweb")
     os.makedirs(out_dir, exist_ok=True)
     indices = list(range(num_shards)) + [FINEWEB_MAX_SHARD]
-    todo = [i for i in indices if not os.path.exists(os.path.join(out_dir, f"shard_{i:05d}.parquet"))]
-    print0(f"fineweb: {len(indices) - len(todo)}/{len(indices)} shards present in {out_dir}, downloading {len(todo)}")
-    if not todo:
-        return list_parquet_files("fineweb")
+
+    def missing():
+        return [i for i in indices if not os.path.exists(os.path.join(out_dir, f"shard_{i:05d}.parquet"))]
+    with raw_shards_lock(out_dir, lock_wait_s) if missing() else contextlib.nullcontext():
+        todo = missing()  # the downloader we waited for may have fetched them
+        print0(f"fineweb: {len(indices) - len(todo)}/{len(indices)} shards present in {out_dir}, downloading "
+               f"{len(todo)}")
+        if todo:
+            _download(todo, out_dir, num_workers)
+    return list_parquet_files("fineweb")
+
+
+def _download(todo: list[int], out_dir: str, num_workers: int):
+    import requests
     # One quick probe first, so an offline machine gets a clear message at once instead of 5 backoff rounds per shard.
     probe = FINEWEB_URL.format(index=todo[0])
     try:
@@ -242,7 +254,6 @@ def download_fineweb(num_shards: int, num_workers: int) -> list[str]:
         for _ in progress(pool.imap_unordered(_download_one, [(i, out_dir) for i in todo]), total=len(todo),
                           desc="download FineWeb-Edu", unit="shard"):
             pass
-    return list_parquet_files("fineweb")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,20 +342,43 @@ def _write_parquet(path: str, docs: list[str]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def build_local(seed: int = 0, val_fraction: float = 0.05, force: bool = False) -> list[str]:
-    """Build the local source's shards from $NANOCHAT_DATA_DIR (train splits only); skip if already built."""
+def build_local(seed: int = 0, val_fraction: float = 0.05, force: bool = False,
+                lock_wait_s: float = LOCK_WAIT_S) -> list[str]:
+    """Build the local source's shards from $NANOCHAT_DATA_DIR (train splits only); skip if already built. One
+    builder per folder: the lock <raw dir>/.lock (raw_shards_lock) while it builds."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
     out_dir = source_dir("local")
     manifest_path = os.path.join(out_dir, MANIFEST)
-    if os.path.isfile(manifest_path) and not force:
+
+    def built() -> bool:
+        if not os.path.isfile(manifest_path) or force:
+            return False
         m = _read_manifest(manifest_path)
         if m.get("seed") != seed or m.get("val_fraction") != val_fraction:
             raise UserError(f"{out_dir} was built with seed={m.get('seed')} val_fraction={m.get('val_fraction')}; "
                             f"pass --force to rebuild with seed={seed} val_fraction={val_fraction}")
         print0(f"local source already built in {out_dir} (pass --force to rebuild)")
+        return True
+    if built():
         return list_parquet_files("local")
+    with raw_shards_lock(out_dir, lock_wait_s):
+        if built():  # the builder we waited for made them
+            return list_parquet_files("local")
+        return _build_local(seed, val_fraction, out_dir, manifest_path)
 
+
+@contextlib.contextmanager
+def raw_shards_lock(out_dir: str, wait_s: float):
+    """One writer of a source's raw shards (nanochat.locks, as pretokenize): a second build or download waits for
+    the first, up to wait_s seconds; the holder removes the .tmp files a killed writer left."""
+    with FileLock(os.path.join(out_dir, ".lock"), f"raw shards {out_dir}", "wait for it to finish, or stop it",
+                  wait_s=wait_s):
+        remove_stale_tmp(out_dir, "shard build")
+        yield
+
+
+def _build_local(seed: int, val_fraction: float, out_dir: str, manifest_path: str) -> list[str]:
     data_dir = get_data_dir()
     if data_dir is None:
         raise UserError("NANOCHAT_DATA_DIR is not set; point it at the local data folder holding "
@@ -412,7 +446,6 @@ def _shard_complete(out_dir: str, name: str, itemsize: int) -> dict | None:
     return {"num_docs": len(idx) - 1, "num_tokens": int(idx[-1])}
 
 
-LOCK_WAIT_S = 7200.0  # how long a second writer of the tokenizer or of pretokenized data waits for the first
 
 
 def _meta_matches(meta: dict, want: dict, out_dir: str, itemsize: int) -> bool:
@@ -475,6 +508,7 @@ def pretokenize(source: str, tokenizer, num_workers: int = 4, lock_wait_s: float
                        for p, split in files]}
     if _meta_matches(_read_meta(meta_path), want, out_dir, itemsize):
         print0(f"pretokenized {source}: already complete and current in {out_dir}")
+        remove_stale_tmp_if_free(out_dir, "pretokenize")  # complete data take no lock: clean up only if it is free
         return out_dir
     with FileLock(os.path.join(out_dir, ".lock"), f"pretokenized data {out_dir}",
                   "wait for it to finish, or stop it", wait_s=lock_wait_s):
@@ -561,8 +595,9 @@ def main(argv=None):
                    help="after preparing the raw shards, pretokenize them with the tokenizer from "
                         "`python -m scripts.tok_train`")
     p.add_argument("--lock-wait", type=float, default=LOCK_WAIT_S, metavar="SECONDS",
-                   help="--pretokenize: while another job pretokenizes the same data (the lock "
-                        "<tokenized dir>/.lock), wait this long for it, then give up (default %(default)g)")
+                   help="while another job builds the same raw shards (the lock <raw dir>/.lock) or pretokenizes "
+                        "the same data (<tokenized dir>/.lock), wait this long for it, then give up "
+                        "(default %(default)g)")
     args = p.parse_args(argv)
 
     if args.source == "hub-small":
@@ -579,9 +614,9 @@ def main(argv=None):
                             "NANOCHAT_DATA_DIR=<--out> python -m nanochat.dataset --source local --pretokenize")
         return
     if args.source == "fineweb":
-        download_fineweb(args.num_shards, args.num_workers)
+        download_fineweb(args.num_shards, args.num_workers, lock_wait_s=args.lock_wait)
     else:
-        build_local(seed=args.seed, val_fraction=args.val_fraction, force=args.force)
+        build_local(seed=args.seed, val_fraction=args.val_fraction, force=args.force, lock_wait_s=args.lock_wait)
     if args.pretokenize:
         from nanochat.tokenizer import get_tokenizer
         pretokenize(args.source, get_tokenizer(), num_workers=args.num_workers, lock_wait_s=args.lock_wait)

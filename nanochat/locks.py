@@ -3,8 +3,9 @@
 The kernel releases a flock when the holder exits, crashes or is killed with -9, so a stale lock never blocks a
 later job. Every lock of the repo is this one mechanism:
 - each training run's checkpoint and results folders (nanochat.training.RunLock; a second run is refused),
-- the tokenizer folder (scripts/tok_train.py) and a pretokenized data folder (nanochat.dataset.pretokenize): a second
-  job wants the same artefact, so it waits for the first (one line naming the holder), up to a timeout,
+- the tokenizer folder (scripts/tok_train.py), a source's raw shards (nanochat.dataset.build_local and
+  download_fineweb) and a pretokenized data folder (nanochat.dataset.pretokenize): a second job wants the same
+  artefact, so it waits for the first (one line naming the holder), up to a timeout,
 - a sweep's --out (scripts/sweep.py; a second sweep is refused),
 - the speedrun on one base dir (scripts/stage.sh's stage_lock, through `python -m nanochat.locks`: the shell holds
   the descriptor, so the lock lasts as long as the speedrun and its stages; a second speedrun is refused).
@@ -85,6 +86,19 @@ def remove_stale_tmp(folder: str, what: str) -> list[str]:
         print(f"removed {len(stale)} partial file(s) a stopped {what} left in {folder}: "
               f"{', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}", flush=True)
     return stale
+
+
+def remove_stale_tmp_if_free(folder: str, what: str) -> list[str]:
+    """remove_stale_tmp for a path that takes no lock (pretokenize on complete data: readers never wait), so that
+    .tmp files a killed writer left do not stay forever: only if folder's lock is free at once. A held lock is a
+    live writer, whose .tmp files are kept; a lock file that cannot be opened (read-only data) leaves them too."""
+    if not any(f.endswith(".tmp") for f in os.listdir(folder)):
+        return []
+    try:
+        with FileLock(os.path.join(folder, ".lock"), f"{what} output {folder}", "", wait_s=0):
+            return remove_stale_tmp(folder, what)
+    except (UserError, OSError):
+        return []
 
 
 class FileLock:

@@ -1,12 +1,15 @@
 """A crash-safe record of finished runs, shared by the experiment runners (scripts/sweep.py, scripts/ns_ablation.py):
 one JSON line per finished run, flushed and fsync'd before the next run starts, so a crash loses at most the runs in
-flight; reading tolerates a line torn by a crash mid-write (that run is simply not finished), and repair() removes
-it so that the next append does not land on its end."""
+flight; reading tolerates a line torn by a crash mid-write (that run is simply not finished), and an append starts
+on a fresh line (common.append_jsonl). A write that fails (a full disk) is one line naming the path and the errno
+and leaves no .tmp (common.writes_results)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+
+from nanochat.common import append_jsonl, writes_results
 
 
 def read_records(path: str, repair: bool = False) -> list[dict]:
@@ -31,13 +34,10 @@ def read_records(path: str, repair: bool = False) -> list[dict]:
 
 def append_record(path: str, record: dict):
     """One line for one finished run, on disk before this returns."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path, record, sync=True)
 
 
+@writes_results
 def rewrite_records(path: str, records: list[dict]):
     """Replace the file's records (a .tmp renamed over it: never half-written)."""
     with open(path + ".tmp", "w") as f:

@@ -208,26 +208,39 @@ class Run:
                 append_jsonl(self.metrics_path, record)
                 return
             except WriteError as e:
-                self.write_error = e
-                if self.stop is None:  # no step loop yet to save from
-                    raise
-                self.stop.write_failed = True
+                self.write_failed(e)
         print(f"not written to {self.metrics_path}: {json.dumps(record)}", flush=True)
+
+    def write_failed(self, e: WriteError):
+        """A results write failed (log, or another results file the loop writes, e.g. train_rl's episode monitor):
+        the first error is kept and the stop flag makes the loop save a checkpoint and stop (finish names it).
+        Without a loop yet there is nothing to save: the error is raised."""
+        if self.write_error is None:
+            self.write_error = e
+        if self.stop is None:  # no step loop yet to save from
+            raise e
+        self.stop.write_failed = True
 
     def save(self, step: int, model, optimizers, meta: dict, keep: int, device_type: str) -> str | None:
         """A checkpoint with every rank's generators (call on every rank: gathering them is a collective)."""
         rng = rng_states(device_type)
         path = None
         if self.master:
-            try:
-                path = save_checkpoint(self.ckpt_root, step, model, optimizers, meta, keep=keep,
-                                       rng_state={"ranks": rng})
-            except UserError as e:
-                if self.write_error is None:
-                    raise
-                raise UserError(f"{self.write_error}; and {e}") from None  # both disks full: say both
-            self.saved = path
+            path = self.save_with(lambda: save_checkpoint(self.ckpt_root, step, model, optimizers, meta, keep=keep,
+                                                          rng_state={"ranks": rng}))
             print0(f"saved checkpoint {path}")
+        return path
+
+    def save_with(self, write) -> str:
+        """A checkpoint that write() saves and returns the path of (save, or a learner's own format: train_rl),
+        remembered for finish's message; after a failed results write, a failed save says both errors."""
+        try:
+            path = write()
+        except UserError as e:
+            if self.write_error is None:
+                raise
+            raise UserError(f"{self.write_error}; and {e}") from None  # both disks full: say both
+        self.saved = path
         return path
 
     def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, hint: str):

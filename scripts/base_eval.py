@@ -24,10 +24,10 @@ import threading
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_tokenizer, load_model, resolve_checkpoint
-from nanochat.common import (UserError, WriteError, atomic_write_text, check_writable_on_all_ranks, compile_model,
-                             compute_cleanup, compute_init, doc_summary, git_commit, machine_info, print0, progress,
-                             rank0_first, resolve_precision, run_main)
-from nanochat.config import EvalConfig, build_config
+from nanochat.common import (UserError, WriteError, atomic_write_text, check_name, check_writable_on_all_ranks,
+                             compile_model, compute_cleanup, compute_init, doc_summary, git_commit, machine_info,
+                             print0, progress, rank0_first, resolve_precision, run_main)
+from nanochat.config import EvalConfig, build_config, policy_mean_gates
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import pretokenize, tokenized_dir
 from nanochat.evaluate import evaluate_task
@@ -56,13 +56,7 @@ def apply_gates(model, cfg: EvalConfig) -> dict | None:
         raise UserError("--mhc-gates / --mhc-gates-from given, but the checkpoint has no mHC (no gates to set)")
     source = "--mhc-gates"
     if cfg.mhc_gates_from:
-        try:
-            with open(cfg.mhc_gates_from) as f:
-                arm = json.load(f)["arms"]["rl_policy"]
-            values = arm["chosen_gates"]["mean"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"--mhc-gates-from {cfg.mhc_gates_from}: not an RL eval.json with the rl_policy arm's "
-                            f"chosen gates ({type(e).__name__}: {e})") from None
+        values = policy_mean_gates(cfg.mhc_gates_from)
         source = f"mean gates of the RL policy in {cfg.mhc_gates_from}"
     else:
         values = cfg.gate_values()
@@ -133,12 +127,24 @@ def evaluate(argv=None):
                                                                shared={"--results-dir": cfg.results_dir})
     dtype, use_compile, ctx = resolve_precision(device_type, cfg.dtype, cfg.compile)
 
-    path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
-    model, meta = load_model(path, device)
-    model_tag = cfg.output_tag or cfg.model_tag or meta.get("run_config", {}).get("model_tag") or \
-        os.path.basename(path)
-    tokenizer = get_tokenizer()
-    check_tokenizer(meta, tokenizer, path)
+    if cfg.hf:  # an exported folder: our model rebuilt from it, with its own tokenizer (nanochat/hf_export.py)
+        from nanochat.hf_export import load_export
+        model, meta, tokenizer = load_export(cfg.hf, device)
+        path = meta["hf_folder"]
+        check = meta["hf_cross_check"]
+        print0(f"--hf {path}: transformers' logits equal ours within {check['max_abs_logit_diff']:.1e}"
+               if check["done"] else f"--hf {path}: not checked against transformers ({check['reason']})")
+        model_tag = cfg.output_tag or os.path.basename(path)
+    else:
+        path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
+        model, meta = load_model(path, device)
+        model_tag = cfg.output_tag or cfg.model_tag or meta.get("run_config", {}).get("model_tag") or \
+            os.path.basename(path)
+        if not cfg.output_tag and not cfg.model_tag:  # a name from the checkpoint: never a path either
+            check_name("the results folder", model_tag, hint=f"derived from {path} (its run_config.model_tag or "
+                                                             f"folder name): name it with --output-tag")
+        tokenizer = get_tokenizer()
+        check_tokenizer(meta, tokenizer, path)
     scoring_model = compile_model(model, use_compile, dynamic=None)  # bpb and choices (generation: the engine's)
     gates = apply_gates(model, cfg)
     if gates:
@@ -156,7 +162,8 @@ def evaluate(argv=None):
     out_dir = os.path.join(cfg.results_dir, model_tag)
     check_writable_on_all_ranks(out_dir, rank == 0, device)  # a folder that cannot take eval.json: refused now
     eval_path = os.path.join(out_dir, "eval.json")
-    record = dict(checkpoint=path, step=meta["step"], status="running", finished=[], pending=list(tasks),
+    record = dict(checkpoint=path, step=meta["step"], hf_cross_check=meta.get("hf_cross_check"), status="running",
+                  finished=[], pending=list(tasks),
                   results=results, eval_config=dataclasses.asdict(cfg), mhc_gates=gates, git_commit=git_commit(),
                   dtype=dtype, compile=use_compile, world_size=world_size, machine=machine_info())
 

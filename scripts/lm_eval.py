@@ -19,7 +19,8 @@ import json
 import os
 import tempfile
 
-from nanochat.common import doc_summary, UserError, check_name, get_data_dir, git_commit, run_main
+from nanochat.common import (OUTPUT_NAME_HINT, UserError, atomic_write_text, autodetect_device_type, check_name,
+                             doc_summary, get_data_dir, git_commit, run_main)
 
 LOCAL_TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "data",
                            "lm_eval_local_tasks.json")
@@ -118,11 +119,40 @@ def run_harness(lm, names: list[str], task_data: str = "auto", num_fewshot: int 
     return results, samples, task_data
 
 
+def hf_harness_model(args):
+    """The harness's own `hf` model (lm_eval.models.huggingface.HFLM) on an exported folder, set up as our adapter
+    scores: BOS first (add_bos_token; the exported tokenizer adds it), the folder's own code for mHC, the trained
+    context as max_length. Returns (lm, folder, step)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from nanochat.hf_export import META_JSON
+    folder = os.path.abspath(args.hf)
+    try:
+        with open(os.path.join(folder, META_JSON)) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--hf {folder} is not a folder written by scripts.export_hf ({META_JSON}: {e})") from None
+    device = autodetect_device_type() if args.device_type == "auto" else args.device_type
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    lm = HFLM(pretrained=folder, trust_remote_code=True, dtype=dtype, device=device, batch_size=args.batch_size,
+              add_bos_token=True, max_length=meta["model_config"]["sequence_len"])
+    # our adapter's stop rule: a generation ends at BOS (a new document) or a request's `until` string; the export's
+    # generation config also stops at <|assistant_end|>, for chat use
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.bos_token_id]
+    return lm, folder, meta.get("step")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=doc_summary(__doc__), allow_abbrev=False)
     p.add_argument("--model-tag", default="", help="model tag of the checkpoint")
     p.add_argument("--checkpoint", default="", help="checkpoint directory (overrides --model-tag/--step)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = the newest)")
+    p.add_argument("--hf", default="", metavar="DIR",
+                   help="evaluate a folder written by scripts.export_hf with the harness's own `hf` model "
+                        "(transformers, trust_remote_code for mHC) instead of our adapter: an independent check of "
+                        "both the export and our evaluator (results folder: --output-tag, default the folder name)")
+    p.add_argument("--output-tag", default="", help="results folder name (default: the model tag, or the --hf "
+                                                    "folder's name)")
     p.add_argument("--tasks", required=True, help="comma-separated harness tasks, e.g. gsm8k,hellaswag,arc_easy")
     p.add_argument("--num-fewshot", type=int, default=None, help="shots (default: each task's own; gsm8k's is 5)")
     p.add_argument("--limit", type=int, default=None, help="the first N examples of each task")
@@ -137,34 +167,40 @@ def main(argv=None):
                         "auto = on CUDA only")
     p.add_argument("--results-dir", default="results", help="output: <results-dir>/<model-tag>/lm_eval.json")
     args = p.parse_args(argv)
-    if not args.model_tag and not args.checkpoint:
-        raise UserError("pass --model-tag (or --checkpoint PATH) to say which model to evaluate")
+    if not args.model_tag and not args.checkpoint and not args.hf:
+        raise UserError("pass --model-tag (or --checkpoint PATH, or --hf DIR) to say which model to evaluate")
+    if args.hf and (args.model_tag or args.checkpoint):
+        raise UserError("--hf DIR evaluates an exported folder: pass it without --model-tag or --checkpoint")
     check_name("--model-tag", args.model_tag)  # it names the results folder
+    check_name("--output-tag", args.output_tag, hint=OUTPUT_NAME_HINT)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise UserError("--tasks is empty")
     if args.limit is not None and args.limit <= 0 or args.batch_size <= 0:
         raise UserError(f"--limit and --batch-size must be > 0 (got {args.limit}, {args.batch_size})")
     import_harness()
-    from nanochat.lm_eval_adapter import NanochatLM
-    lm = NanochatLM(model_tag=args.model_tag, checkpoint=args.checkpoint, step=args.step, device=args.device_type,
-                    dtype=args.dtype, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks or 256,
-                    compile=args.compile)
+    if args.hf:
+        tag = args.output_tag or os.path.basename(os.path.normpath(args.hf))
+        check_name("--hf", tag, hint="its folder name becomes the results folder: pass --output-tag NAME")
+        lm, checkpoint, step = hf_harness_model(args)
+    else:
+        from nanochat.lm_eval_adapter import NanochatLM
+        lm = NanochatLM(model_tag=args.model_tag, checkpoint=args.checkpoint, step=args.step,
+                        device=args.device_type, dtype=args.dtype, batch_size=args.batch_size,
+                        max_gen_toks=args.max_gen_toks or 256, compile=args.compile)
+        checkpoint, step = lm.checkpoint, lm.meta["step"]
+        tag = args.output_tag or args.model_tag or os.path.basename(os.path.dirname(lm.checkpoint))
     results, samples, source = run_harness(lm, names, args.task_data, args.num_fewshot, args.limit,
                                            args.max_gen_toks)
-    tag = args.model_tag or os.path.basename(os.path.dirname(lm.checkpoint))
+    left_truncated = None if args.hf else lm.left_truncated  # the harness's own model counts nothing for us
     out_dir = os.path.join(args.results_dir, tag)
-    os.makedirs(out_dir, exist_ok=True)
-    record = dict(checkpoint=lm.checkpoint, step=lm.meta["step"], task_data=source, results=results,
-                  num_fewshot=args.num_fewshot, limit=args.limit, max_gen_toks=args.max_gen_toks,
-                  left_truncated_generations=lm.left_truncated, git_commit=git_commit())
-    with open(os.path.join(out_dir, "lm_eval.json.tmp"), "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(os.path.join(out_dir, "lm_eval.json.tmp"), os.path.join(out_dir, "lm_eval.json"))
-    with open(os.path.join(out_dir, "lm_eval_samples.jsonl.tmp"), "w") as f:
-        for row in samples:
-            f.write(json.dumps(row, default=str) + "\n")
-    os.replace(os.path.join(out_dir, "lm_eval_samples.jsonl.tmp"), os.path.join(out_dir, "lm_eval_samples.jsonl"))
+    record = dict(checkpoint=checkpoint, step=step, model="hf" if args.hf else "nanochat", task_data=source,
+                  results=results, num_fewshot=args.num_fewshot, limit=args.limit, max_gen_toks=args.max_gen_toks,
+                  left_truncated_generations=left_truncated, git_commit=git_commit())
+    # the samples first: lm_eval.json never announces samples that are not on disk
+    atomic_write_text(os.path.join(out_dir, "lm_eval_samples.jsonl"),
+                      "".join(json.dumps(row, default=str) + "\n" for row in samples))
+    atomic_write_text(os.path.join(out_dir, "lm_eval.json"), json.dumps(record, indent=2, default=str))
     for name, res in results.items():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in res.items()
                             if isinstance(v, float) and "stderr" not in k and k != "version")

@@ -18,9 +18,9 @@ stamp="$venv/.nanochat-installed"
 want="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing nanochat-mhc and its dependencies into $venv"
-    python -m pip install --quiet -e "$repo[dev,rl,analysis,harness]" 2>&1 | grep -v "is ignored" || true
+    python -m pip install --quiet -e "$repo[dev,rl,analysis,harness,hf]" 2>&1 | grep -v "is ignored" || true
     python -c "import torch, tiktoken, rustbpe, safetensors, datasets, gymnasium, stable_baselines3, statsmodels, \
-papermill, ipykernel, lm_eval, sklearn, tensorboard" \
+papermill, ipykernel, lm_eval, sklearn, tensorboard, transformers, tokenizers, accelerate" \
         || { echo "[setup] install failed" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

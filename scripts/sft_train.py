@@ -100,15 +100,20 @@ def main(argv=None):
 
     base_path = cfg.checkpoint or resolve_checkpoint(cfg.model_tag, cfg.step)
     base_meta = read_meta(base_path)
-    base_tag = cfg.model_tag or base_meta.get("run_config", {}).get("model_tag") or os.path.basename(base_path)
+    meta_tag = base_meta.get("run_config", {}).get("model_tag")
+    base_tag = cfg.model_tag or meta_tag or os.path.basename(base_path)
     output_tag = cfg.output_tag or f"{base_tag}_sft"
     if output_tag == base_tag:
         raise UserError(f"--output-tag {output_tag!r} is the base model's tag: fine-tuned checkpoints would mix "
                         f"with the base run's")
+    # the flags were checked with the config; a tag derived from the checkpoint's meta is checked here, naming it
+    derived = not (cfg.output_tag or cfg.model_tag) and meta_tag
+    ckpt_root = checkpoint_root(output_tag, f"derived from run_config.model_tag {meta_tag!r} in "
+                                            f"{os.path.join(base_path, 'meta.json')}: name the output with "
+                                            f"--output-tag" if derived else "")
     tokenizer = get_tokenizer()
     check_tokenizer(base_meta, tokenizer, base_path)
     model_config = model_config_for(base_meta["model_config"], cfg)
-    ckpt_root = checkpoint_root(output_tag)
     run = Run(f"output tag {output_tag!r}", ckpt_root, os.path.join(cfg.results_dir, output_tag),
               tag_flag="--output-tag", master=master, device=device)
     resume_path = run.resume_path(cfg.resume)

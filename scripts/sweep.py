@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanochat.common import (doc_summary, UserError, check_name, flat_fields, from_flat_dict, get_base_dir, repo_root,
-                             run_main)
+from nanochat.common import (doc_summary, UserError, atomic_write_text, check_name, check_writable, flat_fields,
+                             from_flat_dict, get_base_dir, repo_root, run_main)
 from nanochat.config import TrainConfig, _coerce, load_config_file, parse_int_list, resolve_config_path
 from nanochat.locks import FileLock
 from nanochat.run_records import append_record, read_records
@@ -425,7 +425,8 @@ def run_campaign(sweep: Sweep, out: str, seeds: list, slots: list, train_fn, ret
     """Every (round, variant, seed) not yet finished, round by round (a combine round needs the winners of the
     rounds before it); within a round, on the slots in parallel. Returns the summary (also written to OUT).
     One sweep per OUT: a second one is refused (OUT/.lock, nanochat.locks) before it writes anything, since two
-    would record runs twice and overwrite each other's logs."""
+    would record runs twice and overwrite each other's logs. An OUT that cannot be written is refused first."""
+    check_writable(out, "--out")
     with FileLock(os.path.join(out, ".lock"), f"sweep output {out}",
                   "wait for that sweep to finish or stop it, or choose another --out"):
         return _run_campaign(sweep, out, seeds, slots, train_fn, retry_failed, top, drop_checkpoints, log)
@@ -707,10 +708,7 @@ def render_markdown(s: dict, top: int = 10) -> str:
 def write_summary(out: str, summary: dict, top: int = 10):
     for name, text in (("summary.json", json.dumps(summary, indent=2, default=str)),
                        ("summary.md", render_markdown(summary, top))):
-        path = os.path.join(out, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(out, name), text + "\n")
 
 
 def main(argv=None):

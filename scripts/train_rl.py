@@ -51,14 +51,13 @@ from envs.mhc_env import GSM8KMHCVecEnv, build_problem_pool, build_scorer
 from envs.ppo_controller import (ControllerCallback, ModelSelector, build_ppo, policy_gates, restore, restore_rloo,
                                  take_snapshot, write_rloo, write_snapshot)
 from nanochat.checkpoint import latest_checkpoint, read_meta
-from nanochat.common import (UserError, append_jsonl, atomic_write_text, autodetect_device_type, check_writable,
-                             doc_summary, get_base_dir, git_commit, init_wandb, machine_info, resolve_precision,
-                             run_main)
+from nanochat.common import (SMOKE_PARAMS, UserError, WriteError, atomic_write_text, autodetect_device_type,
+                             check_writable, doc_summary, get_base_dir, git_commit, init_wandb, machine_info,
+                             resolve_precision, run_main, writes_results)
 from nanochat.config import RLConfig, build_config, parse_int_list, resolve_config_path
 from nanochat.splits import describe
-from nanochat.training import Run, atomic_json
+from nanochat.training import WRITE_FAILED, Run, atomic_json
 
-SMOKE_PARAMS = 50e6  # below this a result is a smoke test of the pipeline, never a finding (docs/design.md, section 7)
 PRESETS = ("tiny", "gpu")  # configs/rl_tiny.toml, configs/rl_gpu.toml
 SYNTHETIC_DEFAULT_COUNTS = (2048, 512)  # training / evaluation pool when --train/eval-problems is -1
 
@@ -260,21 +259,38 @@ def save_learner(learner, vec, root: str, meta: dict, keep: int) -> str:
     return write_snapshot(root, take_snapshot(learner, vec), meta, keep)
 
 
+@writes_results
+def episode_monitor(path: str, vec, run: Run) -> VecMonitor:
+    """SB3's VecMonitor writing path. Its episode rows are results too: a row that cannot be written goes the way
+    of a metrics record that cannot (Run.write_failed: a checkpoint, then one line), and no row is written after."""
+    monitor = VecMonitor(vec, path)
+    writer, write_row = monitor.results_writer, monitor.results_writer.write_row
+
+    def guarded(epinfo):
+        if run.write_error is not None:
+            return
+        try:
+            write_row(epinfo)
+        except OSError as e:
+            run.write_failed(WriteError(path, e))
+    writer.write_row = guarded
+    return monitor
+
+
 def load_learner(learner, vec, path: str, restore_rng: bool = True) -> dict:
     if isinstance(learner, RLOOLearner):
         return restore_rloo(learner, path, restore_rng)
     return restore(learner, vec, path, restore_rng)
 
 
-def learn_rloo(learner: RLOOLearner, cfg: RLConfig, root: str, meta: dict, metrics_path: str, stop, selector,
-               wandb_run):
-    """RLOO's loop: a metrics record per update, the validation check and the periodic checkpoint at update
-    boundaries, a stop on signal (after the update in flight)."""
+def learn_rloo(learner: RLOOLearner, cfg: RLConfig, root: str, meta: dict, log, stop, selector, wandb_run):
+    """RLOO's loop: a metrics record per update (log: Run.log), the validation check and the periodic checkpoint at
+    update boundaries, a stop on signal or a failed results write (after the update in flight)."""
     last_saved = learner.num_timesteps
 
     def after_step(rec):
         nonlocal last_saved
-        append_jsonl(metrics_path, rec)
+        log(rec)
         if wandb_run is not None:
             wandb_run.log({f"rl/{k}": v for k, v in rec.items() if not isinstance(v, list)})
         if selector.due(learner.num_timesteps):
@@ -283,7 +299,7 @@ def learn_rloo(learner: RLOOLearner, cfg: RLConfig, root: str, meta: dict, metri
         if learner.num_timesteps - last_saved >= cfg.save_every:
             write_rloo(root, learner, meta, cfg.keep_checkpoints)
             last_saved = learner.num_timesteps
-        return not stop.signum
+        return not (stop.signum or stop.write_failed)
 
     learner.learn(cfg.total_timesteps, after_step)
 
@@ -406,7 +422,7 @@ def run_one(cfg: RLConfig) -> dict:
     changes = run.check_settings(read_meta(existing).get("rl_config", {}), cfg, existing) if existing else {}
     if not existing:  # the untrained policy, kept for the evaluation's rl_initial arm
         save_learner(learner, vec, initial_root, meta, keep=1)
-    selector = ModelSelector(scorer, val, cfg.eval_every, best_root, run.metrics_path)
+    selector = ModelSelector(scorer, val, cfg.eval_every, best_root, run.log)
 
     if not cfg.eval_only:
         if existing:
@@ -419,28 +435,31 @@ def run_one(cfg: RLConfig) -> dict:
             wandb_run = init_wandb(cfg.run, "nanochat-mhc-rl", meta, True)
             t0 = time.perf_counter()
             if cfg.algo == "rloo":
-                learn_rloo(learner, cfg, ckpt_root, meta, run.metrics_path, stop, selector, wandb_run)
-                snapshot_steps = learner.num_timesteps
+                learn_rloo(learner, cfg, ckpt_root, meta, run.log, stop, selector, wandb_run)
             else:
                 # Monitor-style episode statistics (SB3's VecMonitor: reward, length, time of every episode),
                 # one file per start so a resumed run never overwrites the first part
-                monitor = VecMonitor(vec, os.path.join(out_dir, f"from_{learner.num_timesteps}.monitor.csv"))
+                monitor = episode_monitor(os.path.join(out_dir, f"from_{learner.num_timesteps}.monitor.csv"), vec,
+                                          run)
                 learner.set_env(monitor)
-                callback = ControllerCallback(vec, ckpt_root, meta, run.metrics_path, cfg.save_every,
+                callback = ControllerCallback(vec, ckpt_root, meta, run.log, cfg.save_every,
                                               cfg.keep_checkpoints, stop_flag=stop, wandb_run=wandb_run,
                                               selector=selector)
                 learner.learn(remaining, callback=callback, reset_num_timesteps=False, progress_bar=cfg.progress,
                               tb_log_name=tag)
-                snapshot_steps = callback.snapshot["num_timesteps"] if stop.signum else learner.num_timesteps
-                if stop.signum:
-                    path = write_snapshot(ckpt_root, callback.snapshot, meta, cfg.keep_checkpoints)
             wandb_run.finish()
-            if stop.signum:
+            signum = stop.synced(None)  # a signal, or WRITE_FAILED: a results write failed (Run.log)
+            if signum:
                 if cfg.algo == "rloo":
-                    path = write_rloo(ckpt_root, learner, meta, cfg.keep_checkpoints)
+                    snapshot_steps = learner.num_timesteps
+                    path = run.save_with(lambda: write_rloo(ckpt_root, learner, meta, cfg.keep_checkpoints))
+                else:  # the last rollout boundary: the rollout in flight is redone on --resume
+                    snapshot_steps = callback.snapshot["num_timesteps"]
+                    path = run.save_with(lambda: write_snapshot(ckpt_root, callback.snapshot, meta,
+                                                                cfg.keep_checkpoints))
                 print(f"saved {path} at {snapshot_steps} timesteps", flush=True)
-                run.finish(snapshot_steps, stop.signum)
-            path = save_learner(learner, vec, ckpt_root, meta, cfg.keep_checkpoints)
+                run.finish(snapshot_steps, signum)
+            path = run.save_with(lambda: save_learner(learner, vec, ckpt_root, meta, cfg.keep_checkpoints))
             print(f"{cfg.algo}: {learner.num_timesteps} timesteps in {time.perf_counter() - t0:.0f} s; saved {path}",
                   flush=True)
     else:
@@ -448,6 +467,8 @@ def run_one(cfg: RLConfig) -> dict:
     if selector.every > 0 and val and selector.last != learner.num_timesteps:   # the last policy is a candidate too
         selector.evaluate(learner.num_timesteps, gates_fn(learner, vec),
                           lambda r, extra: save_learner(learner, vec, r, {**meta, **extra}, 1))
+    if run.write_error is not None:  # that record could not be written: the final policy is saved, stop here
+        run.finish(learner.num_timesteps, WRITE_FAILED)
     if cfg.algo == "ppo":   # the final policy as SB3's own zip (PPO.load opens it) + the whitening it expects
         learner.save(os.path.join(out_dir, "ppo_policy.zip"))
         atomic_json(os.path.join(out_dir, "ppo_policy_obs_whitening.json"), meta["obs_whitening"])

@@ -379,6 +379,43 @@ def test_a_full_results_disk_mid_training_saves_a_checkpoint_and_says_one_line(t
     assert [r["step"] for r in read_metrics(str(metrics)) if "loss" in r] == [1, 2, 3, 5, 6, 7, 8]
 
 
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_a_full_results_disk_mid_rl_saves_the_policy_and_says_one_line(tiny_base_dir, tiny_mhc_checkpoint, tmp_path,
+                                                                       full_disk, capsys, algo):
+    """train_rl goes the way of base_train (Run.log): a metrics record that cannot be written stops the learner at
+    the next boundary, the policy is saved, one line names the path and the errno; --resume then finishes."""
+    from scripts.train_rl import main
+    from test_rl import rl_args
+    tag = f"faults_rl_{algo}"
+    rloo = ["--algo", "rloo", "--rloo-samples", "4", "--rloo-problems-per-step", "4"] if algo == "rloo" else []
+    args = rl_args(tiny_mhc_checkpoint, tmp_path, tag, 64, "--baselines", "none", "--save-every", "1000",
+                   "--eval-every", "1000", *rloo)
+    metrics = tmp_path / "rl" / tag / "metrics.jsonl"
+    disk = full_disk(tmp_path / "rl", after=2, name="metrics.jsonl")  # step 0's val reward and step 16 are logged
+    code, out, err = run_cli(main, args, capsys)
+    root = tiny_base_dir.base_dir / "checkpoints" / "rl" / tag
+    assert disk.full and code == 2, err[-3000:]
+    assert "Traceback" not in err
+    saved = ckpt.latest_checkpoint(str(root))  # PPO: the boundary before the rollout in flight; RLOO: its update
+    step = ckpt.read_meta(saved)["num_timesteps"]
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        f"error: cannot write {metrics}: [Errno 28] No space left on device; saved checkpoint {saved} at step "
+        f"{step}: free space and continue with --resume (the unwritten records are on stdout)"]
+    assert 16 <= step < 64
+    written = read_metrics(str(metrics))
+    unwritten = [json.loads(line.split(": ", 1)[1]) for line in out.splitlines()
+                 if line.startswith(f"not written to {metrics}: ")]
+    assert len(written) == 2 and unwritten and unwritten[0]["step"] > written[-1]["step"], (written, unwritten)
+    assert unwritten[0]["step"] == step  # the policy saved is the one of the first unwritten record
+    assert not list(tmp_path.rglob("*.tmp")) and not list(root.rglob("*.tmp"))
+    # space again: --resume continues from the saved policy to the end
+    capsys.readouterr()
+    disk.full, disk.name = False, "never"
+    main(args + ["--resume"])
+    assert ckpt.read_meta(ckpt.latest_checkpoint(str(root)))["num_timesteps"] == 64
+    assert [r["step"] for r in read_metrics(str(metrics)) if "mean_reward" in r][-1] == 64
+
+
 @pytest.mark.parametrize("fault", ["ENOSPC", "EROFS", "not-a-directory"])
 def test_an_unwritable_results_dir_is_refused_before_any_compute(tiny_base_dir, tmp_path, full_disk, monkeypatch,
                                                                  fault):
@@ -491,6 +528,34 @@ def test_a_frozen_or_killed_rank_ends_the_run_in_one_line(tiny_base_dir, tmp_pat
     assert "[launch] rank 0 exited with status 1 (its message is above)" in err
 
 
+def test_asking_who_is_silent_gives_up_when_the_store_host_is_frozen(monkeypatch):
+    """peer_failure asks the rendezvous store which rank is silent; when the store's host is the frozen node, a
+    store query waits for an answer forever (TCPStore has no read timeout there): silent_ranks must return anyway,
+    after its wait, saying it cannot tell ([])."""
+    import threading
+
+    from nanochat import common
+    frozen = threading.Event()
+
+    class FrozenStore:  # the TCP connection is open, its host never answers
+        def set(self, key, value):
+            pass
+
+        def check(self, keys):
+            frozen.wait()
+            return False
+    monkeypatch.setattr(common.dist.distributed_c10d, "_get_default_store", lambda: FrozenStore())
+    monkeypatch.setattr(common.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(common.dist, "get_world_size", lambda: 2)
+    answer = []
+    asking = threading.Thread(target=lambda: answer.append(common.silent_ranks(0.5)), daemon=True)
+    t0 = time.time()
+    asking.start()
+    asking.join(10)
+    frozen.set()  # frees the store query of the old code, if it hung
+    assert not asking.is_alive() and answer == [[]] and time.time() - t0 < 3
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -499,13 +564,15 @@ def free_port() -> int:
 
 
 def two_nodes(tmp_path: Path, tag: str, extra: list[str], port: int, base_dirs: tuple[Path, Path],
-              iterations: int = 100000) -> list[subprocess.Popen]:
+              iterations: int = 100000, store_on_node0: bool = False) -> list[subprocess.Popen]:
     """Two local "nodes": two launchers with the wrappers' multi-node rendezvous (c10d, --nnodes 2, one process
-    each), each in its own process group so that a node can be killed whole."""
+    each), each in its own process group so that a node can be killed whole. store_on_node0: node 0's launcher
+    hosts the rendezvous store (else whichever binds the port first)."""
     procs = []
     for node, base in enumerate(base_dirs):
+        host = [f"--rdzv-conf=is_host={int(node == 0)}"] if store_on_node0 else []
         cmd = [sys.executable, "-m", "scripts.launch", "--nnodes=2", f"--node-rank={node}", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={tag}", "-m",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={tag}", *host, "-m",
                "scripts.base_train", "--"] + TINY + [
             "--num-iterations", str(iterations), "--total-batch-size", "512", "--save-every", "3", "--model-tag", tag,
             "--results-dir", str(tmp_path / "results"), "--dist-timeout", "4"] + extra
@@ -560,3 +627,138 @@ def test_two_nodes_must_share_the_base_dir_and_then_run_to_the_end(tiny_base_dir
     assert [r["step"] for r in read_metrics(str(tmp_path / "results" / tag / "metrics.jsonl")) if "loss" in r] == \
         [1, 2, 3, 4, 5]
     assert not list((tmp_path / "results").glob(".nanochat_shared_*")) and not list(base.glob(".nanochat_shared_*"))
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every process below it (torchrun starts its workers in sessions of their own: a signal to the
+    launcher's process group misses them)."""
+    children = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(re.search(r"PPid:\s+(\d+)", Path(f"/proc/{p}/status").read_text()).group(1))
+        except (OSError, AttributeError):
+            continue
+        children.setdefault(ppid, []).append(int(p))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+@pytest.mark.slow  # ~20 s
+def test_a_frozen_node_ends_the_run_on_the_other_node_within_the_timeout(tiny_base_dir, tmp_path):
+    """Node 1 frozen whole (SIGSTOP: its launcher and its worker): the rank on node 0 gives up after --dist-timeout
+    4 s, says so in one line naming the silent rank, and node 0's launcher exits 1 -- within the timeout, the time
+    asking the store who is silent, and the launcher's slack. Node 0 hosts the rendezvous store here; the frozen
+    store host is the next test."""
+    tag = "faults_nodes_frozen"
+    base = tiny_base_dir.base_dir
+    procs = two_nodes(tmp_path, tag, [], free_port(), (base, base), store_on_node0=True)
+    metrics = tmp_path / "results" / tag / "metrics.jsonl"
+    deadline = time.time() + 120
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # a few steps done
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.poll() for p in procs]
+            time.sleep(0.2)
+        nodes = [process_tree(p.pid) for p in procs]
+        for pid in nodes[1]:  # the whole node: its launcher and its worker
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            for pid in process_tree(p.pid):  # workers run in sessions of their own: killed one by one
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.communicate()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert elapsed < 4 + 5 + 20, elapsed  # --dist-timeout, asking the store (<= 5 s), the launcher's slack
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(
+        r"error: rank [01]: rank [01] stopped answering \(frozen, or its node is down\) for --dist-timeout 4 s; "
+        r"stopping\. Continue from the last checkpoint with --resume \(cause: ", errors[0]), errors
+    assert re.search(r"\[launch\] rank [01] exited with status 1 \(its message is above\)", err)
+
+
+def stop_node(proc: subprocess.Popen, sig: int):
+    for pid in process_tree(proc.pid):  # the whole node: its launcher and its worker
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_all(procs: list[subprocess.Popen]):
+    for p in procs:
+        stop_node(p, signal.SIGKILL)  # workers run in sessions of their own: killed one by one
+        p.communicate()
+
+
+def wait_for_steps(procs, metrics: Path, n: int, timeout: float = 120):
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len([l for l in metrics.read_text().splitlines() if '"loss"' in l]) >= n):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.poll() for p in procs]
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # ~30 s
+def test_a_frozen_store_host_ends_the_other_node_within_the_timeout(tiny_base_dir, tmp_path, monkeypatch):
+    """Node 0 hosts the rendezvous store and is frozen whole: node 1's rank gives up after --dist-timeout in one
+    line, and its launcher -- whose torch elastic agent would wait for the store forever -- is ended by the
+    launcher's watchdog once the store has been silent for NANOCHAT_STORE_GRACE_S (5 s here), in one line, exit 1."""
+    monkeypatch.setenv("NANOCHAT_STORE_GRACE_S", "5")
+    tag = "faults_nodes_store_frozen"
+    base = tiny_base_dir.base_dir
+    procs = two_nodes(tmp_path, tag, [], free_port(), (base, base), store_on_node0=True)
+    try:
+        wait_for_steps(procs, tmp_path / "results" / tag / "metrics.jsonl", 3)
+        stop_node(procs[0], signal.SIGSTOP)
+        t0 = time.time()
+        _, err = procs[1].communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        kill_all(procs)
+    assert procs[1].returncode == 1, err[-3000:]
+    # --dist-timeout, asking the store who is silent (<= 5 s), the grace with its probes (5 + 5), slack
+    assert elapsed < 4 + 5 + 10 + 15, elapsed
+    assert "Traceback" not in err, err[-3000:]
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err[-3000:]
+    assert re.search(r"\[launch\] this node's workers have ended \(their messages are above\) and the rendezvous store "
+                     r"at 127\.0\.0\.1:\d+ has not answered for 5 s", err), err[-3000:]
+
+
+@pytest.mark.slow  # ~40 s
+def test_a_killed_node_ends_the_other_in_one_line_and_both_resume(tiny_base_dir, tmp_path):
+    """Node 1 killed whole (kill -9, as a lost machine) mid-run: node 0 ends promptly with one line, no traceback;
+    relaunching both nodes with --resume continues from the last checkpoint to the end, every step logged once."""
+    tag = "faults_nodes_killed"
+    base = tiny_base_dir.base_dir
+    metrics = tmp_path / "results" / tag / "metrics.jsonl"
+    total = 24
+    procs = two_nodes(tmp_path, tag, [], free_port(), (base, base), iterations=total, store_on_node0=True)
+    try:
+        wait_for_steps(procs, metrics, 7)  # a checkpoint at step 6 (--save-every 3)
+        stop_node(procs[1], signal.SIGKILL)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        kill_all(procs)
+    assert procs[0].returncode not in (0, None) and elapsed < 4 + 5 + 20, (procs[0].returncode, elapsed)
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank" in errors[0] and "--resume" in errors[0], errors
+    root = base / "checkpoints" / tag
+    saved = ckpt.read_meta(ckpt.latest_intact_checkpoint(str(root)))["step"]
+    assert 6 <= saved < total and saved % 3 == 0, saved
+    outs = finish(two_nodes(tmp_path, tag, ["--resume"], free_port(), (base, base), iterations=total))
+    assert [code for code, _ in outs] == [0, 0], outs
+    assert ckpt.read_meta(ckpt.latest_intact_checkpoint(str(root)))["step"] == total
+    steps = [r["step"] for r in read_metrics(str(metrics)) if "loss" in r]
+    # every step once: the log was cut back to the checkpoint, and the resumed run went on from there to the end
+    assert steps == list(range(1, total + 1)), steps

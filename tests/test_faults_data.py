@@ -457,6 +457,30 @@ def test_pretokenize_waits_for_the_writer_and_cleans_its_leftovers(base, small, 
     assert json.loads((tdir / "meta.json").read_text())["complete"] is True
 
 
+def test_pretokenize_on_complete_data_cleans_leftovers_only_when_the_lock_is_free(base, small, capsys):
+    """The no-op on complete data takes no lock, yet removes a killed writer's .tmp files -- only when the lock is
+    free at once: a live writer's .tmp files are kept, and the no-op never waits for it."""
+    from nanochat.dataset import pretokenize
+    tdir = base / small["token_rel"]
+    meta = (tdir / "meta.json").stat().st_mtime_ns
+    (tdir / "shard_00002.bin.tmp").write_bytes(b"partial")
+    proc = _hold(tdir / ".lock")  # a live writer
+    try:
+        t0 = time.monotonic()
+        pretokenize("local", small["tok"], num_workers=1, lock_wait_s=30)
+        assert time.monotonic() - t0 < 10  # did not wait for the lock
+        assert (tdir / "shard_00002.bin.tmp").exists()  # the holder's file is kept
+    finally:
+        proc.kill()
+        proc.wait()
+    capsys.readouterr()
+    pretokenize("local", small["tok"], num_workers=1)  # the writer is gone (kill -9): its leftovers go
+    out = capsys.readouterr().out
+    assert f"removed 1 partial file(s) a stopped pretokenize left in {tdir}: shard_00002.bin.tmp" in out
+    assert "already complete and current" in out and not list(tdir.glob("*.tmp"))
+    assert (tdir / "meta.json").stat().st_mtime_ns == meta  # still a no-op on the data
+
+
 def test_tokenizer_training_waits_for_the_other_writer(base, small, capsys):
     from scripts import tok_train
     tdir = base / "tokenizer"
@@ -480,3 +504,52 @@ def test_tokenizer_training_waits_for_the_other_writer(base, small, capsys):
     assert out.err.count(f"is in use by another job (PID {proc.pid}") == 1  # one line, not one per poll
     assert "removed 1 partial file(s) a stopped tokenizer training left" in out.out
     assert (tdir / "tokenizer.json").stat().st_mtime_ns != before and not list(tdir.glob("*.tmp"))
+
+
+def test_a_raw_shard_build_waits_for_the_other_builder(base, small):
+    """`python -m nanochat.dataset --source local` takes the raw folder's lock (as pretokenize): under a live
+    holder it waits with one line naming it, then gives up in one line, writing nothing; once the holder is gone it
+    builds and removes a killed builder's leftovers."""
+    raw = base / "base_data" / "local"
+    shutil.rmtree(raw)
+    raw.mkdir()
+    (raw / "shard_00001.parquet.tmp").write_bytes(b"partial")  # a killed builder's partial file
+    cmd = [sys.executable, "-m", "nanochat.dataset", "--source", "local", "--val-fraction", "0.1"]
+    proc = _hold(raw / ".lock")
+    try:
+        cli = subprocess.run(cmd + ["--lock-wait", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cli.returncode == 2, cli.stderr
+    assert cli.stderr.splitlines() == [
+        f"raw shards {raw} is in use by another job (PID {proc.pid}, lock {raw / '.lock'}): waiting for it, up to "
+        f"0.5 s",
+        f"error: raw shards {raw} is in use by another run (PID {proc.pid}, lock {raw / '.lock'}) after waiting "
+        f"0.5 s: wait for it to finish, or stop it"]
+    assert sorted(p.name for p in raw.iterdir()) == [".lock", "shard_00001.parquet.tmp"]  # nothing written
+    cli = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)  # kill -9 freed the lock
+    assert cli.returncode == 0, cli.stderr
+    assert f"removed 1 partial file(s) a stopped shard build left in {raw}" in cli.stdout
+    assert (raw / "manifest.json").exists() and not list(raw.glob("*.tmp"))
+
+
+def test_two_concurrent_raw_shard_builds_build_once(base, small, capsys):
+    from nanochat.dataset import build_local, iter_documents
+    shutil.rmtree(base / "base_data" / "local")
+    errors = []
+
+    def build():
+        try:
+            build_local(seed=0, val_fraction=0.1)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    builders = [threading.Thread(target=build) for _ in range(2)]
+    for t in builders:
+        t.start()
+    for t in builders:
+        t.join(timeout=60)
+    assert not errors, errors
+    out = capsys.readouterr().out
+    assert out.count("local source: ") == 1 and out.count("local source already built") == 1, out  # one build
+    assert sum(1 for _ in iter_documents("local", "val")) > 0

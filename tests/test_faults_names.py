@@ -90,3 +90,35 @@ def test_the_rule_accepts_plain_names_and_the_checkpoint_folder_refuses_derived_
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match=r"model tag '\.\./x_sft' is not a plain name"):
         checkpoint_root("../x_sft")
+
+
+def test_a_tag_derived_from_a_checkpoints_meta_is_refused_naming_where_it_came_from(sandbox):
+    """sft_train --checkpoint PATH without --output-tag names its output after the checkpoint's run_config.model_tag:
+    a meta whose tag is a path is refused before anything is written, and the message says where the name came
+    from (not "a path goes in --checkpoint": a path is already there)."""
+    import torch
+
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    from scripts.sft_train import main
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    model = GPT(cfg)
+    model.init_weights()
+    path = save_checkpoint(str(sandbox / "elsewhere" / "ck"), 1, model, [],
+                           dict(model_config=cfg.to_dict(), run_config={"model_tag": "../evil"}))
+    before = files_under(sandbox)
+    with pytest.raises(UserError) as e:
+        main(["--checkpoint", path, "--results-dir", str(sandbox / "results")])
+    assert str(e.value) == (f"model tag '../evil_sft' is not a plain name: use letters, digits, '.', '_' and '-', not "
+                            f"'.' or '..' (derived from run_config.model_tag '../evil' in {path}/meta.json: name the "
+                            f"output with --output-tag)")
+    assert files_under(sandbox) == before
+    # base_eval names its results folder the same way
+    from scripts.base_eval import main as base_eval
+    with pytest.raises(UserError) as e:
+        base_eval(["--checkpoint", path, "--results-dir", str(sandbox / "results")])
+    assert str(e.value) == (f"the results folder '../evil' is not a plain name: use letters, digits, '.', '_' and '-', "
+                            f"not '.' or '..' (derived from {path} (its run_config.model_tag or folder name): name it "
+                            f"with --output-tag)")
+    assert files_under(sandbox) == before

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_STAGES = ("data", "tokenizer", "pretokenize", "memory_baseline", "train_baseline", "eval_baseline", "memory_mhc",
                "train_mhc", "eval_mhc", "lm_eval_mhc", "stats_mhc", "hres_mhc", "sft_baseline", "eval_baseline_sft",
                "sft_mhc", "eval_mhc_sft", "gate_sweep", "oracle_synthetic_dense_global", "oracle_gsm8k_dense_global",
-               "rl_synthetic_global-rloo", "rl_gsm8k_global", "bench_inference", "report")
+               "rl_synthetic_global-rloo", "rl_gsm8k_global", "export_baseline", "export_mhc", "eval_hf_mhc",
+               "bench_inference", "report")
 
 
 def stage(tmp: Path, *stage_args: str, env: dict | None = None) -> subprocess.CompletedProcess:

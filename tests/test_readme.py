@@ -9,7 +9,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "docs/guide.md", "docs/design.md", "docs/performance.md", "benchmarks/README.md",
-        "results/README.md", "docs/results.md"]
+        "results/README.md", "docs/results.md", "docs/hf_export.md"]
 
 
 def _read(rel: str) -> str:

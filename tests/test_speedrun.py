@@ -80,6 +80,17 @@ def test_speedrun_tiny_smoke(shared_data_dir, tmp_path, monkeypatch):
                                 "gate0", "gate1"}
         assert all(a["exact"]["n"] == 8 for a in ev["arms"].values()), run
 
+    # both fine-tuned models exported for transformers (each verified when written), and the mHC folder read back
+    # by base_eval --hf with the checkpoint's own val bpb
+    for model, model_type in (("baseline", "nanochat"), ("mhc", "nanochat_mhc")):
+        folder = tmp_path / "results" / "hf" / f"tiny_{model}_sft"
+        assert json.loads((folder / "config.json").read_text())["model_type"] == model_type
+        assert json.loads((folder / "nanochat_meta.json").read_text())["verification"]["max_abs_logit_diff"] < 1e-4
+    check = json.loads((tmp_path / "results" / "hf_check_tiny_mhc_sft" / "eval.json").read_text())
+    sft_eval = json.loads((tmp_path / "results" / "tiny_mhc_sft" / "eval.json").read_text())
+    assert check["hf_cross_check"]["done"]
+    assert abs(check["results"]["bpb"]["val_bpb"] - sft_eval["results"]["bpb"]["val_bpb"]) < 1e-6
+
     # the report: every cell of the Phase-4 table filled, every figure present, every stage timed
     results = tmp_path / "results"
     table = json.loads((results / "comparison.json").read_text())

@@ -440,3 +440,31 @@ def test_sigterm_stops_a_sweep_with_one_line_and_143(tmp_path):
     assert err.splitlines() == ["[sweep] stopped by SIGTERM: the runs in flight saved and stopped; run the same "
                                 "command again to resume"]
     assert not (out / "runs.jsonl").exists()  # the stopped run is not recorded: a rerun resumes it
+
+
+@pytest.mark.parametrize("name", ["runs.jsonl", "summary.json", "summary.md"])
+def test_a_full_disk_stops_the_sweep_in_one_line_and_leaves_no_tmp(tmp_path, full_disk, name):
+    """The sweep's own writers (the run records, the summaries) go through common.writes_results: a full disk is one
+    UserError naming the file and the errno, and no .tmp is left; the records already written stay readable."""
+    from nanochat.run_records import read_records
+    sweep = load_sweep(write_sweep(tmp_path, ONE_ROUND))
+    out = tmp_path / "out"
+    # the first write of that file goes through (the summaries: of their .tmp), then the disk is full
+    full_disk(out, after=1, name=name if name == "runs.jsonl" else name + ".tmp")
+    with pytest.raises(UserError) as e:
+        run_campaign(sweep, str(out), [0, 1], [("cpu", None)], FakeTrain(lr_wd_value), log=lambda *a: None)
+    assert str(e.value) == f"cannot write {out / name}: [Errno 28] No space left on device"
+    assert not list(out.rglob("*.tmp"))
+    assert len(read_records(str(out / "runs.jsonl"))) == (1 if name == "runs.jsonl" else 4)
+
+
+def test_an_unwritable_sweep_out_is_refused_before_any_run(tmp_path, full_disk):
+    sweep = load_sweep(write_sweep(tmp_path, ONE_ROUND))
+    out = tmp_path / "out"
+    full_disk(out)
+    train = FakeTrain(lr_wd_value)
+    with pytest.raises(UserError) as e:
+        run_campaign(sweep, str(out), [0, 1], [("cpu", None)], train, log=lambda *a: None)
+    assert str(e.value) == (f"cannot write {out}: [Errno 28] No space left on device; the results go there: free "
+                            f"space, fix its permissions or choose another --out (nothing was computed)")
+    assert train.calls == [] and not out.exists()

@@ -17,7 +17,7 @@ from nanochat.common import UserError
 from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-ATOL = 1e-4  # the bound; measured differences are ~1e-6 (rounding of the same float32 math)
+ATOL = 1e-4  # the bound; measured differences are 0 to 1.5e-5 (rounding of the same float32 math)
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little",
            "  whitespace\t\truns,  ünïcödé and 数学 too", "Q: What is 12 + 7?\nA: 19\nQ: What is 3 * 4?\nA:"]
 TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size",
@@ -105,11 +105,13 @@ def test_exported_logits_equal_ours_alone_and_in_a_padded_batch(trained, exporte
         assert config["model_type"] == "nanochat_mhc" and config["mhc_gates"] is None
         assert {"configuration_nanochat_mhc.py", "modeling_nanochat_mhc.py"} <= set(files)
         assert type(hf_model).__name__ == "NanoChatMHCForCausalLM"
-        # the modeling code depends on torch and transformers only
+        # the modeling code depends on torch and transformers only (and the standard library)
         for name in ("configuration_nanochat_mhc.py", "modeling_nanochat_mhc.py"):
             source = open(os.path.join(exported[kind], name)).read()
             imports = [line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))]
-            assert all(m.split(".")[0] in ("torch", "transformers", "") or m.startswith(".") for m in imports), imports
+            assert "transformers" in imports, imports
+            assert all(m.split(".")[0] in ("torch", "transformers") or m.startswith(".")
+                       or m.split(".")[0] in sys.stdlib_module_names for m in imports), imports
 
 
 @pytest.mark.parametrize("kind", ["baseline", "mhc"])

@@ -19,6 +19,9 @@ coefficient math, the read-out, the mixing and the streams stay in float32 whate
 training); the branches run in the model's dtype. The gates come from the config (mhc_gates; see
 configuration_nanochat_mhc.py). Generation uses transformers' KV cache through the NanoChat attention.
 """
+import dataclasses
+import inspect
+
 import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
@@ -31,6 +34,12 @@ from transformers.models.nanochat.modeling_nanochat import (NanoChatAttention, N
                                                             NanoChatRotaryEmbedding)
 
 from .configuration_nanochat_mhc import NanoChatMHCConfig
+
+# transformers 5.25 renamed the KV cache argument and output field `past_key_values` to `cache` (the old name is
+# deprecated): this file speaks whichever the installed version has, and takes either name from its caller
+CACHE_ARG = "cache" if "cache" in inspect.signature(NanoChatAttention.forward).parameters else "past_key_values"
+CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+               else "past_key_values")
 
 # Sinkhorn works on exp(logits - column max); float32's exp() underflows below about -87, so log-ratios are floored
 # at -80 nats (entries that far below their column's maximum weigh e^-80, about 2e-35)
@@ -132,13 +141,12 @@ class NanoChatMHCDecoderLayer(nn.Module):
         self.attn_connection = MHCConnection(config)
         self.mlp_connection = MHCConnection(config)
 
-    def forward(self, streams, gates, attention_mask=None, position_embeddings=None, past_key_values=None,
-                **kwargs):
+    def forward(self, streams, gates, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         dtype = self.mlp.fc1.weight.dtype
 
         def attention(h):
             return self.self_attn(hidden_states=h, position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)[0]
+                                  attention_mask=attention_mask, **{CACHE_ARG: cache}, **kwargs)[0]
 
         streams = self.attn_connection(streams, attention, gates[0], dtype)
         return self.mlp_connection(streams, self.mlp, gates[1], dtype)
@@ -206,21 +214,22 @@ class NanoChatMHCModel(NanoChatMHCPreTrainedModel):
         device = self.embed_tokens.weight.device
         return [torch.tensor(float(v), device=device) for v in values]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, use_cache=None, past_key_values: Cache | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values   # either name (CACHE_ARG)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                         attention_mask=attention_mask, past_key_values=past_key_values,
-                                         position_ids=position_ids)
+        # the cache positionally: its keyword is past_key_values before transformers 5.25, cache from it
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
         h = self.norm(inputs_embeds).float()                                                 # [B, T, C]
@@ -232,10 +241,10 @@ class NanoChatMHCModel(NanoChatMHCPreTrainedModel):
         gates = self.gates()
         for i, layer in enumerate(self.layers):
             streams = layer(streams, gates[2 * i:2 * i + 2], attention_mask=causal_mask,
-                            position_embeddings=position_embeddings, past_key_values=past_key_values, **kwargs)
+                            position_embeddings=position_embeddings, cache=cache, **kwargs)
         h = self.readout(streams) if self.readout is not None else streams.sum(dim=2)       # [B, T, C] fp32
         h = self.norm(h).to(inputs_embeds.dtype)
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=h, **{CACHE_FIELD: cache})
 
 
 class NanoChatMHCForCausalLM(NanoChatMHCPreTrainedModel, GenerationMixin):
@@ -246,11 +255,11 @@ class NanoChatMHCForCausalLM(NanoChatMHCPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+                             cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, **kwargs)
         h = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -261,7 +270,7 @@ class NanoChatMHCForCausalLM(NanoChatMHCPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
 
 
 __all__ = ["NanoChatMHCForCausalLM", "NanoChatMHCModel", "NanoChatMHCPreTrainedModel"]

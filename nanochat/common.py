@@ -411,7 +411,7 @@ def writes_results(fn):
 def atomic_write_text(path: str, text: str):
     """A reader (or a kill) never sees a half-written file: write a .tmp, then rename it over the old one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 
-from nanochat.common import UserError
+from nanochat.common import UserError, atomic_write_text
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
@@ -170,10 +170,7 @@ def write_hf_tokenizer(tokenizer, out_dir: str, model_max_length: int | None = N
     files = {TOKENIZER_JSON: tk.to_str(),
              TOKENIZER_CONFIG_JSON: json.dumps(tokenizer_config(tokenizer, model_max_length), indent=2) + "\n"}
     for name, text in files.items():
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(out_dir, name), text)
     return list(files)
 
 

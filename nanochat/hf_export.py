@@ -111,6 +111,11 @@ def check_exportable(config):
                         f"export supports the sinkhorn constraint only")
 
 
+def gate_list(gates) -> list:
+    """config.mhc_gates (one number or a list) as the flat list GPT.set_mhc_gates_by_count takes."""
+    return list(gates) if isinstance(gates, (list, tuple)) else [gates]
+
+
 def special_ids(tokenizer) -> dict:
     """bos = <|bos|> (every document starts with it); generation stops at <|assistant_end|> (chat) or <|bos|> (a new
     document); padding uses <|bos|> (masked out, so its value never matters)."""
@@ -324,7 +329,7 @@ def export_checkpoint(model, meta: dict, tokenizer, out_dir: str, dtype: str = "
     if gates is not None and not config.mhc.enabled:
         raise UserError("--mhc-gates given, but the checkpoint has no mHC (no gates to set)")
     if gates is not None:  # the count is checked against the model before anything is written
-        model.set_mhc_gates_by_count(gates if isinstance(gates, list) else [gates], "--mhc-gates")
+        model.set_mhc_gates_by_count(gate_list(gates), "--mhc-gates")
         model.clear_mhc_gates()
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -355,7 +360,7 @@ def export_checkpoint(model, meta: dict, tokenizer, out_dir: str, dtype: str = "
         # what the verification compares with: our model at the exported gates, with the exported rounding
         reference = rounded_copy(model, DTYPES[dtype])
         if gates is not None:
-            reference.set_mhc_gates_by_count(gates if isinstance(gates, list) else [gates], "--mhc-gates")
+            reference.set_mhc_gates_by_count(gate_list(gates), "--mhc-gates")
         ids, mask = probe_batch(config.vocab_size, config.sequence_len, tokenizer.bos_token_id)
         try:
             diff = verify_export(tmp, reference, ids, mask)
@@ -436,7 +441,7 @@ def load_export(folder: str, device="cpu", cross_check: bool = True):
     model.eval()
     gates = hf_config.get("mhc_gates")
     if gates is not None:
-        model.set_mhc_gates_by_count(gates if isinstance(gates, list) else [gates], f"{folder}/config.json mhc_gates")
+        model.set_mhc_gates_by_count(gate_list(gates), f"{folder}/config.json mhc_gates")
     check = dict(done=False, reason="transformers is not installed (pip install -e '.[hf]')")
     if cross_check:
         try:
